@@ -1,0 +1,64 @@
+# pyvmm: the README's two commands are `make demo` and `make test`; both do
+# all the set-up they need on a fresh Debian 12 machine (as root).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+KERNEL ?= default
+GUEST := guest/build
+export PYVMM_CACHE ?= /var/cache/pyvmm
+
+APT_PACKAGES := python3-venv gcc libc6-dev make patch flex bison bc libelf-dev libssl-dev \
+	xz-utils cpio busybox-static linux-source-6.1
+BENCH_PACKAGES := qemu-system-x86
+
+.PHONY: setup guest demo test test-fast bench bench-boot clean
+
+# --- set-up ---------------------------------------------------------------------
+setup: $(VENV)/.installed
+
+.apt-stamp:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "setup: installing $$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+	@touch $@
+
+$(VENV)/.installed: pyproject.toml .apt-stamp
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	@touch $@
+
+# --- guest image ------------------------------------------------------------------
+ifeq ($(KERNEL),debian)
+guest: setup
+	guest/fetch-debian-kernel.sh $(GUEST)/debian
+	guest/build-initramfs.sh $(GUEST)/initramfs-debian.cpio --modules $(GUEST)/debian/modules
+else
+guest: setup
+	guest/build-kernel.sh $(GUEST)/vmlinux
+	guest/build-initramfs.sh $(GUEST)/initramfs.cpio
+endif
+
+# --- the main job -----------------------------------------------------------------
+demo: guest
+	$(VENV)/bin/pyvmm run --cpus 2 --append pyvmm.run=/demo.sh
+
+# --- tests and benchmarks ---------------------------------------------------------
+test: guest
+	$(PY) -m pytest -q -ra tests
+
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not boot" tests
+
+bench: bench-boot
+
+bench-boot: guest
+	@missing=$$(for p in $(BENCH_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi
+	$(PY) -m bench.boot
+
+clean:
+	rm -rf $(GUEST) $(VENV) .apt-stamp .pytest_cache

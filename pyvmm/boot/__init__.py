@@ -1,0 +1,1 @@
+"""Boot code: guest memory layout, kernel loaders, tables and CPU setup."""

@@ -1,0 +1,109 @@
+"""Port-I/O and MMIO buses: an address range maps to one device.
+
+A device is any object with ``read(offset, size) -> bytes`` and
+``write(offset, data) -> None``; ``offset`` is relative to the base the
+device was registered at.  This mirrors kvmtool's ioport/mmio trees and
+Firecracker's ``Bus``: the vCPU run loop looks the exit address up here.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+
+class Device(Protocol):
+    def read(self, offset: int, size: int) -> bytes: ...
+
+    def write(self, offset: int, data: bytes) -> None: ...
+
+
+class BusError(Exception):
+    """A registration that overlaps another or is malformed."""
+
+
+@dataclass(frozen=True)
+class Range:
+    base: int
+    length: int
+    device: Device
+
+    @property
+    def end(self) -> int:
+        return self.base + self.length
+
+
+class Bus:
+    """Sorted, non-overlapping address ranges -> devices.
+
+    Accesses that hit no device read as all ones and drop writes, like an
+    unclaimed ISA port or an unpopulated MMIO hole; they are counted and logged
+    at debug level so a reader can see what the guest probed.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._bases: list[int] = []
+        self._ranges: list[Range] = []
+        self._lock = threading.Lock()
+        self.unclaimed: dict[int, int] = {}
+
+    def register(self, base: int, length: int, device: Device) -> None:
+        if length <= 0 or base < 0:
+            raise BusError(f"{self.name}: bad range base={base:#x} length={length:#x}")
+        with self._lock:
+            i = bisect.bisect_right(self._bases, base)
+            if i > 0 and self._ranges[i - 1].end > base:
+                raise BusError(f"{self.name}: {base:#x}+{length:#x} overlaps {self._ranges[i - 1]}")
+            if i < len(self._ranges) and self._ranges[i].base < base + length:
+                raise BusError(f"{self.name}: {base:#x}+{length:#x} overlaps {self._ranges[i]}")
+            self._bases.insert(i, base)
+            self._ranges.insert(i, Range(base, length, device))
+
+    def unregister(self, base: int) -> Device:
+        with self._lock:
+            i = bisect.bisect_left(self._bases, base)
+            if i == len(self._bases) or self._bases[i] != base:
+                raise BusError(f"{self.name}: nothing registered at {base:#x}")
+            del self._bases[i]
+            return self._ranges.pop(i).device
+
+    def find(self, addr: int, size: int = 1) -> tuple[Device, int] | None:
+        """The device covering [addr, addr+size) and the offset into it."""
+        i = bisect.bisect_right(self._bases, addr) - 1
+        if i < 0:
+            return None
+        r = self._ranges[i]
+        if addr + size > r.end:
+            return None
+        return r.device, addr - r.base
+
+    def read(self, addr: int, size: int) -> bytes:
+        hit = self.find(addr, size)
+        if hit is None:
+            self._count_unclaimed(addr, "read", size)
+            return b"\xff" * size
+        device, offset = hit
+        data = device.read(offset, size)
+        if len(data) != size:  # a device bug must not corrupt the exit data
+            data = (bytes(data) + b"\xff" * size)[:size]
+        return data
+
+    def write(self, addr: int, data: bytes) -> None:
+        hit = self.find(addr, len(data))
+        if hit is None:
+            self._count_unclaimed(addr, "write", len(data))
+            return
+        device, offset = hit
+        device.write(offset, data)
+
+    def _count_unclaimed(self, addr: int, kind: str, size: int) -> None:
+        n = self.unclaimed.get(addr, 0) + 1
+        self.unclaimed[addr] = n
+        if n <= 3:
+            log.debug("%s: unclaimed %s of %d bytes at %#x", self.name, kind, size, addr)

@@ -1,0 +1,193 @@
+"""Command line: ``pyvmm run`` and ``pyvmm info`` (DESIGN.md "CLI contract").
+
+Bad input is one clear line on stderr and exit status 2, never a traceback.
+A guest that shuts down or reboots by itself ends with 0 (or the status it
+wrote to the debug-exit port); a VMM-side failure dumps registers and ends
+with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from . import kvm
+from .boot.errors import KernelFormatError
+from .cmdline import default_cmdline
+from .console import Console, SerialSpecError
+from .platform import detect_flavour, host_memory_bytes
+
+log = logging.getLogger("pyvmm")
+
+MAX_CPUS = 8
+DEFAULT_MEMORY = "256M"
+MIN_MEMORY = 32 << 20
+GUEST_DIR_ENV = "PYVMM_GUEST_DIR"
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit 2."""
+
+
+def default_guest_dir() -> Path:
+    env = os.environ.get(GUEST_DIR_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "guest" / "build"
+
+
+def parse_size(text: str) -> int:
+    """``512M``, ``1G``, ``64K`` or plain bytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KkMmGgTt]?)(i?[Bb])?\s*", text)
+    if not m:
+        raise UsageError(f"bad size {text!r}: use e.g. 512M, 1G or a number of bytes")
+    shift = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2).lower()]
+    return int(m.group(1)) << shift
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pyvmm", description="A minimal KVM virtual machine monitor in Python.")
+    p.add_argument("--log-level", default=os.environ.get("PYVMM_LOG", "warning"),
+                   choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    run = sub.add_parser("run", help="boot a guest")
+    run.add_argument("--kernel", help="ELF vmlinux (PVH) or bzImage; default: guest/build/vmlinux")
+    run.add_argument("--initramfs", help="uncompressed cpio; default: guest/build/initramfs.cpio")
+    group = run.add_mutually_exclusive_group()
+    group.add_argument("--cmdline", help="replace the default kernel command line")
+    run.add_argument("--append", action="append", default=[],
+                     help="add words to the kernel command line")
+    run.add_argument("--memory", default=DEFAULT_MEMORY, help="guest RAM, e.g. 512M or 1G")
+    run.add_argument("--cpus", default="1", help=f"vCPUs, 1 to {MAX_CPUS}")
+    run.add_argument("--serial", default="stdio", help="stdio, file=PATH or null")
+    sub.add_parser("info", help="say what this host's KVM is and what follows from it")
+    return p
+
+
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{what} {path} is a directory") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def machine_config(args: argparse.Namespace, flavour) -> "MachineConfig":
+    from .vm import MachineConfig
+
+    try:
+        cpus = int(args.cpus)
+    except ValueError:
+        raise UsageError(f"--cpus must be a number from 1 to {MAX_CPUS}, not {args.cpus!r}") from None
+    if not 1 <= cpus <= MAX_CPUS:
+        raise UsageError(f"--cpus must be from 1 to {MAX_CPUS}, not {cpus}")
+    memory = parse_size(args.memory)
+    if memory < MIN_MEMORY:
+        raise UsageError(f"--memory {args.memory} is too small: at least {MIN_MEMORY >> 20}M")
+    if memory % 4096:
+        raise UsageError(f"--memory {args.memory} is not a multiple of 4 KiB")
+    host = host_memory_bytes()
+    if host is not None and memory > host:
+        raise UsageError(f"--memory {args.memory} is more than this host has ({host >> 20} MiB)")
+
+    guest_dir = default_guest_dir()
+    kernel_path = args.kernel or str(guest_dir / "vmlinux")
+    initramfs_path = args.initramfs
+    if args.kernel is None:
+        if not Path(kernel_path).exists():
+            raise UsageError(f"no default guest in {guest_dir}: run `make guest` first "
+                             "(or give --kernel)")
+        if initramfs_path is None and (guest_dir / "initramfs.cpio").exists():
+            initramfs_path = str(guest_dir / "initramfs.cpio")
+    kernel = _read_file(kernel_path, "kernel")
+    initramfs = _read_file(initramfs_path, "initramfs") if initramfs_path else None
+    cmdline = args.cmdline if args.cmdline is not None else default_cmdline(flavour)
+    if args.append:
+        cmdline = " ".join([cmdline, *args.append])
+    return MachineConfig(kernel=kernel, initramfs=initramfs, cmdline=cmdline,
+                         memory=memory, cpus=cpus, serial=args.serial)
+
+
+def cmd_info() -> int:
+    flavour = detect_flavour()
+    print(flavour.summary)
+    try:
+        k = kvm.Kvm()
+    except kvm.KvmUnavailable as e:
+        print(f"/dev/kvm: {e}")
+        return 1
+    caps = {name: k.check_extension(cap) for name, cap in kvm.REQUIRED_CAPS.items()}
+    print(f"/dev/kvm: API version {kvm.KVM_API_VERSION}, max vCPUs "
+          f"{k.check_extension(kvm.KVM_CAP_MAX_VCPUS)}, memory slots "
+          f"{k.check_extension(kvm.KVM_CAP_NR_MEMSLOTS)}")
+    missing = [n for n, v in caps.items() if v <= 0]
+    print("required capabilities: " + ("all present" if not missing else "MISSING " + ", ".join(missing)))
+    print("default command line: " + default_cmdline(flavour))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .vm import Machine
+
+    flavour = detect_flavour()
+    log.info("%s", flavour.summary)
+    config = machine_config(args, flavour)
+    try:
+        console = Console(config.serial)
+    except SerialSpecError as e:
+        raise UsageError(str(e)) from None
+    log.info("kernel command line: %s", config.cmdline)
+    try:
+        machine = Machine(config, flavour, console)
+    except KernelFormatError as e:
+        console.close()
+        raise UsageError(str(e)) from None
+    try:
+        status = machine.run()
+    finally:
+        machine.close()
+    if status and "\n" in machine.exit_reason:  # a VMM-side failure with a register dump
+        sys.stderr.write(f"pyvmm: {machine.exit_reason}\n")
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                            format="pyvmm: %(levelname)s: %(name)s: %(message)s")
+        if args.command == "info":
+            return cmd_info()
+        if args.command in (None, "run"):
+            if args.command is None:
+                args = parser.parse_args(["run", *(argv or [])[:0]])
+            return cmd_run(args)
+        raise UsageError(f"unknown command {args.command}")
+    except UsageError as e:
+        sys.stderr.write(f"pyvmm: {e}\n")
+        return 2
+    except kvm.KvmUnavailable as e:
+        sys.stderr.write(f"pyvmm: {e}\n")
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

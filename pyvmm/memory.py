@@ -1,0 +1,138 @@
+"""Guest RAM and KVM memory slots.
+
+Guest RAM is one memfd (so that a vhost-user backend can map the very same
+pages later) mmap'ed once into the VMM.  It is cut into guest-physical ranges
+around the 32-bit MMIO hole (see ``pyvmm.boot.e820.ram_ranges``) and each
+range becomes one KVM memory slot.
+
+Every access the VMM makes on behalf of the guest goes through
+``GuestMemory.translate``: a guest-physical range that is not wholly inside
+one RAM range is an error (``GuestMemoryError``), never a read or write
+outside the mapping.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import threading
+from dataclasses import dataclass
+
+from .boot.e820 import ram_ranges
+from .kvm import Vm
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 4096
+
+
+class GuestMemoryError(ValueError):
+    """A guest-physical access outside guest RAM."""
+
+
+@dataclass(frozen=True)
+class RamRange:
+    gpa: int      # guest-physical start
+    size: int     # bytes
+    offset: int   # offset into the memfd / host mapping
+
+
+class GuestMemory:
+    """Guest RAM: a memfd of ``size`` bytes mapped at ``host_addr``."""
+
+    def __init__(self, size: int, name: str = "pyvmm-ram") -> None:
+        if size <= 0 or size % PAGE_SIZE:
+            raise ValueError(f"guest RAM size {size} is not a positive multiple of {PAGE_SIZE}")
+        self.size = size
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:
+            os.close(self.fd)
+            raise
+        self._anchor = ctypes.c_char.from_buffer(self._map)
+        self.host_addr = ctypes.addressof(self._anchor)
+        self.ranges = [RamRange(gpa, sz, off) for gpa, sz, off in ram_ranges(size)]
+
+    def translate(self, gpa: int, size: int) -> int:
+        """Offset into the RAM mapping of [gpa, gpa+size), or GuestMemoryError."""
+        if gpa < 0 or size < 0:
+            raise GuestMemoryError(f"negative guest access {gpa:#x}+{size:#x}")
+        for r in self.ranges:
+            if r.gpa <= gpa and gpa + size <= r.gpa + r.size:
+                return r.offset + (gpa - r.gpa)
+        raise GuestMemoryError(f"guest-physical range {gpa:#x}+{size:#x} is not RAM")
+
+    def read(self, gpa: int, size: int) -> bytes:
+        off = self.translate(gpa, size)
+        return self._map[off:off + size]
+
+    def write(self, gpa: int, data: bytes) -> None:
+        off = self.translate(gpa, len(data))
+        self._map[off:off + len(data)] = data
+
+    def view(self, gpa: int, size: int) -> memoryview:
+        """A zero-copy view of guest RAM (release it before close())."""
+        off = self.translate(gpa, size)
+        return memoryview(self._map)[off:off + size]
+
+    def close(self) -> None:
+        del self._anchor
+        self._map.close()
+        os.close(self.fd)
+
+
+class MemorySlots:
+    """KVM memory slot bookkeeping for one VM: add, move and remove at run time.
+
+    Slot numbers are handed out lowest-free-first; the DAX window of a
+    virtio-fs device gets one, RAM ranges get theirs at start-up.
+    """
+
+    def __init__(self, vm: Vm, max_slots: int) -> None:
+        self._vm = vm
+        self._max = max_slots
+        self._slots: dict[int, tuple[int, int, int, int]] = {}  # slot -> gpa, size, hva, flags
+        self._lock = threading.Lock()
+
+    def add(self, gpa: int, size: int, host_addr: int, flags: int = 0) -> int:
+        if gpa % PAGE_SIZE or size % PAGE_SIZE or host_addr % PAGE_SIZE or size <= 0:
+            raise ValueError(f"memory slot {gpa:#x}+{size:#x} at {host_addr:#x} is not page aligned")
+        with self._lock:
+            for other_gpa, other_size, _, _ in self._slots.values():
+                if gpa < other_gpa + other_size and other_gpa < gpa + size:
+                    raise ValueError(f"memory slot {gpa:#x}+{size:#x} overlaps {other_gpa:#x}+{other_size:#x}")
+            slot = next((s for s in range(self._max) if s not in self._slots), None)
+            if slot is None:
+                raise ValueError("no free KVM memory slot")
+            self._vm.set_user_memory_region(slot, gpa, size, host_addr, flags)
+            self._slots[slot] = (gpa, size, host_addr, flags)
+        log.debug("slot %d: gpa %#x size %#x hva %#x", slot, gpa, size, host_addr)
+        return slot
+
+    def remove(self, slot: int) -> None:
+        with self._lock:
+            gpa, _, host_addr, flags = self._slots.pop(slot)
+            self._vm.set_user_memory_region(slot, gpa, 0, host_addr, flags)
+        log.debug("slot %d removed", slot)
+
+    def move(self, slot: int, new_gpa: int) -> None:
+        """Move a slot to another guest-physical address (KVM: delete + create)."""
+        with self._lock:
+            gpa, size, host_addr, flags = self._slots[slot]
+        self.remove(slot)
+        try:
+            new_slot = self.add(new_gpa, size, host_addr, flags)
+        except Exception:
+            self.add(gpa, size, host_addr, flags)
+            raise
+        if new_slot != slot:  # lowest-free-first makes this the same slot number
+            raise AssertionError(f"slot {slot} came back as {new_slot}")
+
+    def get(self, slot: int) -> tuple[int, int, int, int]:
+        with self._lock:
+            return self._slots[slot]

@@ -1,0 +1,229 @@
+"""The vCPU run loop: one thread per vCPU, KVM_RUN and exit dispatch.
+
+Each thread calls KVM_RUN (which releases the GIL: it is a ctypes call) and,
+when KVM hands an exit back to user space, dispatches it:
+
+* KVM_EXIT_IO / KVM_EXIT_MMIO -> the port-I/O or MMIO bus;
+* KVM_EXIT_INTERNAL_ERROR with an emulation failure -> ``fixup`` finishes the
+  few instructions the PVM flavour's emulator cannot (int3, int1, INT n, fwait)
+  or the VM stops with the instruction bytes and registers;
+* KVM_EXIT_SHUTDOWN (triple fault), KVM_EXIT_FAIL_ENTRY -> register dump, exit 1;
+* KVM_EXIT_SYSTEM_EVENT -> guest shutdown/reset ends the VM with 0;
+* KVM_EXIT_INTR -> another thread kicked us (stop, or a register-dump request).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import TYPE_CHECKING, Callable
+
+from . import kvm
+from .bus import Bus
+
+if TYPE_CHECKING:
+    from .kvm import Vcpu
+
+log = logging.getLogger(__name__)
+
+# The signal that kicks a vCPU thread out of KVM_RUN (EINTR).  Python installs
+# its handler without SA_RESTART, so the ioctl returns instead of restarting.
+KICK_SIGNAL = signal.SIGUSR1
+
+# Instruction bytes the VMM knows how to finish (PVM: shared/reference/pvm.md).
+OPCODE_INT3 = 0xCC
+OPCODE_INT1 = 0xF1   # ICEBP
+OPCODE_INT_N = 0xCD
+OPCODE_FWAIT = 0x9B
+BP_VECTOR = 3        # #BP
+DB_VECTOR = 1        # #DB
+
+
+class VmExit(Exception):
+    """Raised inside a vCPU thread to end the VM with ``status``."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def format_regs(vcpu: "Vcpu") -> str:
+    """A register dump for logs and error reports."""
+    try:
+        r = vcpu.get_regs()
+        s = vcpu.get_sregs()
+    except OSError as e:
+        return f"vcpu{vcpu.index}: registers unavailable ({e})"
+    g = [f"{n.upper():>3}={getattr(r, n):016x}" for n, _ in kvm.kvm_regs._fields_]
+    lines = [f"vcpu{vcpu.index} registers:"]
+    lines += ["  " + " ".join(g[i:i + 4]) for i in range(0, len(g), 4)]
+    lines.append(f"  CR0={s.cr0:016x} CR2={s.cr2:016x} CR3={s.cr3:016x} CR4={s.cr4:016x}")
+    lines.append(f"  EFER={s.efer:016x} APIC_BASE={s.apic_base:016x}")
+    for name in ("cs", "ds", "ss", "tr"):
+        seg = getattr(s, name)
+        lines.append(f"  {name.upper()}: sel={seg.selector:04x} base={seg.base:016x} "
+                     f"limit={seg.limit:08x} type={seg.type:x} dpl={seg.dpl} l={seg.l} db={seg.db}")
+    lines.append(f"  GDT={s.gdt.base:016x}/{s.gdt.limit:x} IDT={s.idt.base:016x}/{s.idt.limit:x}")
+    return "\n".join(lines)
+
+
+def fixup_instruction(vcpu: "Vcpu", insn: bytes) -> str | None:
+    """Finish an instruction KVM's emulator gave up on; its name, or None.
+
+    int3/int1: advance RIP past it and inject the exception (#BP/#DB) as
+    injected, so the guest's handler sees the trap frame a real CPU would
+    push.  INT n: advance by 2 and inject a software interrupt.  fwait: a no-op
+    without pending x87 exceptions, so skip it.
+    """
+    if not insn:
+        return None
+    op = insn[0]
+    if op == OPCODE_FWAIT:
+        _advance_rip(vcpu, 1)
+        return "fwait"
+    if op in (OPCODE_INT3, OPCODE_INT1):
+        _advance_rip(vcpu, 1)
+        events = vcpu.get_vcpu_events()
+        events.exception.injected = 1
+        events.exception.nr = BP_VECTOR if op == OPCODE_INT3 else DB_VECTOR
+        events.exception.has_error_code = 0
+        events.exception.pending = 0
+        events.flags = 0
+        vcpu.set_vcpu_events(events)
+        return "int3" if op == OPCODE_INT3 else "int1"
+    if op == OPCODE_INT_N and len(insn) >= 2:
+        _advance_rip(vcpu, 2)
+        events = vcpu.get_vcpu_events()
+        events.interrupt.injected = 1
+        events.interrupt.nr = insn[1]
+        events.interrupt.soft = 1
+        events.flags = 0
+        vcpu.set_vcpu_events(events)
+        return f"int {insn[1]:#x}"
+    return None
+
+
+def _advance_rip(vcpu: "Vcpu", n: int) -> None:
+    regs = vcpu.get_regs()
+    regs.rip += n
+    vcpu.set_regs(regs)
+
+
+class VcpuThread:
+    """Runs one vCPU until the VM stops."""
+
+    def __init__(self, vcpu: "Vcpu", pio: Bus, mmio: Bus,
+                 on_exit: Callable[[int, str], None], stopping: threading.Event) -> None:
+        self.vcpu = vcpu
+        self.pio = pio
+        self.mmio = mmio
+        self.on_exit = on_exit
+        self.stopping = stopping
+        self.dump_requested = threading.Event()
+        self.fixups: dict[str, int] = {}
+        self.exits = 0
+        self.thread = threading.Thread(target=self._main, name=f"vcpu{vcpu.index}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def kick(self) -> None:
+        """Make KVM_RUN return soon: immediate_exit for the next entry, a signal for now."""
+        self.vcpu.run_struct.immediate_exit = 1
+        ident = self.thread.ident
+        if ident is not None and self.thread.is_alive():
+            try:
+                signal.pthread_kill(ident, KICK_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass
+
+    def request_dump(self) -> None:
+        self.dump_requested.set()
+        self.kick()
+
+    def _main(self) -> None:
+        try:
+            self._loop()
+        except VmExit as e:
+            self.on_exit(e.status, e.reason)
+        except Exception as e:  # a VMM bug must still stop the VM cleanly
+            log.exception("vcpu%d: unexpected error", self.vcpu.index)
+            self.on_exit(1, f"vcpu{self.vcpu.index}: internal error: {e}")
+
+    def _loop(self) -> None:
+        run = self.vcpu.run_struct
+        while not self.stopping.is_set():
+            self.vcpu.run()
+            self.exits += 1
+            reason = run.exit_reason
+            if reason == kvm.KVM_EXIT_IO:
+                self._io(run.exit.io)
+            elif reason == kvm.KVM_EXIT_MMIO:
+                self._mmio(run.exit.mmio)
+            elif reason == kvm.KVM_EXIT_INTR:
+                run.immediate_exit = 0
+                if self.dump_requested.is_set():
+                    self.dump_requested.clear()
+                    log.warning("%s", format_regs(self.vcpu))
+            elif reason == kvm.KVM_EXIT_INTERNAL_ERROR:
+                self._internal_error(run)
+            elif reason == kvm.KVM_EXIT_SYSTEM_EVENT:
+                self._system_event(run.exit.system_event)
+            elif reason == kvm.KVM_EXIT_SHUTDOWN:
+                self._fail("triple fault (KVM_EXIT_SHUTDOWN)")
+            elif reason == kvm.KVM_EXIT_FAIL_ENTRY:
+                fe = run.exit.fail_entry
+                self._fail(f"KVM_EXIT_FAIL_ENTRY: hardware entry failure reason "
+                           f"{fe.hardware_entry_failure_reason:#x} on cpu {fe.cpu}")
+            elif reason == kvm.KVM_EXIT_HLT:
+                # Only without an in-kernel LAPIC; ours has one, so a HLT exit
+                # means every interrupt source is gone: treat it as power-off.
+                raise VmExit(0, f"vcpu{self.vcpu.index} halted")
+            else:
+                name = kvm.EXIT_REASON_NAMES.get(reason, str(reason))
+                self._fail(f"unexpected exit {name}")
+
+    def _io(self, io: kvm.kvm_run_io) -> None:
+        data = self.vcpu.io_data()
+        size, port = io.size, io.port
+        for i in range(io.count):
+            chunk = slice(i * size, (i + 1) * size)
+            if io.direction == kvm.KVM_EXIT_IO_OUT:
+                self.pio.write(port, bytes(data[chunk]))
+            else:
+                data[chunk] = self.pio.read(port, size)
+
+    def _mmio(self, mmio: kvm.kvm_run_mmio) -> None:
+        length = min(mmio.len, 8)
+        if mmio.is_write:
+            self.mmio.write(mmio.phys_addr, bytes(mmio.data[:length]))
+        else:
+            value = self.mmio.read(mmio.phys_addr, length)
+            for i in range(length):
+                mmio.data[i] = value[i]
+
+    def _internal_error(self, run: kvm.kvm_run) -> None:
+        ef = run.exit.emulation_failure
+        if ef.suberror == kvm.KVM_INTERNAL_ERROR_EMULATION:
+            insn = b""
+            if ef.ndata >= 3 and ef.flags & kvm.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+                insn = bytes(ef.insn_bytes[:min(ef.insn_size, 15)])
+            name = fixup_instruction(self.vcpu, insn)
+            if name is not None:
+                self.fixups[name] = self.fixups.get(name, 0) + 1
+                log.debug("vcpu%d: finished %s for the emulator", self.vcpu.index, name)
+                return
+            self._fail(f"KVM could not emulate the instruction {insn.hex(' ') or '(bytes unknown)'}")
+        internal = run.exit.internal
+        data = " ".join(f"{internal.data[i]:#x}" for i in range(min(internal.ndata, 16)))
+        self._fail(f"KVM_EXIT_INTERNAL_ERROR suberror {internal.suberror} data [{data}]")
+
+    def _system_event(self, ev: kvm.kvm_run_system_event) -> None:
+        if ev.type in (kvm.KVM_SYSTEM_EVENT_SHUTDOWN, kvm.KVM_SYSTEM_EVENT_RESET):
+            raise VmExit(0, "guest " + ("shut down" if ev.type == kvm.KVM_SYSTEM_EVENT_SHUTDOWN else "reset"))
+        self._fail(f"KVM_EXIT_SYSTEM_EVENT type {ev.type}")
+
+    def _fail(self, what: str) -> None:
+        raise VmExit(1, f"vcpu{self.vcpu.index}: {what}\n{format_regs(self.vcpu)}")

@@ -1,0 +1,186 @@
+"""A virtual machine: KVM VM, guest RAM, buses, devices, vCPUs and lifecycle.
+
+``Machine`` wires the pieces together in the order a reader can follow:
+
+1. open /dev/kvm, check the API and capabilities, create the VM;
+2. the in-kernel irqchip (PIC + IOAPIC + LAPICs) and PIT;
+3. guest RAM (a memfd) and one KVM memory slot per RAM range;
+4. the port-I/O and MMIO buses and the legacy devices on them;
+5. the kernel, initramfs, command line and MP table in guest RAM;
+6. the vCPUs: CPUID, MSRs, FPU, LAPIC, and the boot CPU's entry registers;
+7. ``run``: one thread per vCPU until the guest or the user ends it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+from . import kvm
+from .boot import cpu, layout
+from .boot.loader import BootEntry, load_kernel
+from .boot.mptable import write_mptable
+from .bus import Bus
+from .console import Console
+from .devices.debug_exit import DebugExit
+from .devices.i8042 import I8042
+from .devices.rtc import CmosRtc
+from .devices.serial import Serial16550A
+from .memory import GuestMemory, MemorySlots
+from .platform import Flavour
+from .vcpu import KICK_SIGNAL, VcpuThread, format_regs
+
+log = logging.getLogger(__name__)
+
+COM1_PORT = 0x3F8
+COM1_IRQ = 4
+I8042_DATA_PORT = 0x60
+I8042_COMMAND_PORT = 0x64
+RTC_PORT = 0x70
+
+
+@dataclass
+class MachineConfig:
+    kernel: bytes
+    cmdline: str
+    memory: int
+    cpus: int = 1
+    initramfs: bytes | None = None
+    serial: str = "stdio"
+
+
+class Machine:
+    def __init__(self, config: MachineConfig, flavour: Flavour, console: Console) -> None:
+        self.config = config
+        self.flavour = flavour
+        self.console = console
+        self.t_start = time.monotonic()
+        self.t_first_run: float | None = None
+        self.stopping = threading.Event()
+        self.exit_status: int | None = None
+        self.exit_reason = ""
+        self._exit_lock = threading.Lock()
+
+        self.kvm = kvm.Kvm()
+        self.kvm.require(kvm.REQUIRED_CAPS)
+        self.vm = self.kvm.create_vm()
+        if self.vm.check_extension(kvm.KVM_CAP_EXIT_ON_EMULATION_FAILURE) > 0:
+            # Instruction bytes come with every emulation failure: needed for the fix-ups.
+            self.vm.enable_cap(kvm.KVM_CAP_EXIT_ON_EMULATION_FAILURE, 1)
+        self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
+        self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+        self.vm.create_irqchip()
+        self.vm.create_pit2(kvm.KVM_PIT_SPEAKER_DUMMY)
+
+        self.memory = GuestMemory(config.memory)
+        self.slots = MemorySlots(self.vm, self.kvm.check_extension(kvm.KVM_CAP_NR_MEMSLOTS))
+        for r in self.memory.ranges:
+            self.slots.add(r.gpa, r.size, self.memory.host_addr + r.offset)
+
+        self.pio = Bus("pio")
+        self.mmio = Bus("mmio")
+        self._add_legacy_devices()
+
+        entry = load_kernel(self.memory, config.kernel, config.cmdline.encode(),
+                            config.initramfs, config.memory)
+        write_mptable(self.memory, config.cpus)
+        self.vcpus = self._create_vcpus(entry)
+
+    # --- construction ------------------------------------------------------------
+    def _add_legacy_devices(self) -> None:
+        self.serial = Serial16550A(self.console.write, self._serial_irq)
+        self.pio.register(COM1_PORT, 8, self.serial)
+        self.i8042 = I8042(reset=lambda: self.request_exit(0, "guest reset (i8042)"))
+        self.pio.register(I8042_DATA_PORT, 1, self.i8042.data_port)
+        self.pio.register(I8042_COMMAND_PORT, 1, self.i8042.command_port)
+        self.rtc = CmosRtc()
+        low = min(self.config.memory, layout.MMIO_HOLE_START)
+        self.rtc.set_memory_size(low, self.config.memory - low)
+        self.pio.register(RTC_PORT, 2, self.rtc)
+        self.debug_exit = DebugExit(
+            on_exit=lambda status: self.request_exit(status, f"guest debug-exit status {status}"))
+        self.pio.register(layout.DEBUG_EXIT_PORT, 1, self.debug_exit)
+
+    def _serial_irq(self, level: bool) -> None:
+        self.vm.irq_line(COM1_IRQ, level)
+
+    def _create_vcpus(self, entry: BootEntry) -> list[VcpuThread]:
+        supported = self.kvm.supported_cpuid()
+        threads = []
+        for index in range(self.config.cpus):
+            vcpu = self.vm.create_vcpu(index)
+            cpu.configure_vcpu(vcpu, cpu.filter_cpuid(supported, index, self.config.cpus))
+            if index == 0:
+                cpu.set_boot_regs(vcpu, self.memory, entry.mode, entry.rip, rbx=entry.rbx, rsi=entry.rsi)
+            threads.append(VcpuThread(vcpu, self.pio, self.mmio, self.request_exit, self.stopping))
+        return threads
+
+    # --- lifecycle ------------------------------------------------------------------
+    def request_exit(self, status: int, reason: str) -> None:
+        """End the VM with ``status`` (the first request wins); callable from any thread."""
+        with self._exit_lock:
+            if self.exit_status is not None:
+                return
+            self.exit_status = status
+            self.exit_reason = reason
+            self.stopping.set()
+        (log.error if status and "\n" in reason else log.info)("stopping: %s", reason)
+        current = threading.current_thread()
+        for t in self.vcpus:
+            if t.thread is not current:
+                t.kick()
+
+    def dump_registers(self) -> None:
+        """Ask every vCPU thread to log its registers (they own their fds)."""
+        for t in self.vcpus:
+            t.request_dump()
+
+    def run(self) -> int:
+        """Run until the guest or the user ends the VM; returns the exit status."""
+        previous = {}
+        signal.signal(KICK_SIGNAL, lambda *_: None)  # EINTR for KVM_RUN, nothing else
+        for sig, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+            previous[sig] = signal.signal(
+                sig, lambda s, _f, st=status: self.request_exit(st, f"{signal.Signals(s).name} received"))
+        previous[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, lambda *_: self.dump_registers())
+        try:
+            self.console.start_input(self.serial.receive,
+                                     quit=lambda: self.request_exit(0, "Ctrl-A x pressed"))
+            self.t_first_run = time.monotonic()
+            log.debug("VMM start to first KVM_RUN: %.3f s", self.t_first_run - self.t_start)
+            for t in self.vcpus:
+                t.start()
+            while not self.stopping.wait(0.25):
+                pass
+            for t in self.vcpus:
+                t.kick()
+            for t in self.vcpus:
+                t.thread.join(timeout=5)
+                if t.thread.is_alive():
+                    log.warning("vcpu%d did not stop in time", t.vcpu.index)
+        finally:
+            self.console.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        fixups = {}
+        for t in self.vcpus:
+            for k, v in t.fixups.items():
+                fixups[k] = fixups.get(k, 0) + v
+        if fixups:
+            log.info("instructions finished for KVM's emulator: %s",
+                     ", ".join(f"{k} x{v}" for k, v in sorted(fixups.items())))
+        return self.exit_status if self.exit_status is not None else 1
+
+    def close(self) -> None:
+        for t in self.vcpus:
+            if not t.thread.is_alive():
+                t.vcpu.close()
+        self.memory.close()
+        self.vm.close()
+        self.kvm.close()
+
+
+__all__ = ["Machine", "MachineConfig", "format_regs"]
