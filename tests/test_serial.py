@@ -44,7 +44,23 @@ class Uart:
 
 @pytest.fixture
 def u() -> Uart:
-    return Uart()
+    """A UART whose guest driver has started (enabled, then masked, ERBFI)."""
+    uart = Uart()
+    uart.wr(IER, IER_ERBFI)
+    uart.wr(IER, 0)
+    uart.irqs.clear()
+    return uart
+
+
+def test_input_waits_until_the_driver_enables_receive_interrupts() -> None:
+    """Bytes typed while the kernel boots survive the 8250 driver's start-up flush."""
+    uart = Uart()
+    uart.dev.receive(b"echo hi\n")
+    assert uart.rd(LSR) & LSR_DR == 0
+    uart.rd(RBR)                        # the driver's flush reads find nothing
+    uart.wr(FCR, 0x07)
+    uart.wr(IER, IER_ERBFI)             # now the driver listens
+    assert uart.drain() == b"echo hi\n"
 
 
 # ---- plain registers --------------------------------------------------------
@@ -390,5 +406,6 @@ def test_host_input_is_never_lost_or_reordered(ops) -> None:
                 if u.rd(LSR) & LSR_DR:
                     got.append(u.rd(RBR))
     u.wr(MCR, 0)
+    u.wr(IER, IER_ERBFI)  # a driver that never listened has received nothing yet
     got += u.drain()
     assert bytes(got) == bytes(sent)

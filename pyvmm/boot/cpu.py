@@ -162,6 +162,16 @@ CPUID_FILTER = {
 }
 CPUID_DROP_LEAVES = {0xD}  # XSAVE state enumeration: meaningless without XSAVE
 KVM_CPUID_SIGNATURE = 0x40000000
+KVM_CPUID_FEATURES = 0x40000001
+# KVM paravirtual features (Documentation/virt/kvm/x86/cpuid.rst) whose
+# hypercalls wedged a 2-vCPU boot on PVM: PV spinlock unhalt/kick, PV TLB flush,
+# PV send-IPI, PV sched yield.  The guest falls back to plain IPIs and spinning.
+KVM_FEATURE_PV_UNHALT = 1 << 7
+KVM_FEATURE_PV_TLB_FLUSH = 1 << 9
+KVM_FEATURE_PV_SEND_IPI = 1 << 11
+KVM_FEATURE_PV_SCHED_YIELD = 1 << 13
+KVM_FEATURES_HIDDEN = (KVM_FEATURE_PV_UNHALT | KVM_FEATURE_PV_TLB_FLUSH | KVM_FEATURE_PV_SEND_IPI
+                       | KVM_FEATURE_PV_SCHED_YIELD)
 
 
 def filter_cpuid(supported: list[kvm.kvm_cpuid_entry2], vcpu_index: int,
@@ -192,6 +202,8 @@ def filter_cpuid(supported: list[kvm.kvm_cpuid_entry2], vcpu_index: int,
                 e.eax, e.ebx, e.ecx = (num_cpus - 1).bit_length(), num_cpus, (2 << 8) | 1
             else:
                 e.eax, e.ebx, e.ecx = 0, 0, e.index
+        elif e.function == KVM_CPUID_FEATURES:
+            e.eax &= ~KVM_FEATURES_HIDDEN
         elif e.function == 4:
             # Deterministic cache parameters: EAX[31:26] = cores per package - 1.
             e.eax = (e.eax & 0x03FFFFFF) | ((num_cpus - 1) << 26)

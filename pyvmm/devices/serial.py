@@ -19,6 +19,10 @@ What a VM needs, and how this model differs from the wire-level chip:
   lost or reordered.  In particular an RX FIFO reset does not throw host
   input away: it goes back to the head of the backlog (the guest cannot tell
   this from bytes arriving a moment later).  Looped-back bytes are discarded.
+* Host input stays on the wire until the guest has first enabled the
+  received-data interrupt (IER.ERBFI): before that no driver is listening,
+  and Linux's 8250 start-up reads RBR to flush stale bytes, which would eat
+  what a user (or a test) typed while the kernel was still booting.
 * With data below the FIFO trigger level the character-timeout interrupt is
   reported at once (there is no "4 character times" to wait for).
 * The interrupt output is not gated by MCR.OUT2 (a PC board detail), just as
@@ -153,6 +157,7 @@ class Serial16550A:
         self._rx: deque[_RxChar] = deque()  # the RX FIFO (or the RBR alone)
         self._irq_level = False
         self._callback_failed = False
+        self._receiver_ready = False  # set once the guest enables IER.ERBFI
         self._reset_registers()
 
     # ---- public interface ---------------------------------------------------
@@ -293,6 +298,9 @@ class Serial16550A:
     def _write_ier(self, value: int) -> None:
         was_enabled = self._ier & IER_ETBEI
         self._ier = value & IER_MASK
+        if self._ier & IER_ERBFI and not self._receiver_ready:
+            self._receiver_ready = True
+            self._refill_rx()
         if self._ier & IER_ETBEI and not was_enabled:
             # Enabling ETBEI while THR is empty (always, here) raises THRE at
             # once; Linux's 8250 driver tests for exactly this at startup.
@@ -352,6 +360,8 @@ class Serial16550A:
         """Move host input from the backlog into the FIFO while there is room."""
         if self._mcr & MCR_LOOP:
             return  # 8.8: in loopback the receiver is disconnected from the line
+        if not self._receiver_ready:
+            return  # nobody listens yet: keep host input on the wire
         while self._backlog and len(self._rx) < self._rx_capacity():
             self._push_rx(_RxChar(self._backlog.popleft(), from_host=True))
 
