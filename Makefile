@@ -9,7 +9,7 @@ GUEST := guest/build
 export PYVMM_CACHE ?= /var/cache/pyvmm
 
 APT_PACKAGES := python3-venv gcc libc6-dev make patch flex bison bc libelf-dev libssl-dev \
-	xz-utils cpio busybox-static linux-source-6.1
+	xz-utils cpio kmod busybox-static linux-source-6.1
 BENCH_PACKAGES := qemu-system-x86
 
 .PHONY: setup guest demo test test-fast bench bench-boot clean
@@ -17,7 +17,7 @@ BENCH_PACKAGES := qemu-system-x86
 # --- set-up ---------------------------------------------------------------------
 setup: $(VENV)/.installed
 
-.apt-stamp:
+.apt-stamp: Makefile
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "setup: installing $$missing"; \
@@ -27,7 +27,6 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml .apt-stamp
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
 	@touch $@
 
