@@ -9,7 +9,7 @@ GUEST := guest/build
 export PYVMM_CACHE ?= /var/cache/pyvmm
 
 APT_PACKAGES := python3-venv gcc libc6-dev make patch flex bison bc libelf-dev libssl-dev \
-	xz-utils cpio kmod busybox-static linux-source-6.1
+	xz-utils cpio kmod musl-tools busybox-static linux-source-6.1
 BENCH_PACKAGES := qemu-system-x86
 
 .PHONY: setup guest demo test test-fast bench bench-boot clean

@@ -15,11 +15,14 @@
 # nothing is built, and a rebuild whose archive equals OUT leaves OUT alone.
 # The static binaries stay in OUT's directory under <OUT without .cpio>.root/
 # (e.g. guest/build/initramfs.root/bin/pattern); they run on the host too.
-# Environment: CC (default gcc), BUSYBOX (default /bin/busybox).
+# Environment: CC (default musl-gcc, else gcc), BUSYBOX (default /bin/busybox).
+# musl matters: a static glibc binary is ~690 KB, a musl one ~30 KB, and on PVM
+# hosts the kernel unpacks the initramfs at ~0.5 MB/s (measured: 3.4 MB of
+# extra initramfs cost 7.3 s of boot).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-CC=${CC:-gcc}
+CC=${CC:-$(command -v musl-gcc || echo gcc)}
 BUSYBOX=${BUSYBOX:-/bin/busybox}
 CFLAGS_STATIC="-static -Os -s -Wall -Wextra -Werror"
 

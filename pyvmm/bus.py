@@ -48,8 +48,9 @@ class Bus:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._bases: list[int] = []
-        self._ranges: list[Range] = []
+        # (bases, ranges): replaced as a whole under _lock, read without it, so
+        # a vCPU thread's lookup sees either the old or the new map, never half.
+        self._table: tuple[list[int], list[Range]] = ([], [])
         self._lock = threading.Lock()
         self.unclaimed: dict[int, int] = {}
 
@@ -57,28 +58,31 @@ class Bus:
         if length <= 0 or base < 0:
             raise BusError(f"{self.name}: bad range base={base:#x} length={length:#x}")
         with self._lock:
-            i = bisect.bisect_right(self._bases, base)
-            if i > 0 and self._ranges[i - 1].end > base:
-                raise BusError(f"{self.name}: {base:#x}+{length:#x} overlaps {self._ranges[i - 1]}")
-            if i < len(self._ranges) and self._ranges[i].base < base + length:
-                raise BusError(f"{self.name}: {base:#x}+{length:#x} overlaps {self._ranges[i]}")
-            self._bases.insert(i, base)
-            self._ranges.insert(i, Range(base, length, device))
+            bases, ranges = self._table
+            i = bisect.bisect_right(bases, base)
+            if i > 0 and ranges[i - 1].end > base:
+                raise BusError(f"{self.name}: {base:#x}+{length:#x} overlaps {ranges[i - 1]}")
+            if i < len(ranges) and ranges[i].base < base + length:
+                raise BusError(f"{self.name}: {base:#x}+{length:#x} overlaps {ranges[i]}")
+            self._table = (bases[:i] + [base] + bases[i:],
+                           ranges[:i] + [Range(base, length, device)] + ranges[i:])
 
     def unregister(self, base: int) -> Device:
         with self._lock:
-            i = bisect.bisect_left(self._bases, base)
-            if i == len(self._bases) or self._bases[i] != base:
+            bases, ranges = self._table
+            i = bisect.bisect_left(bases, base)
+            if i == len(bases) or bases[i] != base:
                 raise BusError(f"{self.name}: nothing registered at {base:#x}")
-            del self._bases[i]
-            return self._ranges.pop(i).device
+            self._table = (bases[:i] + bases[i + 1:], ranges[:i] + ranges[i + 1:])
+            return ranges[i].device
 
     def find(self, addr: int, size: int = 1) -> tuple[Device, int] | None:
         """The device covering [addr, addr+size) and the offset into it."""
-        i = bisect.bisect_right(self._bases, addr) - 1
+        bases, ranges = self._table
+        i = bisect.bisect_right(bases, addr) - 1
         if i < 0:
             return None
-        r = self._ranges[i]
+        r = ranges[i]
         if addr + size > r.end:
             return None
         return r.device, addr - r.base
@@ -103,7 +107,8 @@ class Bus:
         device.write(offset, data)
 
     def _count_unclaimed(self, addr: int, kind: str, size: int) -> None:
-        n = self.unclaimed.get(addr, 0) + 1
-        self.unclaimed[addr] = n
+        with self._lock:
+            n = self.unclaimed.get(addr, 0) + 1
+            self.unclaimed[addr] = n
         if n <= 3:
             log.debug("%s: unclaimed %s of %d bytes at %#x", self.name, kind, size, addr)

@@ -172,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
                             format="pyvmm: %(levelname)s: %(name)s: %(message)s")
         if args.command == "info":
             return cmd_info()
-        if args.command in (None, "run"):
-            if args.command is None:
-                args = parser.parse_args(["run", *(argv or [])[:0]])
+        if args.command is None:  # plain `pyvmm`: boot the default guest
+            args = parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "run"])
+        if args.command == "run":
             return cmd_run(args)
         raise UsageError(f"unknown command {args.command}")
     except UsageError as e:

@@ -457,7 +457,11 @@ class Kvm:
                                  "(run as root or join the 'kvm' group)")
         except OSError as e:
             raise KvmUnavailable(f"cannot open {path}: {e.strerror}")
-        version = ioctl(self.fd, KVM_GET_API_VERSION)
+        try:
+            version = ioctl(self.fd, KVM_GET_API_VERSION)
+        except KvmError as e:
+            os.close(self.fd)
+            raise KvmUnavailable(f"{path} is not a KVM device: {e.strerror}") from None
         if version != KVM_API_VERSION:
             os.close(self.fd)
             raise KvmUnavailable(f"KVM API version {version}, pyvmm needs {KVM_API_VERSION}")

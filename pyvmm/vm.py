@@ -165,6 +165,10 @@ class Machine:
             self.console.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        for bus in (self.pio, self.mmio):
+            if bus.unclaimed:
+                log.debug("%s: unclaimed accesses: %s", bus.name, ", ".join(
+                    f"{addr:#x} x{n}" for addr, n in sorted(bus.unclaimed.items())))
         fixups = {}
         for t in self.vcpus:
             for k, v in t.fixups.items():

@@ -193,8 +193,9 @@ def filter_cpuid(supported: list[kvm.kvm_cpuid_entry2], vcpu_index: int,
             e.ebx = (vcpu_index << 24) | (num_cpus << 16) | (8 << 8) | (e.ebx & 0xFF)
             e.ecx |= CPUID_1_ECX_HYPERVISOR
             e.edx = (e.edx | CPUID_1_EDX_HTT) if num_cpus > 1 else (e.edx & ~CPUID_1_EDX_HTT)
-        elif e.function == 0xB:
-            # Extended topology: level 0 = SMT (1 thread), level 1 = core (num_cpus).
+        elif e.function in (0xB, 0x1F):
+            # Extended topology (0x1F is its V2, preferred by Linux when present):
+            # level 0 = SMT (1 thread), level 1 = core (num_cpus).
             e.edx = vcpu_index
             if e.index == 0:
                 e.eax, e.ebx, e.ecx = 0, 1, (1 << 8) | 0

@@ -20,6 +20,7 @@ from ctypes import c_uint32, c_uint64, sizeof
 from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError
+from elftools.construct import ConstructError
 from elftools.elf.constants import P_FLAGS  # noqa: F401  (documentation: segment flags)
 from elftools.elf.elffile import ELFFile
 
@@ -97,8 +98,12 @@ def parse_elf_kernel(image: bytes) -> ElfKernel:
             elif seg["p_type"] == "PT_LOAD":
                 if seg["p_filesz"] > seg["p_memsz"]:
                     raise KernelFormatError("an ELF segment has p_filesz > p_memsz")
-                segments.append((seg["p_paddr"], seg["p_memsz"], seg.data()))
-    except (ELFError, ValueError, KeyError) as e:
+                data = seg.data()
+                if len(data) != seg["p_filesz"]:
+                    raise KernelFormatError("the ELF kernel is truncated: a segment's data "
+                                            "runs past the end of the file")
+                segments.append((seg["p_paddr"], seg["p_memsz"], data))
+    except (ELFError, ConstructError, ValueError, KeyError) as e:
         if isinstance(e, KernelFormatError):
             raise
         raise KernelFormatError(f"the ELF kernel is malformed: {e}") from None

@@ -1,0 +1,1 @@
+"""Benchmarks for pyvmm (run as ``python -m bench.<name>``, e.g. ``bench.boot``)."""
