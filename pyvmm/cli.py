@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", default=DEFAULT_MEMORY, help="guest RAM, e.g. 512M or 1G")
     run.add_argument("--cpus", default="1", help=f"vCPUs, 1 to {MAX_CPUS}")
     run.add_argument("--serial", default="stdio", help="stdio, file=PATH or null")
+    run.add_argument("--disk", action="append", default=[], metavar="path=FILE[,readonly=on]",
+                     help="a virtio-blk disk on a raw image (repeatable)")
+    run.add_argument("--rng", action="store_true", help="a virtio-rng device fed by os.urandom")
+    run.add_argument("--console", metavar="socket=PATH|file=PATH|null",
+                     help="a virtio-console (hvc0) with this host side")
     sub.add_parser("info", help="say what this host's KVM is and what follows from it")
     return p
 
@@ -114,11 +119,44 @@ def machine_config(args: argparse.Namespace, flavour) -> "MachineConfig":
             initramfs_path = str(guest_dir / "initramfs.cpio")
     kernel = _read_file(kernel_path, "kernel")
     initramfs = _read_file(initramfs_path, "initramfs") if initramfs_path else None
+    disks = [parse_disk(spec) for spec in args.disk]
+    if args.console is not None and not (args.console.startswith(("socket=", "file=")) and
+                                         len(args.console.split("=", 1)[1]) > 0 or args.console == "null"):
+        raise UsageError(f"--console must be socket=PATH, file=PATH or null, not {args.console!r}")
     cmdline = args.cmdline if args.cmdline is not None else default_cmdline(flavour)
     if args.append:
         cmdline = " ".join([cmdline, *args.append])
     return MachineConfig(kernel=kernel, initramfs=initramfs, cmdline=cmdline,
-                         memory=memory, cpus=cpus, serial=args.serial)
+                         memory=memory, cpus=cpus, serial=args.serial, disks=disks,
+                         rng=args.rng, console=args.console)
+
+
+def parse_options(spec: str, what: str, known: set[str]) -> dict[str, str]:
+    """``key=value,key=value`` (DESIGN.md CLI contract); unknown keys are errors."""
+    options = {}
+    for item in spec.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key or key not in known or key in options:
+            raise UsageError(f"{what} {spec!r}: expected {','.join(sorted(known))} as key=value")
+        options[key] = value
+    return options
+
+
+def parse_disk(spec: str) -> "DiskConfig":
+    from .vm import DiskConfig
+
+    options = parse_options(spec, "--disk", {"path", "readonly"})
+    path = options.get("path")
+    if not path:
+        raise UsageError(f"--disk {spec!r} needs path=FILE")
+    readonly = options.get("readonly", "off")
+    if readonly not in ("on", "off"):
+        raise UsageError(f"--disk {spec!r}: readonly must be on or off")
+    if not os.path.isfile(path):
+        raise UsageError(f"--disk: {path} is not a file")
+    if not os.access(path, os.R_OK | (0 if readonly == "on" else os.W_OK)):
+        raise UsageError(f"--disk: {path} is not {'readable' if readonly == 'on' else 'writable'}")
+    return DiskConfig(path, readonly == "on")
 
 
 def cmd_info() -> int:
@@ -152,7 +190,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     log.info("kernel command line: %s", config.cmdline)
     try:
         machine = Machine(config, flavour, console)
-    except KernelFormatError as e:
+    except (KernelFormatError, ValueError) as e:  # a kernel or disk image we cannot use
         console.close()
         raise UsageError(str(e)) from None
     try:

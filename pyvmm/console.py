@@ -121,3 +121,84 @@ class Console:
         if self._own_fd and self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+class SocketPort:
+    """Host end of a virtio-console port: a Unix socket the VMM listens on.
+
+    One client at a time; guest output written while no client is connected
+    is kept (up to ``BACKLOG_MAX`` bytes, oldest dropped first and counted in
+    the log) and sent when one connects.
+    """
+
+    BACKLOG_MAX = 1 << 20
+
+    def __init__(self, path: str) -> None:
+        import socket
+
+        self.path = path
+        try:
+            if os.path.exists(path):
+                os.unlink(path)
+            self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._server.bind(path)
+            self._server.listen(1)
+        except OSError as e:
+            raise SerialSpecError(f"--console socket={path}: {e.strerror}") from None
+        self._client = None
+        self._pending = bytearray()
+        self._dropped = 0
+        self._lock = threading.Lock()
+
+    def write(self, data: bytes) -> None:
+        """Guest output (device worker thread)."""
+        with self._lock:
+            if self._client is not None:
+                try:
+                    self._client.sendall(data)
+                    return
+                except OSError:
+                    self._client = None
+            self._pending += data
+            if len(self._pending) > self.BACKLOG_MAX:
+                extra = len(self._pending) - self.BACKLOG_MAX
+                del self._pending[:extra]
+                self._dropped += extra
+                log.warning("console socket: no client, %d bytes of guest output dropped", self._dropped)
+
+    def start(self, receive: Callable[[bytes], None]) -> None:
+        threading.Thread(target=self._serve, args=(receive,), name="console-socket", daemon=True).start()
+
+    def _serve(self, receive: Callable[[bytes], None]) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._client = client
+                if self._pending:
+                    try:
+                        client.sendall(bytes(self._pending))
+                        self._pending.clear()
+                    except OSError:
+                        self._client = None
+                        continue
+            while True:
+                try:
+                    data = client.recv(4096)
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                receive(data)
+            with self._lock:
+                self._client = None
+            client.close()
+
+    def close(self) -> None:
+        self._server.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass

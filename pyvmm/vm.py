@@ -17,7 +17,7 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import kvm
 from .boot import cpu, layout
@@ -29,7 +29,9 @@ from .devices.debug_exit import DebugExit
 from .devices.i8042 import I8042
 from .devices.rtc import CmosRtc
 from .devices.serial import Serial16550A
+from .irq import GsiRouter
 from .memory import GuestMemory, MemorySlots
+from .pci.root import PCI_CONFIG_ADDRESS, PCI_CONFIG_IO_LEN, PciRoot
 from .platform import Flavour
 from .vcpu import KICK_SIGNAL, VcpuThread, format_regs
 
@@ -42,6 +44,12 @@ I8042_COMMAND_PORT = 0x64
 RTC_PORT = 0x70
 
 
+@dataclass(frozen=True)
+class DiskConfig:
+    path: str
+    readonly: bool = False
+
+
 @dataclass
 class MachineConfig:
     kernel: bytes
@@ -50,6 +58,17 @@ class MachineConfig:
     cpus: int = 1
     initramfs: bytes | None = None
     serial: str = "stdio"
+    disks: list[DiskConfig] = field(default_factory=list)
+    rng: bool = False
+    console: str | None = None   # virtio-console host side: socket=PATH, file=PATH or null
+
+
+def pci_windows(ram_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The 32-bit BAR window in the MMIO hole and the 64-bit one above RAM."""
+    ram_top = layout.MMIO_HOLE_END + max(0, ram_size - layout.MMIO_HOLE_START)
+    start64 = (ram_top + layout.GiB - 1) & ~(layout.GiB - 1)
+    return ((layout.PCI_MMIO32_START, layout.PCI_MMIO32_END),
+            (start64, start64 + layout.PCI_MMIO64_SIZE))
 
 
 class Machine:
@@ -83,6 +102,11 @@ class Machine:
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
         self._add_legacy_devices()
+        self.router = GsiRouter(self.vm)
+        self.pci = PciRoot(self.mmio, *pci_windows(config.memory))
+        self.pio.register(PCI_CONFIG_ADDRESS, PCI_CONFIG_IO_LEN, self.pci)
+        self.console_port = None
+        self._add_virtio_devices()
 
         entry = load_kernel(self.memory, config.kernel, config.cmdline.encode(),
                             config.initramfs, config.memory)
@@ -103,6 +127,34 @@ class Machine:
         self.debug_exit = DebugExit(
             on_exit=lambda status: self.request_exit(status, f"guest debug-exit status {status}"))
         self.pio.register(layout.DEBUG_EXIT_PORT, 1, self.debug_exit)
+
+    def _add_virtio_devices(self) -> None:
+        from .devices.virtio.pci import VirtioPciDevice
+
+        def plug(device) -> None:
+            self.pci.add(VirtioPciDevice(device, self.memory, self.vm, self.router))
+
+        for disk in self.config.disks:
+            from .devices.virtio.blk import VirtioBlock
+
+            plug(VirtioBlock(disk.path, readonly=disk.readonly))
+        if self.config.rng:
+            from .devices.virtio.rng import VirtioRng
+
+            plug(VirtioRng())
+        if self.config.console is not None:
+            from .console import SocketPort
+            from .devices.virtio.console import VirtioConsole
+
+            spec = self.config.console
+            if spec.startswith("socket="):
+                self.console_port = SocketPort(spec[len("socket="):])
+                device = VirtioConsole(self.console_port.write)
+                self.console_port.start(device.receive)
+            else:
+                sink = Console(spec)  # file=PATH or null
+                device = VirtioConsole(sink.write)
+            plug(device)
 
     def _serial_irq(self, level: bool) -> None:
         self.vm.irq_line(COM1_IRQ, level)
@@ -179,6 +231,9 @@ class Machine:
         return self.exit_status if self.exit_status is not None else 1
 
     def close(self) -> None:
+        self.pci.close()
+        if self.console_port is not None:
+            self.console_port.close()
         for t in self.vcpus:
             if not t.thread.is_alive():
                 t.vcpu.close()

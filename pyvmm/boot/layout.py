@@ -31,6 +31,9 @@ HIGH_MEMORY_START = 0x100000  # 1 MiB: bzImage protected-mode kernel goes here
 MMIO_HOLE_START = 3 * GiB
 MMIO_HOLE_END = 4 * GiB
 IOAPIC_ADDR = 0xFEC00000
+PCI_MMIO32_START = MMIO_HOLE_START   # 32-bit BARs: [3 GiB, IOAPIC)
+PCI_MMIO32_END = 0xFEC00000
+PCI_MMIO64_SIZE = 64 * GiB          # 64-bit BARs: a window above RAM
 LAPIC_ADDR = 0xFEE00000
 
 # KVM needs three pages for the TSS and one for the EPT identity map

@@ -1,0 +1,213 @@
+"""virtio-console: one console port without MULTIPORT (virtio v1.2, 5.3).
+
+Queues (5.3.2): receiveq0 (index 0) carries host bytes to the guest in
+device-writable buffers the driver posts ahead of time; transmitq0 (index 1)
+carries guest bytes to the host in device-readable buffers.
+
+Host input arrives through ``receive()`` (the host's input thread) and waits
+in an unbounded backlog until the driver has posted receive buffers: nothing
+is dropped and nothing is reordered.  Both ``receive()`` and
+``process_queue(0)`` (the driver posted buffers and kicked) move as much of
+the backlog as fits; a lock keeps receiveq0 to one thread at a time, as a
+``Virtqueue`` is not thread-safe.
+
+VIRTIO_CONSOLE_F_EMERG_WRITE (5.3.3) is offered: a driver may write a
+character to ``emerg_wr`` in the configuration space at any time, even before
+the queues are set up (the kernel's early console), and it goes to ``out``.
+VIRTIO_CONSOLE_F_SIZE is not offered: ``cols``/``rows`` read as 0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from typing import Callable
+
+from .device import VIRTIO_ID_CONSOLE, VirtioDevice
+from .queue import ChainError, VirtqueueError
+
+log = logging.getLogger(__name__)
+
+# Feature bits (5.3.3)
+VIRTIO_CONSOLE_F_SIZE = 0
+VIRTIO_CONSOLE_F_MULTIPORT = 1
+VIRTIO_CONSOLE_F_EMERG_WRITE = 2
+
+# Queue indexes without VIRTIO_CONSOLE_F_MULTIPORT (5.3.2)
+RECEIVEQ0 = 0
+TRANSMITQ0 = 1
+
+
+class virtio_console_config(ctypes.LittleEndianStructure):
+    """The device configuration space (5.3.4)."""
+
+    _pack_ = 1
+    _fields_ = [
+        ("cols", ctypes.c_uint16),
+        ("rows", ctypes.c_uint16),
+        ("max_nr_ports", ctypes.c_uint32),
+        ("emerg_wr", ctypes.c_uint32),
+    ]
+
+
+assert ctypes.sizeof(virtio_console_config) == 12
+assert virtio_console_config.cols.offset == 0
+assert virtio_console_config.rows.offset == 2
+assert virtio_console_config.max_nr_ports.offset == 4
+assert virtio_console_config.emerg_wr.offset == 8
+
+EMERG_WR_OFFSET = virtio_console_config.emerg_wr.offset
+
+
+class VirtioConsole(VirtioDevice):
+    """A console: guest output goes to ``out(bytes)``, host input comes in via ``receive``."""
+
+    device_id = VIRTIO_ID_CONSOLE
+    num_queues = 2
+
+    def __init__(self, out: Callable[[bytes], None]) -> None:
+        super().__init__()
+        self.out = out
+        self._lock = threading.Lock()      # receiveq0, the backlog, activation state
+        self._backlog = bytearray()        # host bytes not yet in a guest buffer
+        self._rx_broken = False
+        self._tx_broken = False
+
+    # --- VirtioDevice ------------------------------------------------------------------------
+    def device_features(self) -> int:
+        return 1 << VIRTIO_CONSOLE_F_EMERG_WRITE
+
+    def config_bytes(self) -> bytes:
+        cfg = virtio_console_config()
+        cfg.max_nr_ports = 1
+        return bytes(cfg)
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        # emerg_wr (5.3.4): the low byte of the written value is one character.
+        if offset == EMERG_WR_OFFSET and data:
+            self._out(bytes(data[:1]))
+
+    def activate(self, mem, queues: list, notify, driver_features: int) -> None:
+        with self._lock:
+            super().activate(mem, queues, notify, driver_features)
+            self._rx_broken = self._tx_broken = False
+        # The transport's worker runs process_queue for every ready queue when it
+        # starts, so buffers posted before DRIVER_OK get the backlog then.
+
+    def reset(self) -> None:
+        with self._lock:   # waits for a receive() that is delivering right now
+            super().reset()
+            self._rx_broken = self._tx_broken = False
+        # The backlog is kept: bytes typed before the driver (re)starts arrive later.
+
+    def process_queue(self, index: int) -> None:
+        if index == RECEIVEQ0:
+            with self._lock:
+                self._deliver()
+        elif index == TRANSMITQ0:
+            self._transmit()
+
+    # --- host -> guest -----------------------------------------------------------------------
+    def receive(self, data: bytes) -> None:
+        """Queue host input for the guest (any thread); delivered as buffers allow."""
+        if not data:
+            return
+        with self._lock:
+            self._backlog += data
+            self._deliver()
+
+    def pending(self) -> int:
+        """Host bytes waiting for guest receive buffers."""
+        with self._lock:
+            return len(self._backlog)
+
+    def _deliver(self) -> None:
+        """Move backlog bytes into receiveq0 chains (the lock is held)."""
+        if not self._backlog or len(self.queues) <= RECEIVEQ0 or self._rx_broken or self.mem is None:
+            return
+        q = self.queues[RECEIVEQ0]
+        pushed = False
+        try:
+            while self._backlog:
+                try:
+                    chain = q.pop()
+                except ChainError as e:
+                    log.warning("virtio-console: receiveq0: %s", e)
+                    q.push(e.head, 0)
+                    pushed = True
+                    continue
+                if chain is None:
+                    break
+                n = self._scatter(chain)
+                del self._backlog[:n]
+                q.push(chain.head, n)
+                pushed = True
+        except VirtqueueError as e:
+            log.error("virtio-console: receiveq0 broken: %s", e)
+            self._rx_broken = True
+            self.needs_reset()
+            return
+        if pushed:
+            self.notify(RECEIVEQ0)
+
+    def _scatter(self, chain) -> int:
+        """Copy the head of the backlog into the chain's writable buffers; bytes copied.
+
+        Buffer by buffer, so that a buffer outside guest RAM stops the copy
+        exactly where it is: the bytes before it count as delivered (the used
+        length), the rest stay in the backlog.
+        """
+        src = bytes(self._backlog[:chain.writable_len()])   # a copy: the backlog may be resized
+        done = 0
+        for buf in chain.writable:
+            if done >= len(src):
+                break
+            n = min(buf.length, len(src) - done)
+            try:
+                self.mem.write(buf.gpa, src[done:done + n])
+            except ValueError as e:   # GuestMemoryError
+                log.warning("virtio-console: receiveq0 request %d: %s", chain.head, e)
+                break
+            done += n
+        return done
+
+    # --- guest -> host -----------------------------------------------------------------------
+    def _transmit(self) -> None:
+        if len(self.queues) <= TRANSMITQ0 or self._tx_broken:
+            return
+        q = self.queues[TRANSMITQ0]
+        pushed = False
+        try:
+            while True:
+                try:
+                    chain = q.pop()
+                except ChainError as e:
+                    log.warning("virtio-console: transmitq0: %s", e)
+                    q.push(e.head, 0)
+                    pushed = True
+                    continue
+                if chain is None:
+                    break
+                try:
+                    data = chain.read(self.mem)
+                except ValueError as e:   # GuestMemoryError
+                    log.warning("virtio-console: transmitq0 request %d: %s", chain.head, e)
+                    data = b""
+                if data:
+                    self._out(data)
+                q.push(chain.head, 0)     # the device writes nothing into a transmit buffer
+                pushed = True
+        except VirtqueueError as e:
+            log.error("virtio-console: transmitq0 broken: %s", e)
+            self._tx_broken = True
+            self.needs_reset()
+            return
+        if pushed:
+            self.notify(TRANSMITQ0)
+
+    def _out(self, data: bytes) -> None:
+        try:
+            self.out(data)
+        except OSError as e:   # a closed stdout must not stop the guest
+            log.warning("virtio-console: output failed: %s", e)

@@ -1,0 +1,101 @@
+"""The transport-independent part of a virtio device (virtio v1.2, 2.1-2.7).
+
+A device model subclasses ``VirtioDevice``: it names its device id, queues,
+feature bits and configuration space, and processes the chains the driver
+makes available.  The PCI transport (``pyvmm.devices.virtio.pci``) owns the
+feature negotiation, the status state machine, the queues' addresses and the
+interrupts, and calls into the device at these points:
+
+* ``activate(mem, queues, notify)`` once the driver sets DRIVER_OK;
+* ``process_queue(index)`` from the device's worker thread after a kick;
+* ``reset()`` when the driver writes 0 to the status or the VM stops.
+
+``notify(index)`` (given at activation) tells the driver that used buffers are
+ready on queue ``index``; it honours VIRTIO_RING_F_EVENT_IDX and masking.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+# Feature bits, reserved range (virtio v1.2, 6 "Reserved Feature Bits")
+VIRTIO_F_INDIRECT_DESC = 28
+VIRTIO_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_ACCESS_PLATFORM = 33
+VIRTIO_F_RING_PACKED = 34
+
+# Device status bits (2.1)
+VIRTIO_CONFIG_S_ACKNOWLEDGE = 1
+VIRTIO_CONFIG_S_DRIVER = 2
+VIRTIO_CONFIG_S_DRIVER_OK = 4
+VIRTIO_CONFIG_S_FEATURES_OK = 8
+VIRTIO_CONFIG_S_NEEDS_RESET = 64
+VIRTIO_CONFIG_S_FAILED = 128
+
+# Device ids (5 "Device Types")
+VIRTIO_ID_BLOCK = 2
+VIRTIO_ID_CONSOLE = 3
+VIRTIO_ID_RNG = 4
+VIRTIO_ID_FS = 26
+
+TRANSPORT_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_INDIRECT_DESC) | (1 << VIRTIO_F_EVENT_IDX)
+
+
+class VirtioDevice:
+    """Base class of device models; see the module docstring."""
+
+    device_id: int = 0
+    num_queues: int = 1
+    queue_max_size: int = 256
+
+    def __init__(self) -> None:
+        self.mem = None
+        self.queues: list = []
+        self._notify: Callable[[int], None] | None = None
+        self.driver_features = 0
+        self.needs_reset: Callable[[], None] = lambda: None  # set by the transport
+
+    # --- what a subclass defines -------------------------------------------------------
+    def device_features(self) -> int:
+        """Device-specific feature bits; the transport adds TRANSPORT_FEATURES."""
+        return 0
+
+    def config_bytes(self) -> bytes:
+        """The device configuration space, little-endian, as the driver reads it."""
+        return b""
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        """Driver writes into the configuration space (most devices ignore them)."""
+
+    def process_queue(self, index: int) -> None:
+        """Handle every available chain on queue ``index`` (worker thread)."""
+        raise NotImplementedError
+
+    # --- lifecycle, called by the transport -------------------------------------------
+    def activate(self, mem, queues: list, notify: Callable[[int], None], driver_features: int) -> None:
+        self.mem = mem
+        self.queues = queues
+        self._notify = notify
+        self.driver_features = driver_features
+
+    def reset(self) -> None:
+        self.queues = []
+        self._notify = None
+        self.driver_features = 0
+
+    def notify(self, index: int) -> None:
+        if self._notify is not None:
+            self._notify(index)
+
+    def config_read(self, offset: int, size: int) -> bytes:
+        data = self.config_bytes()
+        if offset < 0 or offset + size > len(data):
+            return b"\x00" * size
+        return data[offset:offset + size]
+
+    def has_feature(self, bit: int) -> bool:
+        return bool(self.driver_features >> bit & 1)

@@ -1,0 +1,365 @@
+"""virtio over PCI, the modern (1.x) interface (virtio v1.2, 4.1).
+
+One PCI function per virtio device.  BAR 0 (32-bit memory, 32 KiB) holds
+every structure the driver uses, each found through a vendor-specific PCI
+capability (4.1.4):
+
+    0x0000  common configuration   (VIRTIO_PCI_CAP_COMMON_CFG)
+    0x1000  ISR status             (VIRTIO_PCI_CAP_ISR_CFG)
+    0x2000  device configuration   (VIRTIO_PCI_CAP_DEVICE_CFG)
+    0x3000  queue notify addresses (VIRTIO_PCI_CAP_NOTIFY_CFG), 4 bytes per queue
+    0x4000  MSI-X table, 0x5000 MSI-X PBA
+
+Kicks: each queue's notify address is a KVM ioeventfd, so a guest kick wakes
+the device's worker thread without a trip through the vCPU thread.
+Interrupts: MSI-X only (``pyvmm.pci.msix``: irqfd per vector).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import struct
+import threading
+from dataclasses import dataclass
+
+from ... import kvm
+from ...irq import GsiRouter
+from ...pci.config import BarInfo, PciConfigSpace
+from ...pci.device import PciDevice
+from ...pci.msix import PCI_CAP_ID_MSIX, Msix
+from .device import (TRANSPORT_FEATURES, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
+                     VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_EVENT_IDX,
+                     VIRTIO_F_VERSION_1, VirtioDevice)
+from .queue import Virtqueue, VirtqueueError
+
+log = logging.getLogger(__name__)
+
+PCI_VENDOR_ID_REDHAT_QUMRANET = 0x1AF4
+VIRTIO_PCI_DEVICE_ID_BASE = 0x1040   # modern device id = 0x1040 + virtio device id (4.1.2.1)
+VIRTIO_PCI_SUBSYSTEM_ID = 0x1100
+VIRTIO_PCI_REVISION = 1
+PCI_CAP_ID_VNDR = 0x09
+
+# virtio_pci_cap.cfg_type (4.1.4)
+VIRTIO_PCI_CAP_COMMON_CFG = 1
+VIRTIO_PCI_CAP_NOTIFY_CFG = 2
+VIRTIO_PCI_CAP_ISR_CFG = 3
+VIRTIO_PCI_CAP_DEVICE_CFG = 4
+VIRTIO_PCI_CAP_PCI_CFG = 5
+VIRTIO_PCI_CAP_SHARED_MEMORY_CFG = 8
+
+VIRTIO_MSI_NO_VECTOR = 0xFFFF
+VIRTIO_PCI_ISR_QUEUE = 0x1
+VIRTIO_PCI_ISR_CONFIG = 0x2
+
+BAR0 = 0
+BAR0_SIZE = 0x8000
+COMMON_OFFSET, COMMON_SIZE = 0x0000, 0x1000
+ISR_OFFSET, ISR_SIZE = 0x1000, 0x1000
+DEVICE_OFFSET, DEVICE_SIZE = 0x2000, 0x1000
+NOTIFY_OFFSET, NOTIFY_SIZE = 0x3000, 0x1000
+NOTIFY_OFF_MULTIPLIER = 4
+MSIX_TABLE_OFFSET = 0x4000
+MSIX_PBA_OFFSET = 0x5000
+
+# struct virtio_pci_common_cfg field offsets (4.1.4.3)
+DEVICE_FEATURE_SELECT = 0
+DEVICE_FEATURE = 4
+DRIVER_FEATURE_SELECT = 8
+DRIVER_FEATURE = 12
+CONFIG_MSIX_VECTOR = 16
+NUM_QUEUES = 18
+DEVICE_STATUS = 20
+CONFIG_GENERATION = 21
+QUEUE_SELECT = 22
+QUEUE_SIZE = 24
+QUEUE_MSIX_VECTOR = 26
+QUEUE_ENABLE = 28
+QUEUE_NOTIFY_OFF = 30
+QUEUE_DESC = 32
+QUEUE_DRIVER = 40
+QUEUE_DEVICE = 48
+COMMON_CFG_LEN = 56
+COMMON_FIELDS = [  # (offset, size) of every field, for splitting guest writes
+    (0, 4), (4, 4), (8, 4), (12, 4), (16, 2), (18, 2), (20, 1), (21, 1), (22, 2), (24, 2),
+    (26, 2), (28, 2), (30, 2), (32, 8), (40, 8), (48, 8)]
+
+CLASS_CODES = {2: 0x010000, 3: 0x078000, 4: 0x00FF00, 26: 0x018000}  # blk, console, rng, fs
+
+
+def virtio_pci_cap(cfg_type: int, bar: int, offset: int, length: int, extra: bytes = b"",
+                   cap_id: int = 0) -> bytes:
+    """struct virtio_pci_cap after cap_vndr/cap_next: cap_len, cfg_type, bar, id, pad, offset, length."""
+    return struct.pack("<BBBBxxII", 16 + len(extra), cfg_type, bar, cap_id, offset, length) + extra
+
+
+@dataclass
+class Kick:
+    eventfd: int
+    address: int | None = None   # guest-physical notify address registered with KVM
+
+
+class VirtioPciDevice(PciDevice):
+    """A ``VirtioDevice`` on the PCI bus (the transport's state machine lives here)."""
+
+    def __init__(self, device: VirtioDevice, mem, vm: kvm.Vm, router: GsiRouter) -> None:
+        self.device = device
+        self.mem = mem
+        self.vm = vm
+        self.name = f"virtio-{type(device).__name__}"
+        conf = PciConfigSpace(PCI_VENDOR_ID_REDHAT_QUMRANET, VIRTIO_PCI_DEVICE_ID_BASE + device.device_id,
+                              CLASS_CODES.get(device.device_id, 0xFF0000), VIRTIO_PCI_REVISION,
+                              PCI_VENDOR_ID_REDHAT_QUMRANET, VIRTIO_PCI_SUBSYSTEM_ID)
+        conf.add_bar(BarInfo(BAR0, BAR0_SIZE))
+        super().__init__(conf)
+        n = device.num_queues
+        if n * NOTIFY_OFF_MULTIPLIER > NOTIFY_SIZE:
+            raise ValueError("too many queues")
+        self.msix = Msix(vm, router, n + 1, BAR0, MSIX_TABLE_OFFSET, BAR0, MSIX_PBA_OFFSET)
+        conf.add_capability(PCI_CAP_ID_VNDR, virtio_pci_cap(VIRTIO_PCI_CAP_COMMON_CFG, BAR0, COMMON_OFFSET, COMMON_SIZE))
+        conf.add_capability(PCI_CAP_ID_VNDR, virtio_pci_cap(
+            VIRTIO_PCI_CAP_NOTIFY_CFG, BAR0, NOTIFY_OFFSET, NOTIFY_SIZE, struct.pack("<I", NOTIFY_OFF_MULTIPLIER)))
+        conf.add_capability(PCI_CAP_ID_VNDR, virtio_pci_cap(VIRTIO_PCI_CAP_ISR_CFG, BAR0, ISR_OFFSET, ISR_SIZE))
+        conf.add_capability(PCI_CAP_ID_VNDR, virtio_pci_cap(VIRTIO_PCI_CAP_DEVICE_CFG, BAR0, DEVICE_OFFSET, DEVICE_SIZE))
+        body, writable = self.msix.capability()
+        self.msix_cap = conf.add_capability(PCI_CAP_ID_MSIX, body, writable)
+        self.queues = [Virtqueue(mem, device.queue_max_size) for _ in range(n)]
+        self.kicks = [Kick(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)) for _ in range(n)]
+        self.bar0: int | None = None
+        self._lock = threading.RLock()
+        self._worker: threading.Thread | None = None
+        self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        device.needs_reset = self._needs_reset
+        self._reset_state()
+
+    # --- state --------------------------------------------------------------------------------
+    def _reset_state(self) -> None:
+        self.status = 0
+        self.generation = 0
+        self.device_feature_select = 0
+        self.driver_feature_select = 0
+        self.driver_features = 0
+        self.config_msix_vector = VIRTIO_MSI_NO_VECTOR
+        self.queue_select = 0
+        self.isr = 0
+        for q in self.queues:
+            q.reset()
+
+    def offered_features(self) -> int:
+        return self.device.device_features() | TRANSPORT_FEATURES
+
+    # --- PCI plumbing ----------------------------------------------------------------------------
+    def config_write(self, offset: int, data: bytes) -> None:
+        super().config_write(offset, data)
+        control = self.msix_cap + 2
+        if offset < control + 2 and offset + len(data) > control:
+            self.msix.control_written(self.config.get(control, 2))
+
+    def bar_moved(self, bar: int, old: int | None, new: int | None) -> None:
+        if bar != BAR0:
+            return
+        with self._lock:
+            self.bar0 = new
+            for index, kick in enumerate(self.kicks):
+                if kick.address is not None:
+                    self.vm.ioeventfd(kick.eventfd, kick.address, 0, deassign=True)
+                    kick.address = None
+                if new is not None:
+                    kick.address = new + NOTIFY_OFFSET + index * NOTIFY_OFF_MULTIPLIER
+                    self.vm.ioeventfd(kick.eventfd, kick.address, 0)
+
+    def bar_read(self, bar: int, offset: int, size: int) -> bytes:
+        with self._lock:
+            if COMMON_OFFSET <= offset < COMMON_OFFSET + COMMON_CFG_LEN:
+                data = self._common_bytes() + b"\x00" * 8
+                return data[offset - COMMON_OFFSET:offset - COMMON_OFFSET + size]
+            if offset == ISR_OFFSET:
+                isr, self.isr = self.isr, 0  # read to clear (4.1.4.5)
+                return bytes([isr]) + b"\x00" * (size - 1)
+            if DEVICE_OFFSET <= offset < DEVICE_OFFSET + DEVICE_SIZE:
+                return self.device.config_read(offset - DEVICE_OFFSET, size)
+            if MSIX_TABLE_OFFSET <= offset < MSIX_PBA_OFFSET:
+                return self.msix.table_read(offset - MSIX_TABLE_OFFSET, size)
+            if MSIX_PBA_OFFSET <= offset < BAR0_SIZE:
+                return self.msix.pba_read(offset - MSIX_PBA_OFFSET, size)
+        return b"\x00" * size
+
+    def bar_write(self, bar: int, offset: int, data: bytes) -> None:
+        with self._lock:
+            if COMMON_OFFSET <= offset < COMMON_OFFSET + COMMON_CFG_LEN:
+                self._common_write(offset - COMMON_OFFSET, data)
+            elif DEVICE_OFFSET <= offset < DEVICE_OFFSET + DEVICE_SIZE:
+                self.device.config_write(offset - DEVICE_OFFSET, data)
+            elif NOTIFY_OFFSET <= offset < NOTIFY_OFFSET + NOTIFY_SIZE:
+                index = (offset - NOTIFY_OFFSET) // NOTIFY_OFF_MULTIPLIER
+                if index < len(self.kicks):  # no ioeventfd caught it: pass it on
+                    os.eventfd_write(self.kicks[index].eventfd, 1)
+            elif MSIX_TABLE_OFFSET <= offset < MSIX_PBA_OFFSET:
+                self.msix.table_write(offset - MSIX_TABLE_OFFSET, data)
+
+    # --- common configuration ---------------------------------------------------------------------
+    def _selected_queue(self) -> Virtqueue | None:
+        return self.queues[self.queue_select] if self.queue_select < len(self.queues) else None
+
+    def _common_bytes(self) -> bytes:
+        q = self._selected_queue()
+        sel = self.device_feature_select
+        device_feature = (self.offered_features() >> (32 * sel)) & 0xFFFFFFFF if sel < 2 else 0
+        dsel = self.driver_feature_select
+        driver_feature = (self.driver_features >> (32 * dsel)) & 0xFFFFFFFF if dsel < 2 else 0
+        return struct.pack(
+            "<IIIIHHBBHHHHHQQQ", self.device_feature_select, device_feature,
+            self.driver_feature_select, driver_feature, self.config_msix_vector, len(self.queues),
+            self.status, self.generation & 0xFF, self.queue_select,
+            q.size if q else 0, q.msix_vector if q else VIRTIO_MSI_NO_VECTOR,
+            int(q.ready) if q else 0, self.queue_select if q else 0,
+            q.desc_addr if q else 0, q.driver_addr if q else 0, q.device_addr if q else 0)
+
+    def _common_write(self, offset: int, data: bytes) -> None:
+        buf = bytearray(self._common_bytes())
+        end = min(offset + len(data), COMMON_CFG_LEN)
+        buf[offset:end] = data[:end - offset]
+        for field, size in COMMON_FIELDS:
+            if field < end and offset < field + size:
+                self._set_field(field, int.from_bytes(buf[field:field + size], "little"))
+
+    def _set_field(self, field: int, value: int) -> None:
+        q = self._selected_queue()
+        if field == DEVICE_FEATURE_SELECT:
+            self.device_feature_select = value
+        elif field == DRIVER_FEATURE_SELECT:
+            self.driver_feature_select = value
+        elif field == DRIVER_FEATURE:
+            if self.driver_feature_select < 2 and not self.status & VIRTIO_CONFIG_S_FEATURES_OK:
+                shift = 32 * self.driver_feature_select
+                self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
+        elif field == CONFIG_MSIX_VECTOR:
+            self.config_msix_vector = value if value < self.msix.num_vectors else VIRTIO_MSI_NO_VECTOR
+        elif field == DEVICE_STATUS:
+            self._set_status(value)
+        elif field == QUEUE_SELECT:
+            self.queue_select = value
+        elif q is None or q.ready and field != QUEUE_MSIX_VECTOR:
+            return  # a live queue's layout cannot change (4.1.4.3.2)
+        elif field == QUEUE_SIZE:
+            if 1 <= value <= self.device.queue_max_size:
+                q.size = value
+        elif field == QUEUE_MSIX_VECTOR:
+            q.msix_vector = value if value < self.msix.num_vectors else VIRTIO_MSI_NO_VECTOR
+        elif field == QUEUE_ENABLE:
+            if value == 1:
+                self._enable_queue(q)
+        elif field == QUEUE_DESC:
+            q.desc_addr = value
+        elif field == QUEUE_DRIVER:
+            q.driver_addr = value
+        elif field == QUEUE_DEVICE:
+            q.device_addr = value
+
+    def _enable_queue(self, q: Virtqueue) -> None:
+        try:
+            q.check()
+        except VirtqueueError as e:
+            log.warning("%s: queue %d rejected: %s", self.name, self.queue_select, e)
+            self._needs_reset()
+            return
+        q.event_idx = bool(self.driver_features >> VIRTIO_F_EVENT_IDX & 1)
+        q.ready = True
+
+    # --- status state machine (2.1, 3.1) ------------------------------------------------------------
+    def _set_status(self, value: int) -> None:
+        if value == 0:
+            self._reset()
+            return
+        old = self.status
+        new = value & 0xFF
+        if new & VIRTIO_CONFIG_S_FEATURES_OK and not old & VIRTIO_CONFIG_S_FEATURES_OK:
+            offered = self.offered_features()
+            if self.driver_features & ~offered or not self.driver_features >> VIRTIO_F_VERSION_1 & 1:
+                log.warning("%s: driver asked for features %#x of %#x: refused",
+                            self.name, self.driver_features, offered)
+                new &= ~VIRTIO_CONFIG_S_FEATURES_OK
+        self.status = new | (old & VIRTIO_CONFIG_S_NEEDS_RESET)
+        if new & VIRTIO_CONFIG_S_DRIVER_OK and not old & VIRTIO_CONFIG_S_DRIVER_OK \
+                and new & VIRTIO_CONFIG_S_FEATURES_OK and not new & VIRTIO_CONFIG_S_FAILED:
+            self._activate()
+
+    def _activate(self) -> None:
+        self.device.activate(self.mem, self.queues, self._notify_queue, self.driver_features)
+        self._stop_worker()
+        self._worker = threading.Thread(target=self._work, name=f"{self.name}-worker", daemon=True)
+        self._worker.start()
+        log.info("%s: driver ready, features %#x", self.name, self.driver_features)
+
+    def _reset(self) -> None:
+        self._stop_worker()
+        self.device.reset()
+        self._reset_state()
+        for kick in self.kicks:  # drop kicks that arrived before the reset
+            try:
+                os.eventfd_read(kick.eventfd)
+            except BlockingIOError:
+                pass
+
+    def _needs_reset(self) -> None:
+        """The driver broke a ring: tell it through NEEDS_RESET and a config interrupt (2.1.2)."""
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET
+        self.generation += 1
+        self.isr |= VIRTIO_PCI_ISR_CONFIG
+        if self.config_msix_vector != VIRTIO_MSI_NO_VECTOR:
+            self.msix.notify(self.config_msix_vector)
+
+    # --- data path ------------------------------------------------------------------------------------
+    def _notify_queue(self, index: int) -> None:
+        q = self.queues[index]
+        if not q.should_notify():
+            return
+        self.isr |= VIRTIO_PCI_ISR_QUEUE
+        if q.msix_vector != VIRTIO_MSI_NO_VECTOR:
+            self.msix.notify(q.msix_vector)
+
+    def _work(self) -> None:
+        """Worker thread: wait for kicks, let the device process that queue."""
+        poller = select.poll()
+        poller.register(self._stop, select.POLLIN)
+        by_fd = {}
+        for index, kick in enumerate(self.kicks):
+            poller.register(kick.eventfd, select.POLLIN)
+            by_fd[kick.eventfd] = index
+        pending = [i for i, q in enumerate(self.queues) if q.ready]  # kicks may predate us
+        while True:
+            for index in pending:
+                if self.queues[index].ready:
+                    try:
+                        self.device.process_queue(index)
+                    except Exception:  # a device bug must not kill the worker silently
+                        log.exception("%s: queue %d processing failed", self.name, index)
+                        self._needs_reset()
+            pending = []
+            for fd, _ in poller.poll():
+                if fd == self._stop:
+                    os.eventfd_read(self._stop)
+                    return
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    continue
+                pending.append(by_fd[fd])
+
+    def _stop_worker(self) -> None:
+        worker = self._worker
+        if worker is None:
+            return
+        os.eventfd_write(self._stop, 1)
+        if worker is not threading.current_thread():
+            worker.join(10)
+        self._worker = None
+
+    def close(self) -> None:
+        self._stop_worker()
+        self.device.reset()
+        if hasattr(self.device, "close"):
+            self.device.close()
+        self.msix.close()

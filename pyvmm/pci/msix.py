@@ -1,0 +1,150 @@
+"""MSI-X: capability, vector table and pending-bit array (PCI Local Bus 3.0, 6.8.2).
+
+Each vector owns an eventfd and a GSI.  While the vector may fire (MSI-X
+enabled, function not masked, vector not masked) the eventfd is a KVM irqfd
+on that GSI, and the GSI is routed to the vector's message address/data:
+a device thread or a vhost-user backend interrupts the guest by writing the
+eventfd, with no Python on the way.  While the vector is masked the irqfd is
+detached, so writes latch in the eventfd's counter; that counter is the
+vector's pending bit, and re-attaching the irqfd delivers it (KVM polls the
+eventfd when an irqfd is assigned).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import struct
+import threading
+
+from .. import kvm
+from ..irq import GsiRouter
+
+log = logging.getLogger(__name__)
+
+PCI_CAP_ID_MSIX = 0x11
+PCI_MSIX_FLAGS_QSIZE = 0x07FF
+PCI_MSIX_FLAGS_MASKALL = 0x4000
+PCI_MSIX_FLAGS_ENABLE = 0x8000
+PCI_MSIX_ENTRY_SIZE = 16
+PCI_MSIX_ENTRY_LOWER_ADDR = 0
+PCI_MSIX_ENTRY_UPPER_ADDR = 4
+PCI_MSIX_ENTRY_DATA = 8
+PCI_MSIX_ENTRY_VECTOR_CTRL = 12
+PCI_MSIX_ENTRY_CTRL_MASKBIT = 0x1
+MSI_ADDRESS_BASE = 0xFEE00000  # x86: messages go to the LAPICs' window
+
+
+class Msix:
+    def __init__(self, vm: kvm.Vm, router: GsiRouter, num_vectors: int,
+                 table_bar: int, table_offset: int, pba_bar: int, pba_offset: int) -> None:
+        if not 1 <= num_vectors <= 2048:
+            raise ValueError("MSI-X supports 1 to 2048 vectors")
+        self._vm = vm
+        self._router = router
+        self.num_vectors = num_vectors
+        self.table_bar, self.table_offset = table_bar, table_offset
+        self.pba_bar, self.pba_offset = pba_bar, pba_offset
+        self.table = bytearray(num_vectors * PCI_MSIX_ENTRY_SIZE)
+        for v in range(num_vectors):  # vectors start masked (6.8.2.9)
+            struct.pack_into("<I", self.table, v * 16 + PCI_MSIX_ENTRY_VECTOR_CTRL, PCI_MSIX_ENTRY_CTRL_MASKBIT)
+        self.eventfds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(num_vectors)]
+        self.gsis = [router.allocate() for _ in range(num_vectors)]
+        self._attached = [False] * num_vectors
+        self.enabled = False
+        self.function_masked = False
+        self._lock = threading.Lock()
+
+    @property
+    def table_size(self) -> int:
+        return self.num_vectors * PCI_MSIX_ENTRY_SIZE
+
+    @property
+    def pba_size(self) -> int:
+        return ((self.num_vectors + 63) // 64) * 8
+
+    def capability(self) -> tuple[bytes, bytes]:
+        """Capability body after id/next, and its writable mask."""
+        control = self.num_vectors - 1
+        body = struct.pack("<HII", control, self.table_offset | self.table_bar,
+                           self.pba_offset | self.pba_bar)
+        writable = struct.pack("<HII", PCI_MSIX_FLAGS_ENABLE | PCI_MSIX_FLAGS_MASKALL, 0, 0)
+        return body, writable
+
+    def control_written(self, control: int) -> None:
+        """The guest wrote the Message Control word."""
+        with self._lock:
+            self.enabled = bool(control & PCI_MSIX_FLAGS_ENABLE)
+            self.function_masked = bool(control & PCI_MSIX_FLAGS_MASKALL)
+            for v in range(self.num_vectors):
+                self._refresh(v)
+
+    # --- table and PBA in the BAR ---------------------------------------------------------
+    def table_read(self, offset: int, size: int) -> bytes:
+        if offset < 0 or offset + size > self.table_size:
+            return b"\xff" * size
+        with self._lock:
+            return bytes(self.table[offset:offset + size])
+
+    def table_write(self, offset: int, data: bytes) -> None:
+        if offset < 0 or offset + len(data) > self.table_size:
+            return
+        with self._lock:
+            self.table[offset:offset + len(data)] = data
+            first, last = offset // 16, (offset + len(data) - 1) // 16
+            for v in range(first, last + 1):
+                self._refresh(v)
+
+    def pba_read(self, offset: int, size: int) -> bytes:
+        if offset < 0 or offset + size > self.pba_size:
+            return b"\xff" * size
+        bits = 0
+        with self._lock:
+            for v in range(self.num_vectors):
+                if not self._attached[v] and self._latched(v):
+                    bits |= 1 << v
+        return bits.to_bytes(self.pba_size, "little")[offset:offset + size]
+
+    # --- interrupts ----------------------------------------------------------------------------
+    def notify(self, vector: int) -> None:
+        """Raise ``vector`` (any thread); latched while masked."""
+        if 0 <= vector < self.num_vectors:
+            os.eventfd_write(self.eventfds[vector], 1)
+
+    def entry(self, vector: int) -> tuple[int, int, bool]:
+        """(message address, data, masked) of a vector."""
+        lo, hi, data, ctrl = struct.unpack_from("<IIII", self.table, vector * 16)
+        return (hi << 32) | lo, data, bool(ctrl & PCI_MSIX_ENTRY_CTRL_MASKBIT)
+
+    def _latched(self, vector: int) -> bool:
+        readable, _, _ = select.select([self.eventfds[vector]], [], [], 0)
+        return bool(readable)
+
+    def _refresh(self, vector: int) -> None:
+        address, data, masked = self.entry(vector)
+        live = self.enabled and not self.function_masked and not masked
+        if live and address >> 20 != MSI_ADDRESS_BASE >> 20:
+            log.debug("msix: vector %d has address %#x outside the LAPIC window: not routed", vector, address)
+            live = False
+        gsi, fd = self.gsis[vector], self.eventfds[vector]
+        if live:
+            self._router.set_msi(gsi, address, data)
+            if not self._attached[vector]:
+                self._vm.irqfd(fd, gsi)
+                self._attached[vector] = True
+        elif self._attached[vector]:
+            self._vm.irqfd(fd, gsi, deassign=True)
+            self._attached[vector] = False
+
+    def close(self) -> None:
+        with self._lock:
+            for v in range(self.num_vectors):
+                if self._attached[v]:
+                    try:
+                        self._vm.irqfd(self.eventfds[v], self.gsis[v], deassign=True)
+                    except OSError:
+                        pass
+                    self._attached[v] = False
+                self._router.free(self.gsis[v])
+                os.close(self.eventfds[v])
