@@ -93,7 +93,11 @@ class Bus:
             self._count_unclaimed(addr, "read", size)
             return b"\xff" * size
         device, offset = hit
-        data = device.read(offset, size)
+        try:
+            data = device.read(offset, size)
+        except Exception:  # a device bug: that access fails, the VM goes on
+            log.exception("%s: %r failed a %d-byte read at %#x", self.name, device, size, addr)
+            return b"\xff" * size
         if len(data) != size:  # a device bug must not corrupt the exit data
             data = (bytes(data) + b"\xff" * size)[:size]
         return data
@@ -104,7 +108,10 @@ class Bus:
             self._count_unclaimed(addr, "write", len(data))
             return
         device, offset = hit
-        device.write(offset, data)
+        try:
+            device.write(offset, data)
+        except Exception:  # a device bug: that access is dropped, the VM goes on
+            log.exception("%s: %r failed a %d-byte write at %#x", self.name, device, len(data), addr)
 
     def _count_unclaimed(self, addr: int, kind: str, size: int) -> None:
         with self._lock:

@@ -272,8 +272,8 @@ def test_beyond_capacity_is_ioerr_and_writes_nothing(h, image):
     for sector in (IMAGE_SECTORS - 1, IMAGE_SECTORS, 2**64 - 1):
         status, _, written = h.request(VIRTIO_BLK_T_OUT, sector=sector, out=os.urandom(1024))
         assert (status, written) == (VIRTIO_BLK_S_IOERR, 1)
-        status, _, _ = h.request(VIRTIO_BLK_T_IN, sector=sector, in_len=1024)
-        assert status == VIRTIO_BLK_S_IOERR
+        status, _, written = h.request(VIRTIO_BLK_T_IN, sector=sector, in_len=1024)
+        assert (status, written) == (VIRTIO_BLK_S_IOERR, 0)
     assert image.read_bytes() == before
     status, _, _ = h.request(VIRTIO_BLK_T_IN, sector=IMAGE_SECTORS - 2, in_len=1024)
     assert status == VIRTIO_BLK_S_OK
@@ -333,6 +333,9 @@ def test_get_id(h):
     status, got, written = h.request(VIRTIO_BLK_T_GET_ID, in_len=20)
     assert status == VIRTIO_BLK_S_OK and written == 21
     assert got == b"pyvmm-disk.img".ljust(20, b"\0")
+    status, got, written = h.request(VIRTIO_BLK_T_GET_ID, in_len=512)   # a bigger buffer: 20 bytes
+    assert status == VIRTIO_BLK_S_OK and written == 20
+    assert got[:20] == b"pyvmm-disk.img".ljust(20, b"\0") and got[20:] == b"\xee" * 492
 
 
 def test_get_id_long_name_and_short_buffer(tmp_path, guest):
@@ -358,6 +361,8 @@ def test_get_id_long_name_and_short_buffer(tmp_path, guest):
 @pytest.mark.parametrize("rtype", [2, 3, 5, 10, 14, 15, 0xFFFFFFFF])
 def test_unsupported_types(h, rtype):
     status, _, written = h.request(rtype, in_len=512)
+    assert status == VIRTIO_BLK_S_UNSUPP and written == 0   # the 512 data bytes before the status: not written
+    status, _, written = h.request(rtype)
     assert status == VIRTIO_BLK_S_UNSUPP and written == 1
 
 
@@ -411,7 +416,7 @@ def test_malformed_requests_fail_only_themselves(h, guest, image):
 
     # header too short
     status = guest.buf(1)
-    assert h.submit([guest.buf(header(VIRTIO_BLK_T_IN)[:8])], [guest.buf(512), status]) == 1
+    assert h.submit([guest.buf(header(VIRTIO_BLK_T_IN)[:8])], [guest.buf(512), status]) == 0
     assert guest.read(status)[0] == VIRTIO_BLK_S_IOERR
     assert ok()
     # no header at all
@@ -428,7 +433,7 @@ def test_malformed_requests_fail_only_themselves(h, guest, image):
     assert ok()
     # data buffers outside guest RAM
     status = guest.buf(1)
-    assert h.submit([guest.buf(header(VIRTIO_BLK_T_IN, 0))], [Buffer(OUTSIDE, 512), status]) == 1
+    assert h.submit([guest.buf(header(VIRTIO_BLK_T_IN, 0))], [Buffer(OUTSIDE, 512), status]) == 0
     assert guest.read(status)[0] == VIRTIO_BLK_S_IOERR
     status = guest.buf(1)
     h.submit([guest.buf(header(VIRTIO_BLK_T_OUT, 0)), Buffer(OUTSIDE, 512)], [status])
@@ -490,6 +495,8 @@ def test_not_activated_or_other_queue(dev):
 def test_unexpected_error_still_completes(h, monkeypatch):
     monkeypatch.setattr(VirtioBlock, "_check_range", lambda *a: 1 / 0)
     status, _, written = h.request(VIRTIO_BLK_T_IN, 0, in_len=512)
+    assert (status, written) == (VIRTIO_BLK_S_IOERR, 0)
+    status, _, written = h.request(VIRTIO_BLK_T_OUT, 0, out=bytes(512))
     assert (status, written) == (VIRTIO_BLK_S_IOERR, 1)
 
 
