@@ -12,7 +12,7 @@ APT_PACKAGES := python3-venv gcc libc6-dev make patch flex bison bc libelf-dev l
 	xz-utils cpio kmod musl-tools busybox-static linux-source-6.1
 BENCH_PACKAGES := qemu-system-x86
 
-.PHONY: setup guest demo test test-fast bench bench-boot clean
+.PHONY: setup guest demo test test-fast bench bench-boot bench-blk clean
 
 # --- set-up ---------------------------------------------------------------------
 setup: $(VENV)/.installed
@@ -52,12 +52,15 @@ test: guest
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not boot" tests
 
-bench: bench-boot
+bench: bench-boot bench-blk
 
 bench-boot: guest
 	@missing=$$(for p in $(BENCH_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi
 	$(PY) -m bench.boot
+
+bench-blk: guest
+	$(PY) -m bench.blk
 
 clean:
 	rm -rf $(GUEST) $(VENV) .apt-stamp .pytest_cache

@@ -39,7 +39,7 @@ def legacy_routes() -> list[kvm.kvm_irq_routing_entry]:
 class GsiRouter:
     """Allocates MSI GSIs and keeps KVM's routing table in step."""
 
-    def __init__(self, vm: kvm.Vm, max_gsi: int = 1024) -> None:
+    def __init__(self, vm: kvm.Vm, max_gsi: int = 4096) -> None:
         self._vm = vm
         self._max = max_gsi
         self._msi: dict[int, tuple[int, int] | None] = {}  # gsi -> (address, data) or None
@@ -47,7 +47,9 @@ class GsiRouter:
 
     def allocate(self) -> int:
         with self._lock:
-            gsi = next(g for g in range(FIRST_MSI_GSI, self._max) if g not in self._msi)
+            gsi = next((g for g in range(FIRST_MSI_GSI, self._max) if g not in self._msi), None)
+            if gsi is None:
+                raise ValueError(f"no free GSI (all {self._max - FIRST_MSI_GSI} MSI routes in use)")
             self._msi[gsi] = None
             return gsi
 

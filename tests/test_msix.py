@@ -12,7 +12,6 @@ from hypothesis import given, settings, strategies as st
 
 from pyvmm import kvm
 from pyvmm.irq import FIRST_MSI_GSI, GsiRouter, legacy_routes
-from pyvmm.pci import config as cfg
 from pyvmm.pci.config import PciConfigSpace
 from pyvmm.pci.msix import (MSI_ADDRESS_BASE, PCI_CAP_ID_MSIX, PCI_MSIX_FLAGS_ENABLE, PCI_MSIX_FLAGS_MASKALL,
                             Msix)
@@ -135,7 +134,6 @@ def test_router_64bit_message_address(vm, router):
     assert vm.routing[-1] == ("msi", g, 0x1_2345_6780, 7)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: GsiRouter.allocate leaks StopIteration when the GSIs run out")
 def test_router_exhaustion_is_a_clear_error(vm):
     r = GsiRouter(vm, max_gsi=26)
     r.allocate(), r.allocate()
@@ -304,8 +302,6 @@ def test_data_change_while_live_updates_route(vm, msix):
     assert sum(1 for c in vm.calls if c[0] == "irqfd") == 1   # not re-attached
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Msix._latched uses select.select, which raises ValueError "
-                                       "for file descriptors >= FD_SETSIZE (1024)")
 def test_pba_read_with_high_fd_numbers(vm, router):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 1200:

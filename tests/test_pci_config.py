@@ -252,7 +252,6 @@ def test_add_bar_rejects_index_taken_and_upper_half():
     assert sorted(conf.bars) == [0, 2, 4]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: add_bar lets a 64-bit BAR's upper half land on a BAR already added")
 def test_add_64bit_bar_over_existing_next_bar_is_rejected():
     conf = make()
     conf.add_bar(BarInfo(1, 0x1000))

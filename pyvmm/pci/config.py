@@ -119,8 +119,9 @@ class PciConfigSpace:
         if bar.size & (bar.size - 1) or bar.size < (4 if bar.io else 16):
             raise ValueError(f"BAR{bar.index}: size {bar.size:#x} is not a power of two >= 16")
         limit = PCI_NUM_BARS - (2 if bar.is64 else 1)
-        if not 0 <= bar.index <= limit or bar.index in self.bars or (bar.index - 1) in self.bars \
-                and self.bars[bar.index - 1].is64:
+        lower_is_64 = (bar.index - 1) in self.bars and self.bars[bar.index - 1].is64
+        upper_taken = bar.is64 and (bar.index + 1) in self.bars
+        if not 0 <= bar.index <= limit or bar.index in self.bars or lower_is_64 or upper_taken:
             raise ValueError(f"BAR{bar.index} cannot be added here")
         off = PCI_BASE_ADDRESS_0 + 4 * bar.index
         self.bars[bar.index] = bar
@@ -145,6 +146,15 @@ class PciConfigSpace:
         self.set(off, (address & 0xFFFFFFFF) | bar.flags, 4)
         if bar.is64:
             self.set(off + 4, address >> 32, 4)
+
+    def bar_mid_sizing(self, index: int) -> bool:
+        """True while a dword of the BAR holds the all-ones sizing pattern."""
+        off = PCI_BASE_ADDRESS_0 + 4 * index
+        for dword in ((off, off + 4) if self.bars[index].is64 else (off,)):
+            mask = int.from_bytes(self.writable[dword:dword + 4], "little")
+            if mask and self.get(dword, 4) & mask == mask:
+                return True
+        return False
 
     def bar_for_offset(self, offset: int) -> int | None:
         """Which BAR a config-space offset belongs to (either dword of a 64-bit BAR)."""

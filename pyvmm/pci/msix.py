@@ -49,8 +49,15 @@ class Msix:
         self.table = bytearray(num_vectors * PCI_MSIX_ENTRY_SIZE)
         for v in range(num_vectors):  # vectors start masked (6.8.2.9)
             struct.pack_into("<I", self.table, v * 16 + PCI_MSIX_ENTRY_VECTOR_CTRL, PCI_MSIX_ENTRY_CTRL_MASKBIT)
-        self.eventfds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(num_vectors)]
-        self.gsis = [router.allocate() for _ in range(num_vectors)]
+        self.eventfds: list[int] = []
+        self.gsis: list[int] = []
+        try:
+            for _ in range(num_vectors):
+                self.eventfds.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+                self.gsis.append(router.allocate())
+        except (OSError, ValueError):
+            self._release()
+            raise
         self._attached = [False] * num_vectors
         self.enabled = False
         self.function_masked = False
@@ -118,8 +125,9 @@ class Msix:
         return (hi << 32) | lo, data, bool(ctrl & PCI_MSIX_ENTRY_CTRL_MASKBIT)
 
     def _latched(self, vector: int) -> bool:
-        readable, _, _ = select.select([self.eventfds[vector]], [], [], 0)
-        return bool(readable)
+        poller = select.poll()  # not select(): fds above 1023 are fine
+        poller.register(self.eventfds[vector], select.POLLIN)
+        return bool(poller.poll(0))
 
     def _refresh(self, vector: int) -> None:
         address, data, masked = self.entry(vector)
@@ -138,13 +146,20 @@ class Msix:
             self._attached[vector] = False
 
     def close(self) -> None:
+        """Detach every irqfd, free the GSIs and close the eventfds (idempotent)."""
         with self._lock:
-            for v in range(self.num_vectors):
+            for v, gsi in enumerate(self.gsis):
                 if self._attached[v]:
                     try:
-                        self._vm.irqfd(self.eventfds[v], self.gsis[v], deassign=True)
+                        self._vm.irqfd(self.eventfds[v], gsi, deassign=True)
                     except OSError:
                         pass
                     self._attached[v] = False
-                self._router.free(self.gsis[v])
-                os.close(self.eventfds[v])
+            self._release()
+
+    def _release(self) -> None:
+        for gsi in self.gsis:
+            self._router.free(gsi)
+        for fd in self.eventfds:
+            os.close(fd)
+        self.gsis, self.eventfds = [], []

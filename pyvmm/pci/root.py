@@ -137,7 +137,7 @@ class PciRoot:
         conf = device.config
         decode = bool(conf.get(cfg.PCI_COMMAND, 2) & cfg.PCI_COMMAND_MEMORY)
         for index, bar in conf.bars.items():
-            want = conf.bar_address(index) if decode else None
+            want = conf.bar_address(index) if decode and not conf.bar_mid_sizing(index) else None
             if want is not None and not self._acceptable(bar, want):
                 want = None  # mid-sizing (all ones) or outside the windows: decode nothing
             have = self._mapped.get((slot, index))
@@ -153,6 +153,8 @@ class PciRoot:
                 except BusError as e:
                     log.warning("pci: 00:%02x.0 BAR%d at %#x: %s", slot, index, want, e)
                     want = None
+            if want is None and have is None:
+                continue
             if want is not None:
                 self._mapped[(slot, index)] = want
             log.debug("pci: 00:%02x.0 BAR%d %s -> %s", slot, index,

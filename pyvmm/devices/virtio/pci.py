@@ -131,6 +131,7 @@ class VirtioPciDevice(PciDevice):
         self._lock = threading.RLock()
         self._worker: threading.Thread | None = None
         self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._isr_lock = threading.Lock()  # ISR bits are set from several threads
         device.needs_reset = self._needs_reset
         self._reset_state()
 
@@ -176,7 +177,8 @@ class VirtioPciDevice(PciDevice):
                 data = self._common_bytes() + b"\x00" * 8
                 return data[offset - COMMON_OFFSET:offset - COMMON_OFFSET + size]
             if offset == ISR_OFFSET:
-                isr, self.isr = self.isr, 0  # read to clear (4.1.4.5)
+                with self._isr_lock:
+                    isr, self.isr = self.isr, 0  # read to clear (4.1.4.5)
                 return bytes([isr]) + b"\x00" * (size - 1)
             if DEVICE_OFFSET <= offset < DEVICE_OFFSET + DEVICE_SIZE:
                 return self.device.config_read(offset - DEVICE_OFFSET, size)
@@ -307,7 +309,8 @@ class VirtioPciDevice(PciDevice):
         """The driver broke a ring: tell it through NEEDS_RESET and a config interrupt (2.1.2)."""
         self.status |= VIRTIO_CONFIG_S_NEEDS_RESET
         self.generation += 1
-        self.isr |= VIRTIO_PCI_ISR_CONFIG
+        with self._isr_lock:
+            self.isr |= VIRTIO_PCI_ISR_CONFIG
         if self.config_msix_vector != VIRTIO_MSI_NO_VECTOR:
             self.msix.notify(self.config_msix_vector)
 
@@ -316,7 +319,8 @@ class VirtioPciDevice(PciDevice):
         q = self.queues[index]
         if not q.should_notify():
             return
-        self.isr |= VIRTIO_PCI_ISR_QUEUE
+        with self._isr_lock:
+            self.isr |= VIRTIO_PCI_ISR_QUEUE
         if q.msix_vector != VIRTIO_MSI_NO_VECTOR:
             self.msix.notify(q.msix_vector)
 
@@ -358,8 +362,20 @@ class VirtioPciDevice(PciDevice):
         self._worker = None
 
     def close(self) -> None:
+        """Stop the worker and give back every fd and KVM registration (idempotent)."""
         self._stop_worker()
         self.device.reset()
         if hasattr(self.device, "close"):
             self.device.close()
         self.msix.close()
+        for kick in self.kicks:
+            if kick.address is not None:
+                try:
+                    self.vm.ioeventfd(kick.eventfd, kick.address, 0, deassign=True)
+                except OSError:
+                    pass
+            os.close(kick.eventfd)
+        self.kicks = []
+        if self._stop >= 0:
+            os.close(self._stop)
+            self._stop = -1
