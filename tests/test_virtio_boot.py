@@ -3,13 +3,15 @@
 The guest enumerates pyvmm's PCI bus, binds its stock virtio-pci drivers, and:
 reads an 8 MiB pattern the host wrote to a virtio-blk disk and writes another
 one that the host then checks; fails to write a readonly=on disk whose image
-stays byte-identical; reads /dev/hwrng; and exchanges a line each way over
+stays byte-identical; reads /dev/hwrng, also after its driver was unbound
+(device reset) and bound again; and exchanges a line each way over
 hvc0 with a test holding the virtio-console socket.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import os
 import socket
 import subprocess
@@ -94,4 +96,5 @@ def test_pci_virtio_blk_rng_console(guest_image, tmp_path):
     assert hashlib.sha256(vdb.read_bytes()).hexdigest() == vdb_before
     assert vdb.stat().st_mtime_ns == vdb_mtime
     assert "rng: virtio_rng.0 4096" in out
+    assert re.search(r"rng-rebound: virtio_rng\.\d+ 4096", out), "reset + re-init of virtio-rng failed"
     assert "hvc-got: host-to-guest" in out

@@ -14,6 +14,14 @@ else
 fi
 echo "vdb-read: $(pattern sum /dev/vdb)"
 echo "rng: $(cat /sys/class/misc/hw_random/rng_current) $(head -c 4096 /dev/hwrng | wc -c)"
+# Device reset and re-initialisation: unbind the rng's virtio-pci driver (the
+# driver resets the device) and bind it again (a fresh negotiation).
+for d in /sys/bus/pci/devices/*; do
+    [ "$(cat $d/device)" = 0x1044 ] && rng=${d##*/}
+done
+echo "$rng" > /sys/bus/pci/drivers/virtio-pci/unbind
+echo "$rng" > /sys/bus/pci/drivers/virtio-pci/bind
+echo "rng-rebound: $(cat /sys/class/misc/hw_random/rng_current) $(head -c 4096 /dev/hwrng | wc -c)"
 exec 3<>/dev/hvc0
 echo "hvc-ready" >&3
 read -r line <&3

@@ -75,6 +75,24 @@ class VirtioDevice:
         """Handle every available chain on queue ``index`` (worker thread)."""
         raise NotImplementedError
 
+    # --- shared memory regions (2.10), e.g. the virtio-fs DAX window ----------------------
+    def shared_memory_regions(self) -> list[tuple[int, int]]:
+        """(shmid, size) of each region; the PCI transport puts them in BAR 2."""
+        return []
+
+    def shm_is_memory(self) -> bool:
+        """True when the regions are host memory (a KVM slot) rather than MMIO."""
+        return False
+
+    def shm_moved(self, old: int | None, new: int | None) -> None:
+        """The shared memory BAR stopped decoding at ``old`` and/or started at ``new``."""
+
+    def shm_read(self, offset: int, size: int) -> bytes:
+        return b"\x00" * size
+
+    def shm_write(self, offset: int, data: bytes) -> None:
+        pass
+
     # --- lifecycle, called by the transport -------------------------------------------
     def activate(self, mem, queues: list, notify: Callable[[int], None], driver_features: int) -> None:
         self.mem = mem

@@ -56,6 +56,7 @@ VIRTIO_PCI_ISR_CONFIG = 0x2
 
 BAR0 = 0
 BAR0_SIZE = 0x8000
+SHM_BAR = 2   # 64-bit prefetchable: shared memory regions (4.1.4.7), e.g. the DAX window
 COMMON_OFFSET, COMMON_SIZE = 0x0000, 0x1000
 ISR_OFFSET, ISR_SIZE = 0x1000, 0x1000
 DEVICE_OFFSET, DEVICE_SIZE = 0x2000, 0x1000
@@ -95,6 +96,24 @@ def virtio_pci_cap(cfg_type: int, bar: int, offset: int, length: int, extra: byt
     return struct.pack("<BBBBxxII", 16 + len(extra), cfg_type, bar, cap_id, offset, length) + extra
 
 
+def virtio_pci_cap64(cfg_type: int, bar: int, offset: int, length: int, cap_id: int) -> bytes:
+    """struct virtio_pci_cap64 (4.1.4.7): a virtio_pci_cap with offset_hi and length_hi."""
+    return struct.pack("<BBBBxxIIII", 24, cfg_type, bar, cap_id, offset & 0xFFFFFFFF,
+                       length & 0xFFFFFFFF, offset >> 32, length >> 32)
+
+
+def shm_layout(regions: list[tuple[int, int]]) -> tuple[list[tuple[int, int, int]], int]:
+    """Place shared memory regions back to back in BAR 2: [(shmid, offset, size)], BAR size."""
+    placed, offset = [], 0
+    for shmid, size in regions:
+        if size <= 0 or size & 0xFFF:
+            raise ValueError(f"shared memory region {shmid}: size {size:#x} is not whole pages")
+        placed.append((shmid, offset, size))
+        offset += size
+    bar_size = 1 << max(offset - 1, 0xFFF).bit_length() if placed else 0
+    return placed, bar_size
+
+
 @dataclass
 class Kick:
     eventfd: int
@@ -123,6 +142,12 @@ class VirtioPciDevice(PciDevice):
             VIRTIO_PCI_CAP_NOTIFY_CFG, BAR0, NOTIFY_OFFSET, NOTIFY_SIZE, struct.pack("<I", NOTIFY_OFF_MULTIPLIER)))
         conf.add_capability(PCI_CAP_ID_VNDR, virtio_pci_cap(VIRTIO_PCI_CAP_ISR_CFG, BAR0, ISR_OFFSET, ISR_SIZE))
         conf.add_capability(PCI_CAP_ID_VNDR, virtio_pci_cap(VIRTIO_PCI_CAP_DEVICE_CFG, BAR0, DEVICE_OFFSET, DEVICE_SIZE))
+        self.shm_regions, shm_size = shm_layout(device.shared_memory_regions())
+        if self.shm_regions:
+            conf.add_bar(BarInfo(SHM_BAR, shm_size, is64=True, prefetchable=True))
+            for shmid, offset, size in self.shm_regions:
+                conf.add_capability(PCI_CAP_ID_VNDR, virtio_pci_cap64(
+                    VIRTIO_PCI_CAP_SHARED_MEMORY_CFG, SHM_BAR, offset, size, shmid))
         body, writable = self.msix.capability()
         self.msix_cap = conf.add_capability(PCI_CAP_ID_MSIX, body, writable)
         self.queues = [Virtqueue(mem, device.queue_max_size) for _ in range(n)]
@@ -158,7 +183,13 @@ class VirtioPciDevice(PciDevice):
         if offset < control + 2 and offset + len(data) > control:
             self.msix.control_written(self.config.get(control, 2))
 
+    def bar_is_mmio(self, bar: int) -> bool:
+        return not (bar == SHM_BAR and self.device.shm_is_memory())
+
     def bar_moved(self, bar: int, old: int | None, new: int | None) -> None:
+        if bar == SHM_BAR:
+            self.device.shm_moved(old, new)
+            return
         if bar != BAR0:
             return
         with self._lock:
@@ -172,6 +203,8 @@ class VirtioPciDevice(PciDevice):
                     self.vm.ioeventfd(kick.eventfd, kick.address, 0)
 
     def bar_read(self, bar: int, offset: int, size: int) -> bytes:
+        if bar == SHM_BAR:
+            return self.device.shm_read(offset, size)
         with self._lock:
             if COMMON_OFFSET <= offset < COMMON_OFFSET + COMMON_CFG_LEN:
                 data = self._common_bytes() + b"\x00" * 8
@@ -189,6 +222,9 @@ class VirtioPciDevice(PciDevice):
         return b"\x00" * size
 
     def bar_write(self, bar: int, offset: int, data: bytes) -> None:
+        if bar == SHM_BAR:
+            self.device.shm_write(offset, data)
+            return
         with self._lock:
             if COMMON_OFFSET <= offset < COMMON_OFFSET + COMMON_CFG_LEN:
                 self._common_write(offset - COMMON_OFFSET, data)
