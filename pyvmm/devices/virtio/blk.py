@@ -32,7 +32,6 @@ import stat
 import threading
 
 from .device import VIRTIO_ID_BLOCK, VirtioDevice
-from .queue import ChainError, VirtqueueError
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +278,6 @@ class VirtioBlock(VirtioDevice):
         name = serial if serial is not None else "pyvmm-" + os.path.basename(path)
         ascii_name = "".join(c if " " <= c <= "~" else "_" for c in name)
         self.serial = ascii_name.encode("ascii")[:VIRTIO_BLK_ID_BYTES].ljust(VIRTIO_BLK_ID_BYTES, b"\0")
-        self._broken = False                      # the request queue hit a VirtqueueError
         self._no_fallocate: set[int] = set()      # fallocate modes the backend refused
         self._close_lock = threading.Lock()
 
@@ -306,39 +304,9 @@ class VirtioBlock(VirtioDevice):
             cfg.write_zeroes_may_unmap = 1
         return bytes(cfg)
 
-    def activate(self, mem, queues: list, notify, driver_features: int) -> None:
-        super().activate(mem, queues, notify, driver_features)
-        self._broken = False
-
-    def reset(self) -> None:
-        super().reset()
-        self._broken = False
-
     def process_queue(self, index: int) -> None:
-        if index != 0 or not self.queues or self._broken:
-            return
-        q = self.queues[0]
-        pushed = False
-        try:
-            while True:
-                try:
-                    chain = q.pop()
-                except ChainError as e:
-                    log.warning("virtio-blk %s: %s", self.path, e)
-                    q.push(e.head, 0)
-                    pushed = True
-                    continue
-                if chain is None:
-                    break
-                q.push(chain.head, self._handle(chain))
-                pushed = True
-        except VirtqueueError as e:
-            log.error("virtio-blk %s: request queue broken: %s", self.path, e)
-            self._broken = True
-            self.needs_reset()
-            return
-        if pushed:
-            self.notify(0)
+        if index == 0:
+            self.serve_queue(0, self._handle)
 
     def close(self) -> None:
         """Close the image (idempotent)."""

@@ -25,7 +25,6 @@ import threading
 from typing import Callable
 
 from .device import VIRTIO_ID_CONSOLE, VirtioDevice
-from .queue import ChainError, VirtqueueError
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +70,6 @@ class VirtioConsole(VirtioDevice):
         self.out = out
         self._lock = threading.Lock()      # receiveq0, the backlog, activation state
         self._backlog = bytearray()        # host bytes not yet in a guest buffer
-        self._rx_broken = False
-        self._tx_broken = False
 
     # --- VirtioDevice ------------------------------------------------------------------------
     def device_features(self) -> int:
@@ -91,14 +88,12 @@ class VirtioConsole(VirtioDevice):
     def activate(self, mem, queues: list, notify, driver_features: int) -> None:
         with self._lock:
             super().activate(mem, queues, notify, driver_features)
-            self._rx_broken = self._tx_broken = False
         # The transport's worker runs process_queue for every ready queue when it
         # starts, so buffers posted before DRIVER_OK get the backlog then.
 
     def reset(self) -> None:
         with self._lock:   # waits for a receive() that is delivering right now
             super().reset()
-            self._rx_broken = self._tx_broken = False
         # The backlog is kept: bytes typed before the driver (re)starts arrive later.
 
     def process_queue(self, index: int) -> None:
@@ -124,32 +119,13 @@ class VirtioConsole(VirtioDevice):
 
     def _deliver(self) -> None:
         """Move backlog bytes into receiveq0 chains (the lock is held)."""
-        if not self._backlog or len(self.queues) <= RECEIVEQ0 or self._rx_broken or self.mem is None:
-            return
-        q = self.queues[RECEIVEQ0]
-        pushed = False
-        try:
-            while self._backlog:
-                try:
-                    chain = q.pop()
-                except ChainError as e:
-                    log.warning("virtio-console: receiveq0: %s", e)
-                    q.push(e.head, 0)
-                    pushed = True
-                    continue
-                if chain is None:
-                    break
-                n = self._scatter(chain)
-                del self._backlog[:n]
-                q.push(chain.head, n)
-                pushed = True
-        except VirtqueueError as e:
-            log.error("virtio-console: receiveq0 broken: %s", e)
-            self._rx_broken = True
-            self.needs_reset()
-            return
-        if pushed:
-            self.notify(RECEIVEQ0)
+        if self._backlog and self.mem is not None:
+            self.serve_queue(RECEIVEQ0, self._fill_from_backlog, more=lambda: bool(self._backlog))
+
+    def _fill_from_backlog(self, chain) -> int:
+        n = self._scatter(chain)
+        del self._backlog[:n]
+        return n
 
     def _scatter(self, chain) -> int:
         """Copy the head of the backlog into the chain's writable buffers; bytes copied.
@@ -174,37 +150,17 @@ class VirtioConsole(VirtioDevice):
 
     # --- guest -> host -----------------------------------------------------------------------
     def _transmit(self) -> None:
-        if len(self.queues) <= TRANSMITQ0 or self._tx_broken:
-            return
-        q = self.queues[TRANSMITQ0]
-        pushed = False
+        self.serve_queue(TRANSMITQ0, self._send)
+
+    def _send(self, chain) -> int:
         try:
-            while True:
-                try:
-                    chain = q.pop()
-                except ChainError as e:
-                    log.warning("virtio-console: transmitq0: %s", e)
-                    q.push(e.head, 0)
-                    pushed = True
-                    continue
-                if chain is None:
-                    break
-                try:
-                    data = chain.read(self.mem)
-                except ValueError as e:   # GuestMemoryError
-                    log.warning("virtio-console: transmitq0 request %d: %s", chain.head, e)
-                    data = b""
-                if data:
-                    self._out(data)
-                q.push(chain.head, 0)     # the device writes nothing into a transmit buffer
-                pushed = True
-        except VirtqueueError as e:
-            log.error("virtio-console: transmitq0 broken: %s", e)
-            self._tx_broken = True
-            self.needs_reset()
-            return
-        if pushed:
-            self.notify(TRANSMITQ0)
+            data = chain.read(self.mem)
+        except ValueError as e:   # GuestMemoryError
+            log.warning("virtio-console: transmitq0 request %d: %s", chain.head, e)
+            data = b""
+        if data:
+            self._out(data)
+        return 0                  # the device writes nothing into a transmit buffer
 
     def _out(self, data: bytes) -> None:
         try:

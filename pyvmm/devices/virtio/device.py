@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from .queue import ChainError, DescriptorChain, VirtqueueError
+
 log = logging.getLogger(__name__)
 
 # Feature bits, reserved range (virtio v1.2, 6 "Reserved Feature Bits")
@@ -55,6 +57,7 @@ class VirtioDevice:
     def __init__(self) -> None:
         self.mem = None
         self.queues: list = []
+        self.broken_queues: set[int] = set()   # rings that hit VirtqueueError, until reset
         self._notify: Callable[[int], None] | None = None
         self.driver_features = 0
         self.needs_reset: Callable[[], None] = lambda: None  # set by the transport
@@ -99,11 +102,45 @@ class VirtioDevice:
         self.queues = queues
         self._notify = notify
         self.driver_features = driver_features
+        self.broken_queues = set()
 
     def reset(self) -> None:
         self.queues = []
         self._notify = None
         self.driver_features = 0
+        self.broken_queues = set()
+
+    def serve_queue(self, index: int, handle: Callable[[DescriptorChain], int],
+                    more: Callable[[], bool] = lambda: True) -> None:
+        """The device side of queue ``index``: pop each available chain while
+        ``more()``, complete it with ``handle(chain)`` bytes written, and notify
+        the driver once at the end.  A bad chain (ChainError) is completed with
+        0 bytes; a broken ring (VirtqueueError) stops the queue until reset and
+        asks the transport for NEEDS_RESET."""
+        if index >= len(self.queues) or index in self.broken_queues:
+            return
+        q = self.queues[index]
+        pushed = False
+        try:
+            while more():
+                try:
+                    chain = q.pop()
+                except ChainError as e:
+                    log.warning("%s: queue %d: %s", type(self).__name__, index, e)
+                    q.push(e.head, 0)
+                    pushed = True
+                    continue
+                if chain is None:
+                    break
+                q.push(chain.head, handle(chain))
+                pushed = True
+        except VirtqueueError as e:
+            log.error("%s: queue %d broken: %s", type(self).__name__, index, e)
+            self.broken_queues.add(index)
+            self.needs_reset()
+            return
+        if pushed:
+            self.notify(index)
 
     def notify(self, index: int) -> None:
         if self._notify is not None:

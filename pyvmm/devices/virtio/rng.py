@@ -14,7 +14,6 @@ import logging
 import os
 
 from .device import VIRTIO_ID_RNG, VirtioDevice
-from .queue import ChainError, VirtqueueError
 
 log = logging.getLogger(__name__)
 
@@ -27,43 +26,9 @@ class VirtioRng(VirtioDevice):
     device_id = VIRTIO_ID_RNG
     num_queues = 1
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._broken = False   # the queue hit a VirtqueueError: stop until reset
-
-    def activate(self, mem, queues: list, notify, driver_features: int) -> None:
-        super().activate(mem, queues, notify, driver_features)
-        self._broken = False
-
-    def reset(self) -> None:
-        super().reset()
-        self._broken = False
-
     def process_queue(self, index: int) -> None:
-        if index != 0 or not self.queues or self._broken:
-            return
-        q = self.queues[0]
-        pushed = False
-        try:
-            while True:
-                try:
-                    chain = q.pop()
-                except ChainError as e:
-                    log.warning("virtio-rng: %s", e)
-                    q.push(e.head, 0)
-                    pushed = True
-                    continue
-                if chain is None:
-                    break
-                q.push(chain.head, self._fill(chain))
-                pushed = True
-        except VirtqueueError as e:
-            log.error("virtio-rng: queue broken: %s", e)
-            self._broken = True
-            self.needs_reset()
-            return
-        if pushed:
-            self.notify(0)
+        if index == 0:
+            self.serve_queue(0, self._fill)
 
     def _fill(self, chain) -> int:
         """Fill the chain's writable buffers (up to MAX_REQUEST); bytes written."""
