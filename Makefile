@@ -12,17 +12,22 @@ APT_PACKAGES := python3-venv gcc libc6-dev make patch flex bison bc libelf-dev l
 	xz-utils cpio kmod musl-tools busybox-static linux-source-6.1
 BENCH_PACKAGES := qemu-system-x86
 
-.PHONY: setup guest demo test test-fast bench bench-boot bench-blk clean
+# Install those of the Debian packages $(1) that are missing (as root).
+define apt_ensure
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "setup: installing $$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+endef
+
+.PHONY: setup guest demo test test-fast bench bench-deps bench-boot bench-blk clean
 
 # --- set-up ---------------------------------------------------------------------
 setup: $(VENV)/.installed
 
 .apt-stamp: Makefile
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "setup: installing $$missing"; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
-	fi
+	$(call apt_ensure,$(APT_PACKAGES))
 	@touch $@
 
 $(VENV)/.installed: pyproject.toml .apt-stamp
@@ -54,12 +59,14 @@ test-fast: setup
 
 bench: bench-boot bench-blk
 
-bench-boot: guest
-	@missing=$$(for p in $(BENCH_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi
+# The peer: QEMU from Debian, same kernel, initramfs and image.
+bench-deps: guest
+	$(call apt_ensure,$(BENCH_PACKAGES))
+
+bench-boot: bench-deps
 	$(PY) -m bench.boot
 
-bench-blk: guest
+bench-blk: bench-deps
 	$(PY) -m bench.blk
 
 clean:
