@@ -52,6 +52,22 @@ def test_run_mode_exit_status_propagates(guest_image):
         g.kill()
 
 
+def test_sigterm_stops_all_vcpus(guest_image):
+    """SIGTERM while the guest runs: every vCPU thread stops and pyvmm exits 143."""
+    import signal
+
+    g = GuestProcess("--kernel", guest_image["kernel"], "--initramfs", guest_image["initramfs"],
+                     "--cpus", "2")
+    try:
+        g.wait_for("pyvmm-guest: ready", BOOT_TIMEOUT)
+        g.proc.send_signal(signal.SIGTERM)
+        assert g.wait_exit(30) == 143
+        assert "SIGTERM received" in g.stderr.decode()
+        assert "did not stop in time" not in g.stderr.decode()
+    finally:
+        g.kill()
+
+
 def test_stock_bzimage_boots(kvm_host):
     """Debian's stock kernel (a bzImage) through the Linux boot protocol."""
     if kvm_host == "pvm":
