@@ -9,7 +9,8 @@ GUEST := guest/build
 export PYVMM_CACHE ?= /var/cache/pyvmm
 
 APT_PACKAGES := python3-venv gcc libc6-dev make patch flex bison bc libelf-dev libssl-dev \
-	xz-utils cpio kmod musl-tools busybox-static linux-source-6.1
+	xz-utils cpio kmod musl-tools busybox-static linux-source-6.1 \
+	qemu-system-common
 BENCH_PACKAGES := qemu-system-x86
 
 # Install those of the Debian packages $(1) that are missing (as root).

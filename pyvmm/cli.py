@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--serial", default="stdio", help="stdio, file=PATH or null")
     run.add_argument("--disk", action="append", default=[], metavar="path=FILE[,readonly=on]",
                      help="a virtio-blk disk on a raw image (repeatable)")
+    run.add_argument("--fs", action="append", default=[],
+                     metavar="tag=TAG,socket=PATH[,num_queues=N][,queue_size=N][,dax=on][,cache_size=SIZE]",
+                     help="a virtio-fs share served by a vhost-user backend (repeatable)")
     run.add_argument("--rng", action="store_true", help="a virtio-rng device fed by os.urandom")
     run.add_argument("--console", metavar="socket=PATH|file=PATH|null",
                      help="a virtio-console (hvc0) with this host side")
@@ -120,6 +123,9 @@ def machine_config(args: argparse.Namespace, flavour) -> "MachineConfig":
     kernel = _read_file(kernel_path, "kernel")
     initramfs = _read_file(initramfs_path, "initramfs") if initramfs_path else None
     disks = [parse_disk(spec) for spec in args.disk]
+    shares = [parse_fs(spec) for spec in args.fs]
+    if len({s.tag for s in shares}) != len(shares):
+        raise UsageError("--fs tags must be different")
     if args.console is not None and not (args.console.startswith(("socket=", "file=")) and
                                          len(args.console.split("=", 1)[1]) > 0 or args.console == "null"):
         raise UsageError(f"--console must be socket=PATH, file=PATH or null, not {args.console!r}")
@@ -128,7 +134,7 @@ def machine_config(args: argparse.Namespace, flavour) -> "MachineConfig":
         cmdline = " ".join([cmdline, *args.append])
     return MachineConfig(kernel=kernel, initramfs=initramfs, cmdline=cmdline,
                          memory=memory, cpus=cpus, serial=args.serial, disks=disks,
-                         rng=args.rng, console=args.console)
+                         rng=args.rng, console=args.console, shares=shares)
 
 
 def parse_options(spec: str, what: str, known: set[str]) -> dict[str, str]:
@@ -140,6 +146,34 @@ def parse_options(spec: str, what: str, known: set[str]) -> dict[str, str]:
             raise UsageError(f"{what} {spec!r}: expected {','.join(sorted(known))} as key=value")
         options[key] = value
     return options
+
+
+def parse_fs(spec: str) -> "FsConfig":
+    from .vm import FsConfig
+
+    o = parse_options(spec, "--fs", {"tag", "socket", "num_queues", "queue_size", "dax", "cache_size"})
+    if not o.get("tag") or not o.get("socket"):
+        raise UsageError(f"--fs {spec!r} needs tag=TAG and socket=PATH")
+    if len(o["tag"].encode()) > 36:
+        raise UsageError(f"--fs tag {o['tag']!r} is longer than 36 bytes")
+    try:
+        num_queues = int(o.get("num_queues", "1"))
+        queue_size = int(o.get("queue_size", "1024"))
+    except ValueError:
+        raise UsageError(f"--fs {spec!r}: num_queues and queue_size are numbers") from None
+    if not 1 <= num_queues <= 64:
+        raise UsageError("--fs num_queues must be from 1 to 64")
+    if not 16 <= queue_size <= 32768 or queue_size & (queue_size - 1):
+        raise UsageError("--fs queue_size must be a power of two from 16 to 32768")
+    dax = o.get("dax", "off")
+    if dax not in ("on", "off"):
+        raise UsageError("--fs dax must be on or off")
+    cache_size = parse_size(o.get("cache_size", "1G"))
+    if cache_size < (2 << 20) or cache_size & (cache_size - 1):
+        raise UsageError("--fs cache_size must be a power of two of at least 2M")
+    if dax == "on":
+        raise UsageError("--fs dax=on: the DAX window is not implemented yet")
+    return FsConfig(o["tag"], o["socket"], num_queues, queue_size, dax == "on", cache_size)
 
 
 def parse_disk(spec: str) -> "DiskConfig":

@@ -50,6 +50,16 @@ class DiskConfig:
     readonly: bool = False
 
 
+@dataclass(frozen=True)
+class FsConfig:
+    tag: str
+    socket: str
+    num_queues: int = 1
+    queue_size: int = 1024
+    dax: bool = False
+    cache_size: int = 1 << 30
+
+
 @dataclass
 class MachineConfig:
     kernel: bytes
@@ -61,6 +71,7 @@ class MachineConfig:
     disks: list[DiskConfig] = field(default_factory=list)
     rng: bool = False
     console: str | None = None   # virtio-console host side: socket=PATH, file=PATH or null
+    shares: list[FsConfig] = field(default_factory=list)
 
 
 def pci_windows(ram_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -138,6 +149,10 @@ class Machine:
             from .devices.virtio.blk import VirtioBlock
 
             plug(VirtioBlock(disk.path, readonly=disk.readonly))
+        for share in self.config.shares:
+            from .devices.virtio.fs import VirtioFs
+
+            plug(VirtioFs(share.tag, share.socket, share.num_queues, share.queue_size))
         if self.config.rng:
             from .devices.virtio.rng import VirtioRng
 

@@ -63,9 +63,20 @@ class VirtioDevice:
         self.needs_reset: Callable[[], None] = lambda: None  # set by the transport
 
     # --- what a subclass defines -------------------------------------------------------
+    external_datapath = False  # True: a backend (vhost-user) serves the rings, see start_backend
+
     def device_features(self) -> int:
-        """Device-specific feature bits; the transport adds TRANSPORT_FEATURES."""
+        """Device-specific feature bits; the transport adds ``transport_features()``."""
         return 0
+
+    def transport_features(self) -> int:
+        """Ring and version features the transport offers on the device's behalf."""
+        return TRANSPORT_FEATURES
+
+    def start_backend(self, kick_fds: list[int], call_fds: list[int]) -> None:
+        """External data path only: after ``activate``, hand the rings to the backend
+        with each queue's kick eventfd (a KVM ioeventfd) and call eventfd (an irqfd)."""
+        raise NotImplementedError
 
     def config_bytes(self) -> bytes:
         """The device configuration space, little-endian, as the driver reads it."""

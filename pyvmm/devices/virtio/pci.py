@@ -29,7 +29,7 @@ from ...irq import GsiRouter
 from ...pci.config import BarInfo, PciConfigSpace
 from ...pci.device import PciDevice
 from ...pci.msix import PCI_CAP_ID_MSIX, Msix
-from .device import (TRANSPORT_FEATURES, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
+from .device import (VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
                      VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_EVENT_IDX,
                      VIRTIO_F_VERSION_1, VirtioDevice)
 from .queue import Virtqueue, VirtqueueError
@@ -157,6 +157,7 @@ class VirtioPciDevice(PciDevice):
         self._worker: threading.Thread | None = None
         self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._isr_lock = threading.Lock()  # ISR bits are set from several threads
+        self._spare_call_fd = -1
         device.needs_reset = self._needs_reset
         self._reset_state()
 
@@ -174,7 +175,7 @@ class VirtioPciDevice(PciDevice):
             q.reset()
 
     def offered_features(self) -> int:
-        return self.device.device_features() | TRANSPORT_FEATURES
+        return self.device.device_features() | self.device.transport_features()
 
     # --- PCI plumbing ----------------------------------------------------------------------------
     def config_write(self, offset: int, data: bytes) -> None:
@@ -326,10 +327,32 @@ class VirtioPciDevice(PciDevice):
 
     def _activate(self) -> None:
         self.device.activate(self.mem, self.queues, self._notify_queue, self.driver_features)
+        if self.device.external_datapath:
+            self._start_backend()
+            return
         self._stop_worker()
         self._worker = threading.Thread(target=self._work, name=f"{self.name}-worker", daemon=True)
         self._worker.start()
         log.info("%s: driver ready, features %#x", self.name, self.driver_features)
+
+    def _start_backend(self) -> None:
+        """Kicks go straight from KVM to the backend, calls straight from it to KVM."""
+        kick_fds = [kick.eventfd for kick in self.kicks]
+        call_fds = []
+        for q in self.queues:
+            vector = q.msix_vector if q.msix_vector < self.msix.num_vectors else None
+            call_fds.append(self.msix.eventfds[vector] if vector is not None else self._no_vector_fd())
+        try:
+            self.device.start_backend(kick_fds, call_fds)
+        except Exception as e:  # the backend failed or went away: the guest sees a device error
+            log.error("%s: backend could not start the device: %s", self.name, e)
+            self._needs_reset()
+
+    def _no_vector_fd(self) -> int:
+        """A call eventfd for a queue the driver gave no MSI-X vector (nobody listens)."""
+        if self._spare_call_fd < 0:
+            self._spare_call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        return self._spare_call_fd
 
     def _reset(self) -> None:
         self._stop_worker()
@@ -415,3 +438,6 @@ class VirtioPciDevice(PciDevice):
         if self._stop >= 0:
             os.close(self._stop)
             self._stop = -1
+        if self._spare_call_fd >= 0:
+            os.close(self._spare_call_fd)
+            self._spare_call_fd = -1
