@@ -49,7 +49,7 @@ endif
 
 # --- the main job -----------------------------------------------------------------
 demo: guest
-	$(VENV)/bin/pyvmm run --cpus 2 --append pyvmm.run=/demo.sh
+	guest/demo.sh
 
 # --- tests and benchmarks ---------------------------------------------------------
 test: guest

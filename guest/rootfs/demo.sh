@@ -6,6 +6,8 @@ for dir in /mnt/*; do
     [ -d "$dir" ] || continue
     echo "demo: share $dir:"
     ls "$dir" | head -n 10
+    [ -f "$dir/hello.txt" ] && echo "demo: $dir/hello.txt says: $(cat "$dir/hello.txt")"
+    echo "written by the guest ($(uname -r), $(nproc) CPUs)" > "$dir/from-guest.txt"
 done
 pattern write /tmp/demo.bin 1M 2024 && pattern check /tmp/demo.bin 1M 2024 && echo "demo: pattern ok"
 mmapread /tmp/demo.bin
