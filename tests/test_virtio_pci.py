@@ -233,15 +233,17 @@ def parse_vendor_cap(conf, off: int) -> dict:
 def test_vendor_capabilities(env):
     conf = env.pci.config
     caps = conf.capabilities()
-    assert [c for c, _ in caps] == [vp.PCI_CAP_ID_VNDR] * 4 + [PCI_CAP_ID_MSIX]
+    assert [c for c, _ in caps] == [vp.PCI_CAP_ID_VNDR] * 5 + [PCI_CAP_ID_MSIX]
     vendor = {}
-    for _, off in caps[:4]:
+    for _, off in caps[:5]:
         assert off % 4 == 0 and off >= 0x40
         info = parse_vendor_cap(conf, off)
         vendor[info["type"]] = (info, off)
         assert info["bar"] == 0
         assert info["offset"] + info["length"] <= vp.BAR0_SIZE
-    assert sorted(vendor) == [1, 2, 3, 4]
+    assert sorted(vendor) == [1, 2, 3, 4, 5]
+    pci_cfg = vendor.pop(5)[0]
+    assert pci_cfg["len"] == 20                                  # struct virtio_pci_cfg_cap
     assert vendor[1][0]["offset"] == 0x0000 and vendor[1][0]["length"] >= vp.COMMON_CFG_LEN
     assert vendor[3][0]["offset"] == 0x1000 and vendor[3][0]["length"] >= 1
     assert vendor[4][0]["offset"] == 0x2000
@@ -819,3 +821,22 @@ def test_shared_memory_region_is_a_64bit_prefetchable_bar2_with_a_cap64():
     finally:
         pci.close()
         mem.close()
+
+
+def test_pci_cfg_capability_reaches_bar0(env):
+    """VIRTIO_PCI_CAP_PCI_CFG (4.1.4.9): bar/offset/length, then pci_cfg_data accesses BAR 0."""
+    conf = env.pci.config
+    caps = [off for cap_id, off in conf.capabilities()
+            if cap_id == vp.PCI_CAP_ID_VNDR and conf.data[off + 3] == vp.VIRTIO_PCI_CAP_PCI_CFG]
+    assert len(caps) == 1
+    cap = caps[0]
+    assert conf.data[cap + 2] == 20                      # cap_len
+    env.pci.config_write(cap + 4, b"\x00")               # bar 0
+    env.pci.config_write(cap + 8, struct.pack("<I", vp.NUM_QUEUES))
+    env.pci.config_write(cap + 12, struct.pack("<I", 2))
+    assert struct.unpack("<H", env.pci.config_read(cap + 16, 2))[0] == env.pci.device.num_queues
+    env.pci.config_write(cap + 8, struct.pack("<I", vp.QUEUE_SELECT))
+    env.pci.config_write(cap + 16, struct.pack("<H", 1))   # a write through the window
+    assert env.pci.queue_select == 1
+    env.pci.config_write(cap + 4, b"\x05")               # no BAR 5: the window is closed
+    assert env.pci.config_read(cap + 16, 2) == b"\x00\x00"

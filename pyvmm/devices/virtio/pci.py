@@ -142,6 +142,11 @@ class VirtioPciDevice(PciDevice):
             VIRTIO_PCI_CAP_NOTIFY_CFG, BAR0, NOTIFY_OFFSET, NOTIFY_SIZE, struct.pack("<I", NOTIFY_OFF_MULTIPLIER)))
         conf.add_capability(PCI_CAP_ID_VNDR, virtio_pci_cap(VIRTIO_PCI_CAP_ISR_CFG, BAR0, ISR_OFFSET, ISR_SIZE))
         conf.add_capability(PCI_CAP_ID_VNDR, virtio_pci_cap(VIRTIO_PCI_CAP_DEVICE_CFG, BAR0, DEVICE_OFFSET, DEVICE_SIZE))
+        # VIRTIO_PCI_CAP_PCI_CFG (4.1.4.9): a window into the BARs through config space.
+        self.pci_cfg_cap = conf.add_capability(
+            PCI_CAP_ID_VNDR, virtio_pci_cap(VIRTIO_PCI_CAP_PCI_CFG, 0, 0, 0, b"\x00" * 4),
+            # writable: bar, offset, length and pci_cfg_data (body starts at cap_len)
+            writable=bytes([0, 0, 0xFF, 0, 0, 0]) + b"\xff" * 12)
         self.shm_regions, shm_size = shm_layout(device.shared_memory_regions())
         if self.shm_regions:
             conf.add_bar(BarInfo(SHM_BAR, shm_size, is64=True, prefetchable=True))
@@ -178,7 +183,27 @@ class VirtioPciDevice(PciDevice):
         return self.device.device_features() | self.device.transport_features()
 
     # --- PCI plumbing ----------------------------------------------------------------------------
+    def _pci_cfg_window(self) -> tuple[int, int, int, int] | None:
+        """(data offset, bar, bar offset, length) of the PCI_CFG access window, if usable."""
+        cap = self.pci_cfg_cap
+        bar, off, length = self.config.data[cap + 4], self.config.get(cap + 8, 4), self.config.get(cap + 12, 4)
+        if bar != BAR0 or length not in (1, 2, 4) or off % length or off + length > BAR0_SIZE:
+            return None
+        return cap + 16, bar, off, length
+
+    def config_read(self, offset: int, size: int) -> bytes:
+        window = self._pci_cfg_window()
+        if window and offset == window[0] and size >= window[3]:
+            _, bar, off, length = window
+            return (self.bar_read(bar, off, length) + b"\x00" * 4)[:size]
+        return super().config_read(offset, size)
+
     def config_write(self, offset: int, data: bytes) -> None:
+        window = self._pci_cfg_window()
+        if window and offset == window[0] and len(data) >= window[3]:
+            _, bar, off, length = window
+            self.bar_write(bar, off, bytes(data[:length]))
+            return
         super().config_write(offset, data)
         control = self.msix_cap + 2
         if offset < control + 2 and offset + len(data) > control:
