@@ -9,11 +9,17 @@ when KVM hands an exit back to user space, dispatches it:
   or the VM stops with the instruction bytes and registers;
 * KVM_EXIT_SHUTDOWN (triple fault), KVM_EXIT_FAIL_ENTRY -> register dump, exit 1;
 * KVM_EXIT_SYSTEM_EVENT -> guest shutdown/reset ends the VM with 0;
-* KVM_EXIT_INTR -> another thread kicked us (stop, or a register-dump request).
+* KVM_EXIT_INTR -> another thread kicked us (stop, or a register-dump request);
+* KVM_RUN failing with EFAULT -> the guest touched guest-physical memory whose
+  host mapping cannot serve the access (e.g. a store into a read-only part of a
+  DAX window).  The guest gets a #GP(0), as a bus error on real hardware would
+  be delivered, and the VM goes on; the same fault repeating without progress
+  stops the VM with a register dump.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import threading
@@ -38,6 +44,8 @@ OPCODE_INT_N = 0xCD
 OPCODE_FWAIT = 0x9B
 BP_VECTOR = 3        # #BP
 DB_VECTOR = 1        # #DB
+GP_VECTOR = 13       # #GP
+MAX_FAULT_REPEATS = 64  # EFAULTs in a row at one RIP before the VM is stopped
 
 
 class VmExit(Exception):
@@ -124,6 +132,9 @@ class VcpuThread:
         self.dump_requested = threading.Event()
         self.fixups: dict[str, int] = {}
         self.exits = 0
+        self.memory_faults = 0
+        self._fault_rip: int | None = None
+        self._fault_repeats = 0
         self.thread = threading.Thread(target=self._main, name=f"vcpu{vcpu.index}", daemon=True)
 
     def start(self) -> None:
@@ -155,7 +166,14 @@ class VcpuThread:
     def _loop(self) -> None:
         run = self.vcpu.run_struct
         while not self.stopping.is_set():
-            self.vcpu.run()
+            try:
+                self.vcpu.run()
+            except kvm.KvmError as e:
+                if e.errno != errno.EFAULT:
+                    raise
+                self._memory_fault()
+                continue
+            self._fault_rip = None
             self.exits += 1
             reason = run.exit_reason
             if reason == kvm.KVM_EXIT_IO:
@@ -184,6 +202,27 @@ class VcpuThread:
             else:
                 name = kvm.EXIT_REASON_NAMES.get(reason, str(reason))
                 self._fail(f"unexpected exit {name}")
+
+    def _memory_fault(self) -> None:
+        """KVM_RUN said EFAULT: inject #GP(0) unless the guest keeps faulting in place."""
+        rip = self.vcpu.get_regs().rip
+        self._fault_repeats = self._fault_repeats + 1 if rip == self._fault_rip else 1
+        self._fault_rip = rip
+        self.memory_faults += 1
+        if self._fault_repeats > MAX_FAULT_REPEATS:
+            self._fail(f"KVM_RUN keeps failing with EFAULT at RIP {rip:#x}: guest memory "
+                       "that the host mapping cannot serve")
+        if self.memory_faults <= 3:
+            log.warning("vcpu%d: guest memory access at RIP %#x failed on the host side "
+                        "(EFAULT): #GP injected", self.vcpu.index, rip)
+        events = self.vcpu.get_vcpu_events()
+        events.exception.injected = 1
+        events.exception.nr = GP_VECTOR
+        events.exception.has_error_code = 1
+        events.exception.error_code = 0
+        events.exception.pending = 0
+        events.flags = 0
+        self.vcpu.set_vcpu_events(events)
 
     def _io(self, io: kvm.kvm_run_io) -> None:
         data = self.vcpu.io_data()

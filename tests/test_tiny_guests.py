@@ -187,3 +187,69 @@ def test_unknown_emulation_failure_stops_with_registers(tiny, kvm_host):
     assert vm.run() == 1
     assert "could not emulate the instruction 0f 01 d0" in vm.reason
     assert "RIP=" in vm.reason
+
+
+def test_efault_from_a_readonly_window_becomes_gp(tiny, kvm_host):
+    """A user-mode store into a read-only hole of a DAX window: KVM_RUN fails with
+    EFAULT (measured on PVM); pyvmm injects #GP(0), the guest's handler runs, and
+    the VM goes on."""
+    from pyvmm.boot import cpu
+    from pyvmm.devices.virtio.dax import DaxWindow
+
+    window_gpa, report = 0xC0000000, 0xD0000000
+    vm = tiny(f"""
+        push $0x2b                   # iretq to CPL3: SS, RSP, RFLAGS, CS, RIP
+        push $0x8000
+        push $0x2
+        push $0x33
+        lea user(%rip), %rax
+        push %rax
+        iretq
+    user:
+        mov ${window_gpa:#x}, %ebx
+        mov (%rbx), %eax             # a hole reads as zeros
+        mov ${report:#x}, %ecx
+        mov %eax, (%rcx)
+        movl $1, (%rbx)              # a store into the read-only hole: EFAULT -> #GP
+    1:  jmp 1b
+    .org 0x100                       # gp_handler
+        mov (%rsp), %rax             # the error code
+        mov ${report:#x}, %ecx
+        mov %eax, 4(%rcx)
+        movl $0, 8(%rcx)             # done
+    2:  jmp 2b
+    """)
+    window = DaxWindow(2 << 20)
+    try:
+        gdt = cpu.BOOT_GDT + [cpu.gdt_entry(0xC0F3, 0, 0xFFFFF), cpu.gdt_entry(0xA0FB, 0, 0xFFFFF)]
+        vm.mem.write(layout.GDT_ADDR, b"".join(struct.pack("<Q", e) for e in gdt))
+        vm.mem.write(4, struct.pack("<Q", 0x7000))           # TSS.RSP0 (the TSS sits at 0)
+        user = cpu.PTE_PRESENT | cpu.PTE_WRITE | 4
+        vm.mem.write(layout.PML4_ADDR, struct.pack("<Q", layout.PDPTE_ADDR | user))
+        vm.mem.write(layout.PDPTE_ADDR, b"".join(struct.pack("<Q", (layout.PDE_ADDR + i * 0x1000) | user)
+                                                 for i in range(4)))
+        vm.mem.write(layout.PDE_ADDR, b"".join(struct.pack("<Q", (i << 21) | user | cpu.PTE_PS)
+                                               for i in range(2048)))
+        sregs = vm.thread.vcpu.get_sregs()
+        sregs.gdt.limit = len(gdt) * 8 - 1
+        vm.thread.vcpu.set_sregs(sregs)
+        vm.set_idt({13: CODE_ADDR + 0x100})
+        vm.slots.add(window_gpa, window.size, window.host_addr)
+        out = Recorder()
+        vm.mmio.register(report, 8, out)
+
+        class Done:
+            def read(self, offset, size):
+                return b"\0" * size
+
+            def write(self, offset, data):
+                vm._exit(0, "done")
+
+        vm.mmio.register(report + 8, 4, Done())
+        assert vm.run() == 0, vm.reason
+        assert out.writes == [(0, b"\0" * 4), (4, b"\0" * 4)]   # zeros, then #GP error code 0
+        print(f"KVM flavour {kvm_host}: {vm.thread.memory_faults} EFAULT(s) turned into #GP")
+        assert vm.thread.memory_faults >= 1
+    finally:
+        window.close()
+
