@@ -171,8 +171,6 @@ def parse_fs(spec: str) -> "FsConfig":
     cache_size = parse_size(o.get("cache_size", "1G"))
     if cache_size < (2 << 20) or cache_size & (cache_size - 1):
         raise UsageError("--fs cache_size must be a power of two of at least 2M")
-    if dax == "on":
-        raise UsageError("--fs dax=on: the DAX window is not implemented yet")
     return FsConfig(o["tag"], o["socket"], num_queues, queue_size, dax == "on", cache_size)
 
 

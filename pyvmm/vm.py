@@ -152,7 +152,8 @@ class Machine:
         for share in self.config.shares:
             from .devices.virtio.fs import VirtioFs
 
-            plug(VirtioFs(share.tag, share.socket, share.num_queues, share.queue_size))
+            plug(VirtioFs(share.tag, share.socket, share.num_queues, share.queue_size,
+                          dax_window=share.cache_size if share.dax else None, slots=self.slots))
         if self.config.rng:
             from .devices.virtio.rng import VirtioRng
 

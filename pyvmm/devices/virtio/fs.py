@@ -19,7 +19,8 @@ import threading
 
 from ...vhost_user import protocol as vu
 from ...vhost_user.frontend import (DEFAULT_PROTOCOL_FEATURES, BackendError, VhostUserError,
-                                    VhostUserFrontend, guest_memory_regions)
+                                    VhostUserFrontend, guest_memory_regions, serve_backend_requests)
+from .dax import VIRTIO_FS_SHMCAP_ID_CACHE, DaxShm, DaxWindow
 from .device import VIRTIO_ID_FS, VirtioDevice
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,44 @@ DEFAULT_QUEUE_SIZE = 1024
 VHOST_ONLY_FEATURES = (1 << 24) | (1 << 26) | (1 << vu.VHOST_USER_F_PROTOCOL_FEATURES)
 # Without a DAX window there is nothing for SHMEM_MAP to map into.
 PROTOCOL_FEATURES = DEFAULT_PROTOCOL_FEATURES & ~(1 << vu.VHOST_USER_PROTOCOL_F_SHMEM)
+FS_UNMAP_ALL = (1 << 64) - 1    # legacy FS_UNMAP length meaning "the whole window"
+
+
+def handle_dax_request(window: DaxWindow, msg: vu.Message) -> int:
+    """One backend request on the DAX window: FS_MAP/FS_UNMAP/FS_SYNC (legacy, up to
+    8 entries) or SHMEM_MAP/SHMEM_UNMAP.  Invalid requests raise ValueError (DaxWindow
+    validates every offset and length before any mmap), which becomes a failure ack."""
+    if msg.request in (vu.VHOST_USER_BACKEND_FS_MAP, vu.VHOST_USER_BACKEND_FS_UNMAP,
+                       vu.VHOST_USER_BACKEND_FS_SYNC):
+        for fd_offset, c_offset, length, flags in msg.body.entries():
+            if msg.request == vu.VHOST_USER_BACKEND_FS_MAP:
+                if not flags & (vu.VHOST_USER_FS_FLAG_MAP_R | vu.VHOST_USER_FS_FLAG_MAP_W):
+                    raise ValueError("FS_MAP entry asks for neither read nor write access")
+                if len(msg.fds) != 1:
+                    raise ValueError(f"FS_MAP needs exactly one fd, got {len(msg.fds)}")
+                window.map(c_offset, length, msg.fds[0], fd_offset,
+                           writable=bool(flags & vu.VHOST_USER_FS_FLAG_MAP_W))
+            elif msg.request == vu.VHOST_USER_BACKEND_FS_UNMAP:
+                if length == FS_UNMAP_ALL:
+                    window.unmap_all()
+                else:
+                    window.unmap(c_offset, length)
+            else:
+                window.sync(c_offset, length)
+        return 0
+    if msg.request in (vu.VHOST_USER_BACKEND_SHMEM_MAP, vu.VHOST_USER_BACKEND_SHMEM_UNMAP):
+        body = msg.body
+        if body.shmid != VIRTIO_FS_SHMCAP_ID_CACHE:
+            raise ValueError(f"shared memory region {body.shmid} does not exist")
+        if msg.request == vu.VHOST_USER_BACKEND_SHMEM_MAP:
+            if len(msg.fds) != 1:
+                raise ValueError(f"SHMEM_MAP needs exactly one fd, got {len(msg.fds)}")
+            window.map(body.shm_offset, body.len, msg.fds[0], body.fd_offset,
+                       writable=bool(body.flags & vu.VHOST_USER_FLAG_MAP_RW))
+        else:
+            window.unmap(body.shm_offset, body.len)
+        return 0
+    raise ValueError(f"{msg.name} is not a request pyvmm serves")
 
 
 class virtio_fs_config(ctypes.LittleEndianStructure):
@@ -49,7 +88,8 @@ class VirtioFs(VirtioDevice):
     external_datapath = True   # the transport runs no worker: the backend owns the rings
 
     def __init__(self, tag: str, socket_path: str, num_request_queues: int = 1,
-                 queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+                 queue_size: int = DEFAULT_QUEUE_SIZE, dax_window: int | None = None,
+                 slots=None) -> None:
         super().__init__()
         raw = tag.encode()
         if not raw or len(raw) > VIRTIO_FS_TAG_LEN or b"\0" in raw:
@@ -65,9 +105,23 @@ class VirtioFs(VirtioDevice):
         self.socket_path = socket_path
         try:
             self.frontend = VhostUserFrontend(socket_path)
-            self.backend_features = self.frontend.negotiate(PROTOCOL_FEATURES, min_queues=self.num_queues)
+            self.backend_features = self.frontend.negotiate(
+                DEFAULT_PROTOCOL_FEATURES if dax_window else PROTOCOL_FEATURES, min_queues=self.num_queues)
         except VhostUserError as e:
             raise ValueError(f"--fs tag={tag}: {e}") from None
+        # The DAX window (BAR 2): a host reservation registered as a KVM memory slot.
+        self.dax: DaxShm | None = None
+        self._request_channel = None
+        if dax_window:
+            if not self.frontend.has_protocol_feature(vu.VHOST_USER_PROTOCOL_F_BACKEND_REQ):
+                self.frontend.close()
+                raise ValueError(f"--fs tag={tag},dax=on: the backend at {socket_path} offers no "
+                                 "backend request channel, so it cannot map files into a DAX window")
+            if not self.frontend.has_protocol_feature(vu.VHOST_USER_PROTOCOL_F_SHMEM):
+                log.warning("virtio-fs %s: dax=on with a backend that does not offer SHMEM_MAP: "
+                            "expecting the legacy FS_MAP requests (a backend without DAX, such "
+                            "as Debian's C virtiofsd, cannot serve a DAX mount)", tag)
+            self.dax = DaxShm(DaxWindow(dax_window), slots, VIRTIO_FS_SHMCAP_ID_CACHE)
         self._started = False
         self._closed = threading.Event()
         threading.Thread(target=self._watch_backend, name=f"virtio-fs-{tag}-watch", daemon=True).start()
@@ -94,6 +148,27 @@ class VirtioFs(VirtioDevice):
     def process_queue(self, index: int) -> None:
         """Never called: the backend serves the rings."""
 
+    def shared_memory_regions(self) -> list[tuple[int, int]]:
+        return self.dax.shared_memory_regions() if self.dax else []
+
+    def shm_is_memory(self) -> bool:
+        return self.dax is not None
+
+    def shm_moved(self, old: int | None, new: int | None) -> None:
+        if self.dax is not None:
+            self.dax.shm_moved(old, new)
+
+    def _serve_dax_requests(self) -> None:
+        """Open the backend request channel and serve FS_MAP & co. on a thread."""
+        if self._request_channel is not None:
+            return
+        self._request_channel = self.frontend.set_backend_req_fd()
+        window = self.dax.window
+        threading.Thread(target=serve_backend_requests,
+                         args=(self._request_channel, lambda msg: handle_dax_request(window, msg)),
+                         kwargs={"label": f"virtio-fs {self.tag.decode()}"},
+                         name=f"virtio-fs-{self.tag.decode()}-dax", daemon=True).start()
+
     def start_backend(self, kick_fds: list[int], call_fds: list[int]) -> None:
         """DRIVER_OK: hand guest memory and every ready ring to the backend."""
         fe = self.frontend
@@ -104,6 +179,8 @@ class VirtioFs(VirtioDevice):
                 continue
             fe.setup_vring(index, size=q.size, desc=q.desc_addr, avail=q.driver_addr,
                            used=q.device_addr, kick_fd=kick_fds[index], call_fd=call_fds[index])
+        if self.dax is not None:
+            self._serve_dax_requests()
         self._started = True
         log.info("virtio-fs %s: backend %s serves %d queues", self.tag.decode(), self.socket_path,
                  sum(q.ready for q in self.queues))
@@ -115,11 +192,21 @@ class VirtioFs(VirtioDevice):
             except (VhostUserError, OSError) as e:
                 log.warning("virtio-fs %s: backend reset failed: %s", self.tag.decode(), e)
             self._started = False
+        if self.dax is not None:
+            self.dax.reset()   # every mapping goes back to the reserved state
         super().reset()
 
     def close(self) -> None:
         self._closed.set()
+        if self._request_channel is not None:
+            try:
+                self._request_channel.shutdown(2)  # SHUT_RDWR ends the serving thread
+            except OSError:
+                pass
+            self._request_channel.close()
         self.frontend.close()
+        if self.dax is not None:
+            self.dax.close()
 
 
 __all__ = ["VirtioFs", "BackendError"]
