@@ -2,8 +2,9 @@
 
 One interactive boot: the guest reads a file the host wrote and checks its
 hash, writes one the host checks, creates, renames and deletes files that the
-host then lists; then the backend is killed, pyvmm stays up and logs it, the
-guest shell still runs, and the guest reboots (without syncing the dead share).
+host then lists; then the backend is killed: pyvmm stays up, logs it and
+answers the share's requests with ENOTCONN itself, so the guest sees errors
+instead of hanging, and `reboot -f` (which syncs) ends the VM cleanly.
 """
 
 from __future__ import annotations
@@ -70,12 +71,11 @@ def test_virtiofs_with_debian_virtiofsd(guest_image, tmp_path):
             time.sleep(0.1)
         assert b"went away" in g.stderr, "pyvmm did not notice the backend's death"
         assert g.proc.poll() is None, "pyvmm died with its backend"
-        g.send("echo still-alive-$((40+2))\n")
+        g.send("echo still-alive-$((40+2)); cat /mnt/share/tree/f2\n")
         g.wait_for("still-alive-42", 60)
-        # -n: no sync(). A sync would wait for the dead backend's FUSE replies
-        # forever (the guest kernel has no FUSE timeout) until pyvmm answers a
-        # dead backend's queues with errors itself: not done yet (issue 4).
-        g.send("reboot -f -n\n")
+        # pyvmm now answers the share's requests itself, with ENOTCONN
+        g.wait_for("Transport endpoint is not connected", 60)
+        g.send("reboot -f\n")   # syncs first: must not hang on the dead share
         assert g.wait_exit(60) == 0
     finally:
         g.kill()

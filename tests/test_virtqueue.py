@@ -742,3 +742,26 @@ def test_chain_read_write_negative_offsets(mem):
 
 def test_guest_memory_error_is_value_error():
     assert issubclass(GuestMemoryError, ValueError)
+
+
+def test_resume_from_ring_takes_over_after_the_last_used_element(mem):
+    """A backend served the ring, completed 2 of 3 chains, then died: a fresh device
+    side resumes at the used idx, takes the uncompleted third chain and the new one."""
+    d = Driver(mem, size=4)
+    heads = [d.add(in_=[(DATA + 0x100 * i, 0x100)]) for i in range(3)]
+    q = Virtqueue(mem, 256)            # the backend's own view of the same ring
+    q.size, q.desc_addr, q.driver_addr, q.device_addr = 4, d.desc, d.avail, d.used
+    q.ready = True
+    for _ in range(3):
+        q.pop()
+    q.push(heads[0], 1)
+    q.push(heads[1], 1)                # the third was taken but never completed
+    d.add(in_=[(DATA + 0x400, 0x100)])
+    successor = Virtqueue(mem, 256)
+    successor.size, successor.desc_addr, successor.driver_addr, successor.device_addr = 4, d.desc, d.avail, d.used
+    successor.ready = True
+    assert successor.resume_from_ring() == 2
+    taken = [successor.pop().head, successor.pop().head]
+    assert taken[0] == heads[2] and successor.pop() is None
+    successor.push(taken[0], 16)
+    assert d.used_idx() == 3 and d.used_elem(2) == (heads[2], 16)

@@ -73,9 +73,12 @@ class VirtioDevice:
         """Ring and version features the transport offers on the device's behalf."""
         return TRANSPORT_FEATURES
 
-    def start_backend(self, kick_fds: list[int], call_fds: list[int]) -> None:
+    def start_backend(self, kick_fds: list[int], call_fds: list[int],
+                      take_over: Callable[[], None]) -> None:
         """External data path only: after ``activate``, hand the rings to the backend
-        with each queue's kick eventfd (a KVM ioeventfd) and call eventfd (an irqfd)."""
+        with each queue's kick eventfd (a KVM ioeventfd) and call eventfd (an irqfd).
+        ``take_over()`` starts the transport's own worker on the rings (from then on
+        ``process_queue`` is called), for when the backend is gone."""
         raise NotImplementedError
 
     def config_bytes(self) -> bytes:

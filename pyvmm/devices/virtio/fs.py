@@ -14,7 +14,9 @@ device is created, so a missing backend is an error at start-up.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
+import struct
 import threading
 
 from ...vhost_user import protocol as vu
@@ -33,6 +35,8 @@ VHOST_ONLY_FEATURES = (1 << 24) | (1 << 26) | (1 << vu.VHOST_USER_F_PROTOCOL_FEA
 # Without a DAX window there is nothing for SHMEM_MAP to map into.
 PROTOCOL_FEATURES = DEFAULT_PROTOCOL_FEATURES & ~(1 << vu.VHOST_USER_PROTOCOL_F_SHMEM)
 FS_UNMAP_ALL = (1 << 64) - 1    # legacy FS_UNMAP length meaning "the whole window"
+FUSE_IN_HEADER_SIZE = 40        # struct fuse_in_header (include/uapi/linux/fuse.h)
+FUSE_OUT_HEADER_SIZE = 16       # struct fuse_out_header: len u32, error s32, unique u64
 
 
 def handle_dax_request(window: DaxWindow, msg: vu.Message) -> int:
@@ -123,6 +127,8 @@ class VirtioFs(VirtioDevice):
                             "as Debian's C virtiofsd, cannot serve a DAX mount)", tag)
             self.dax = DaxShm(DaxWindow(dax_window), slots, VIRTIO_FS_SHMCAP_ID_CACHE)
         self._started = False
+        self._backend_gone = False
+        self._take_over = None
         self._closed = threading.Event()
         threading.Thread(target=self._watch_backend, name=f"virtio-fs-{tag}-watch", daemon=True).start()
 
@@ -130,9 +136,26 @@ class VirtioFs(VirtioDevice):
         """Log, once, a backend that goes away: the VM keeps running without the share."""
         while not self._closed.wait(period):
             if self.frontend.hung_up():
-                log.error("virtio-fs %s: vhost-user backend %s went away; the share no longer "
-                          "answers, the VM keeps running", self.tag.decode(), self.socket_path)
+                log.error("virtio-fs %s: vhost-user backend %s went away; pyvmm answers the "
+                          "share's requests with ENOTCONN, the VM keeps running",
+                          self.tag.decode(), self.socket_path)
+                self._answer_for_dead_backend()
                 return
+
+    def _answer_for_dead_backend(self) -> None:
+        """Serve the rings ourselves, failing every request, so the guest sees errors
+        instead of waiting forever (DESIGN.md: a dead backend leaves the VM running)."""
+        self._backend_gone = True
+        if not self._started or self._take_over is None:
+            return
+        for index, q in enumerate(self.queues):
+            if q.ready:
+                try:
+                    q.resume_from_ring()
+                except ValueError as e:  # the ring is not in guest RAM any more
+                    log.warning("virtio-fs %s: queue %d: %s", self.tag.decode(), index, e)
+                    self.broken_queues.add(index)
+        self._take_over()
 
     # --- VirtioDevice -------------------------------------------------------------------
     def device_features(self) -> int:
@@ -146,7 +169,24 @@ class VirtioFs(VirtioDevice):
         return bytes(virtio_fs_config(tag=self.tag, num_request_queues=self.num_request_queues))
 
     def process_queue(self, index: int) -> None:
-        """Never called: the backend serves the rings."""
+        """Only after the backend died: answer every request with ENOTCONN."""
+        if self._backend_gone:
+            self.serve_queue(index, self._fail_request)
+
+    def _fail_request(self, chain) -> int:
+        """A FUSE reply carrying only an error (fuse_out_header: len, error, unique)."""
+        if chain.writable_len() < FUSE_OUT_HEADER_SIZE:
+            return 0  # FORGET and friends expect no reply
+        try:
+            header = chain.read(self.mem, 0, FUSE_IN_HEADER_SIZE)
+        except ValueError:
+            header = b""
+        unique = struct.unpack_from("<Q", header, 8)[0] if len(header) >= 16 else 0
+        reply = struct.pack("<IiQ", FUSE_OUT_HEADER_SIZE, -errno.ENOTCONN, unique)
+        try:
+            return chain.write(self.mem, reply)
+        except ValueError:
+            return 0
 
     def shared_memory_regions(self) -> list[tuple[int, int]]:
         return self.dax.shared_memory_regions() if self.dax else []
@@ -169,8 +209,9 @@ class VirtioFs(VirtioDevice):
                          kwargs={"label": f"virtio-fs {self.tag.decode()}"},
                          name=f"virtio-fs-{self.tag.decode()}-dax", daemon=True).start()
 
-    def start_backend(self, kick_fds: list[int], call_fds: list[int]) -> None:
+    def start_backend(self, kick_fds: list[int], call_fds: list[int], take_over=None) -> None:
         """DRIVER_OK: hand guest memory and every ready ring to the backend."""
+        self._take_over = take_over
         fe = self.frontend
         fe.set_features(self.driver_features)
         fe.set_mem_table(guest_memory_regions(self.mem))

@@ -354,10 +354,8 @@ class VirtioPciDevice(PciDevice):
         self.device.activate(self.mem, self.queues, self._notify_queue, self.driver_features)
         if self.device.external_datapath:
             self._start_backend()
-            return
-        self._stop_worker()
-        self._worker = threading.Thread(target=self._work, name=f"{self.name}-worker", daemon=True)
-        self._worker.start()
+        else:
+            self._start_worker()
         log.info("%s: driver ready, features %#x", self.name, self.driver_features)
 
     def _start_backend(self) -> None:
@@ -368,10 +366,16 @@ class VirtioPciDevice(PciDevice):
             vector = q.msix_vector if q.msix_vector < self.msix.num_vectors else None
             call_fds.append(self.msix.eventfds[vector] if vector is not None else self._no_vector_fd())
         try:
-            self.device.start_backend(kick_fds, call_fds)
+            self.device.start_backend(kick_fds, call_fds, take_over=self._start_worker)
         except Exception as e:  # the backend failed or went away: the guest sees a device error
             log.error("%s: backend could not start the device: %s", self.name, e)
             self._needs_reset()
+
+    def _start_worker(self) -> None:
+        """The device's worker thread: kicks -> process_queue (also a backend's successor)."""
+        self._stop_worker()
+        self._worker = threading.Thread(target=self._work, name=f"{self.name}-worker", daemon=True)
+        self._worker.start()
 
     def _no_vector_fd(self) -> int:
         """A call eventfd for a queue the driver gave no MSI-X vector (nobody listens)."""

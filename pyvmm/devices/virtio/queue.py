@@ -302,6 +302,15 @@ class Virtqueue:
         self._pushed_since_check = 0
         self._notify_enabled = True   # set_notification() state
 
+    def resume_from_ring(self) -> int:
+        """Take over a ring another device-side implementation (a vhost-user backend
+        that died) was serving: continue after the last used element it published.
+        Chains it took but never completed are taken again.  Returns that index."""
+        idx = int.from_bytes(self.mem.read(self.device_addr + 2, 2), "little")
+        self.last_avail_idx = self._used_idx = self._signalled_used = idx
+        self._pushed_since_check = 0
+        return idx
+
     @property
     def used_idx(self) -> int:
         """The used index the device has published (mod 2**16)."""
