@@ -22,7 +22,7 @@ define apt_ensure
 	fi
 endef
 
-.PHONY: setup guest demo test test-fast bench bench-deps bench-boot bench-blk clean
+.PHONY: setup guest demo test test-fast bench bench-deps bench-boot bench-blk bench-fs clean
 
 # --- set-up ---------------------------------------------------------------------
 setup: $(VENV)/.installed
@@ -58,7 +58,7 @@ test: guest
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not boot" tests
 
-bench: bench-boot bench-blk
+bench: bench-boot bench-blk bench-fs
 
 # The peer: QEMU from Debian, same kernel, initramfs and image.
 bench-deps: guest
@@ -69,6 +69,9 @@ bench-boot: bench-deps
 
 bench-blk: bench-deps
 	$(PY) -m bench.blk
+
+bench-fs: bench-deps
+	$(PY) -m bench.fs
 
 clean:
 	rm -rf $(GUEST) $(VENV) .apt-stamp .pytest_cache
