@@ -60,18 +60,15 @@ import datetime
 import os
 import re
 import shlex
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from bench.boot import (DEFAULT_QEMU_CPU, QEMU_FATAL_RE, READY_RE, RESULTS_DIR, REPO, GuestConfig,
-                        StreamWatcher, Waiter, collect_streams, describe_kvm_error, host_facts, qemu_argv,
-                        stats, stop, wait_for_end, write_json)
+from bench.boot import (DEFAULT_QEMU_CPU, QEMU_FATAL_RE, RESULTS_DIR, GuestConfig, describe_kvm_error,
+                        host_facts, qemu_argv, run_watched, stats, write_json)
 from pyvmm.cli import UsageError, default_guest_dir, parse_size
 from pyvmm.cmdline import default_cmdline
 from pyvmm.platform import detect_flavour
@@ -166,24 +163,13 @@ def run_once(setup: Setup, index: int, timeout: float, size: int, kernel: str) -
     with tempfile.TemporaryDirectory(prefix="pyvmm-bench-blk-") as tmp:
         image = make_image(tmp, size)
         argv = setup.argv(image)
-        wake = threading.Event()
         load = os.getloadavg()[0]
         stderr_patterns = {"fatal": setup.fatal_stderr} if setup.fatal_stderr is not None else {}
-        t0 = time.monotonic()
         try:
-            proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, start_new_session=True)
+            t0, proc, waiter, out, err, ended_by = run_watched(argv, setup, timeout, stderr_patterns)
         except OSError as e:
             return RunResult(setup=setup.name, run=index, argv=argv, load_1min=load,
                              failure=f"cannot start {argv[0]}: {e.strerror}")
-        out = StreamWatcher(proc.stdout, {"ready": READY_RE}, wake)
-        err = StreamWatcher(proc.stderr, stderr_patterns, wake)
-        waiter = Waiter(proc, wake)
-        try:
-            ended_by = wait_for_end(setup, t0, timeout, waiter, err, wake)
-        finally:
-            stop(proc, waiter)  # also on KeyboardInterrupt: never leave a VMM behind
-            collect_streams(proc, [out, err])
     r = RunResult(setup=setup.name, run=index, argv=argv, status=proc.returncode, load_1min=load,
                   killed=ended_by is not None, console_tail=out.tail(), stderr_tail=err.tail())
     if (t := out.time_of("ready")) is not None:

@@ -53,6 +53,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from pyvmm.cli import default_guest_dir, parse_size
 from pyvmm.cmdline import default_cmdline
@@ -264,20 +265,25 @@ def collect_streams(proc: subprocess.Popen, watchers: list[StreamWatcher]) -> No
             w.thread.join(STOP_GRACE_S)
 
 
-def run_once(setup: Setup, index: int, timeout: float, kernel: str) -> RunResult:
-    """Boot once; times are seconds since just before the process was spawned."""
+class Watched(NamedTuple):
+    """One finished (or stopped) VMM process and what its streams showed."""
+    t0: float                 # monotonic time just before the spawn
+    proc: subprocess.Popen
+    waiter: "Waiter"
+    out: "StreamWatcher"      # the console, with READY_RE
+    err: "StreamWatcher"      # stderr, with the caller's patterns
+    ended_by: str | None      # None: exited by itself; "fatal"/"timeout": stopped by us
+
+
+def run_watched(argv: list[str], setup, timeout: float,
+                stderr_patterns: dict[str, re.Pattern[bytes]]) -> Watched:
+    """Run ``argv`` in its own session until it exits, reports a fatal KVM error
+    (``setup.fatal_stderr``) or ``timeout`` passes; its process group never outlives
+    this call.  Raises OSError when it cannot start."""
     wake = threading.Event()
-    load = os.getloadavg()[0]
-    stderr_patterns = {"first_run": FIRST_RUN_RE}
-    if setup.fatal_stderr is not None:
-        stderr_patterns["fatal"] = setup.fatal_stderr
     t0 = time.monotonic()
-    try:
-        proc = subprocess.Popen(setup.argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
-    except OSError as e:
-        return RunResult(setup=setup.name, run=index, load_1min=load,
-                         failure=f"cannot start {setup.argv[0]}: {e.strerror}")
+    proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
     out = StreamWatcher(proc.stdout, {"ready": READY_RE}, wake)
     err = StreamWatcher(proc.stderr, stderr_patterns, wake)
     waiter = Waiter(proc, wake)
@@ -286,6 +292,20 @@ def run_once(setup: Setup, index: int, timeout: float, kernel: str) -> RunResult
     finally:
         stop(proc, waiter)  # also on KeyboardInterrupt: never leave a VMM behind
         collect_streams(proc, [out, err])
+    return Watched(t0, proc, waiter, out, err, ended_by)
+
+
+def run_once(setup: Setup, index: int, timeout: float, kernel: str) -> RunResult:
+    """Boot once; times are seconds since just before the process was spawned."""
+    load = os.getloadavg()[0]
+    stderr_patterns = {"first_run": FIRST_RUN_RE}
+    if setup.fatal_stderr is not None:
+        stderr_patterns["fatal"] = setup.fatal_stderr
+    try:
+        t0, proc, waiter, out, err, ended_by = run_watched(setup.argv, setup, timeout, stderr_patterns)
+    except OSError as e:
+        return RunResult(setup=setup.name, run=index, load_1min=load,
+                         failure=f"cannot start {setup.argv[0]}: {e.strerror}")
     result = make_result(setup, index, t0, ended_by, proc, waiter, out, err, timeout, kernel)
     result.load_1min = load
     return result
