@@ -23,6 +23,7 @@ from pyvmm.devices.virtio.blk import (
 from pyvmm.devices.virtio.device import VIRTIO_F_VERSION_1
 from pyvmm.devices.virtio.queue import Buffer, ChainError, DescriptorChain, VirtqueueError
 from pyvmm.memory import GuestMemory
+from virtio_fakes import FakeQueue
 
 MEM_SIZE = 4 << 20
 OUTSIDE = MEM_SIZE + 0x1000          # a guest-physical address that is not RAM
@@ -32,29 +33,6 @@ FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_
 
 
 # --- test doubles ------------------------------------------------------------------------------
-class FakeQueue:
-    """What a device sees of a Virtqueue: pop / push / should_notify."""
-
-    def __init__(self) -> None:
-        self.items: list = []          # DescriptorChain, or an exception pop() raises
-        self.used: list[tuple[int, int]] = []
-
-    def add(self, item) -> None:
-        self.items.append(item)
-
-    def pop(self):
-        if not self.items:
-            return None
-        item = self.items.pop(0)
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    def push(self, head: int, written: int) -> None:
-        self.used.append((head, written))
-
-    def should_notify(self) -> bool:
-        return True
 
 
 class Guest:

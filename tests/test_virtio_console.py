@@ -13,33 +13,9 @@ from pyvmm.devices.virtio.console import (RECEIVEQ0, TRANSMITQ0, VIRTIO_CONSOLE_
                                           VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_SIZE, VirtioConsole)
 from pyvmm.devices.virtio.queue import Buffer, ChainError, DescriptorChain, VirtqueueError
 from pyvmm.memory import GuestMemory
+from virtio_fakes import FakeQueue
 
 MEM_SIZE = 4 << 20
-
-
-class FakeQueue:
-    """What a device sees of a Virtqueue: pop / push / should_notify."""
-
-    def __init__(self) -> None:
-        self.items: list = []          # DescriptorChain, or an exception pop() raises
-        self.used: list[tuple[int, int]] = []
-
-    def add(self, item) -> None:
-        self.items.append(item)
-
-    def pop(self):
-        if not self.items:
-            return None
-        item = self.items.pop(0)
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    def push(self, head: int, written: int) -> None:
-        self.used.append((head, written))
-
-    def should_notify(self) -> bool:
-        return True
 
 
 class Env:

@@ -7,33 +7,9 @@ import pytest
 from pyvmm.devices.virtio.queue import Buffer, ChainError, DescriptorChain, VirtqueueError
 from pyvmm.devices.virtio.rng import MAX_REQUEST, VirtioRng
 from pyvmm.memory import GuestMemory
+from virtio_fakes import FakeQueue
 
 MEM_SIZE = 4 << 20
-
-
-class FakeQueue:
-    """What a device sees of a Virtqueue: pop / push / should_notify."""
-
-    def __init__(self) -> None:
-        self.items: list = []          # DescriptorChain, or an exception pop() raises
-        self.used: list[tuple[int, int]] = []
-
-    def add(self, item) -> None:
-        self.items.append(item)
-
-    def pop(self):
-        if not self.items:
-            return None
-        item = self.items.pop(0)
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    def push(self, head: int, written: int) -> None:
-        self.used.append((head, written))
-
-    def should_notify(self) -> bool:
-        return True
 
 
 @pytest.fixture
