@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pyvmm.boot import layout
-from pyvmm.boot.e820 import e820_map, ram_ranges
+from pyvmm.boot.e820 import e820_map
 from pyvmm.boot.errors import KernelFormatError
 from pyvmm.boot.layout import GiB, MiB
 from pyvmm.boot.pvh import (
@@ -34,6 +34,7 @@ from pyvmm.boot.pvh import (
     parse_elf_kernel,
     place_initrd,
 )
+from boot_fakes import FakeMemory
 
 REPO = Path(__file__).resolve().parent.parent
 REAL_VMLINUX = REPO / "guest" / "build" / "vmlinux"
@@ -93,40 +94,6 @@ def build_elf32() -> bytes:
     ident = b"\x7fELF" + bytes([1, 1, 1, 0]) + bytes(8)
     return struct.pack("<16sHHIIIIIHHHHHH", ident, ET_EXEC, 3, 1, 0x100000, 0, 0, 0,
                        52, 32, 0, 40, 0, 0)
-
-
-# --- a sparse fake guest RAM -----------------------------------------------------------
-class FakeMemory:
-    """bytearray pages on demand; every access must lie inside one RAM range."""
-
-    def __init__(self, ram_size: int) -> None:
-        self.ranges = [(gpa, gpa + n) for gpa, n, _ in ram_ranges(ram_size)]
-        self.pages: dict[int, bytearray] = {}
-
-    def _check(self, gpa: int, size: int) -> None:
-        if not any(lo <= gpa and gpa + size <= hi for lo, hi in self.ranges):
-            raise AssertionError(f"access outside guest RAM: {size} bytes at {gpa:#x}")
-
-    def _chunks(self, gpa: int, size: int):
-        done = 0
-        while done < size:
-            page, offset = divmod(gpa + done, PAGE)
-            length = min(PAGE - offset, size - done)
-            yield page, offset, done, length
-            done += length
-
-    def write(self, gpa: int, data: bytes) -> None:
-        self._check(gpa, len(data))
-        for page, offset, start, length in self._chunks(gpa, len(data)):
-            self.pages.setdefault(page, bytearray(PAGE))[offset:offset + length] = data[start:start + length]
-
-    def read(self, gpa: int, size: int) -> bytes:
-        self._check(gpa, size)
-        out = bytearray(size)
-        for page, offset, start, length in self._chunks(gpa, size):
-            if page in self.pages:
-                out[start:start + length] = self.pages[page][offset:offset + length]
-        return bytes(out)
 
 
 def start_info(mem: FakeMemory) -> hvm_start_info:
