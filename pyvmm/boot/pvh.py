@@ -103,7 +103,7 @@ def parse_elf_kernel(image: bytes) -> ElfKernel:
                     raise KernelFormatError("the ELF kernel is truncated: a segment's data "
                                             "runs past the end of the file")
                 segments.append((seg["p_paddr"], seg["p_memsz"], data))
-    except (ELFError, ConstructError, ValueError, KeyError) as e:
+    except (ELFError, ConstructError, ValueError, KeyError, OverflowError) as e:
         if isinstance(e, KernelFormatError):
             raise
         raise KernelFormatError(f"the ELF kernel is malformed: {e}") from None
