@@ -35,6 +35,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "parse_size.h"
+
 #define ALIGN 4096
 #define SEED 0x5eed0b1cb5e4c4ULL
 
@@ -52,26 +54,6 @@ static int fail(const char *what, const char *dev)
 {
     fprintf(stderr, "%s: %s: %s: %s\n", prog, dev, what, strerror(errno));
     return 1;
-}
-
-static int parse_size(const char *s, uint64_t *out)
-{
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 10);
-    int shift = 0;
-    if (end == s || errno || *s == '-')
-        return -1;
-    switch (*end) {
-    case 'G': case 'g': shift += 10; /* fall through */
-    case 'M': case 'm': shift += 10; /* fall through */
-    case 'K': case 'k': shift += 10; end++; break;
-    default: break;
-    }
-    if (*end != '\0' || (shift && v > (UINT64_MAX >> shift)))
-        return -1;
-    *out = (uint64_t)v << shift;
-    return 0;
 }
 
 static int parse_seconds(const char *s, double *out)

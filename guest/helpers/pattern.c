@@ -26,6 +26,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "parse_size.h"
+
 #include "fnv64w.h"
 
 #define BUF_SIZE (1u << 20) /* a multiple of 8: chunks start on word boundaries */
@@ -62,26 +64,6 @@ static void generate(unsigned char *buf, size_t len, uint64_t off, uint64_t seed
         uint64_t v = mix(seed + (word + 1) * GOLDEN);
         memcpy(buf + i, &v, len - i < 8 ? len - i : 8);
     }
-}
-
-static int parse_size(const char *s, uint64_t *out)
-{
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 10);
-    int shift = 0;
-    if (end == s || errno)
-        return -1;
-    switch (*end) {
-    case 'G': case 'g': shift += 10; /* fall through */
-    case 'M': case 'm': shift += 10; /* fall through */
-    case 'K': case 'k': shift += 10; end++; break;
-    default: break;
-    }
-    if (*end != '\0' || (shift && v > (UINT64_MAX >> shift)))
-        return -1;
-    *out = (uint64_t)v << shift;
-    return 0;
 }
 
 static int parse_seed(const char *s, uint64_t *out)
