@@ -622,19 +622,11 @@ def test_guest_user_mode_reads_and_writes_through_the_window(kvm_host, files):
     """A tiny guest in user mode (native on PVM: its faults go through KVM's MMU) reads a
     read-only file range, a hole, stores into a writable range; the VMM then remaps ranges
     and moves BAR 2 mid-run, and the guest sees the new layout at the new address."""
-    from pyvmm.boot import cpu, layout
-    from tinyguest import Recorder, TinyVm, assemble
+    from tinyguest import ENTER_USER_MODE, Recorder, TinyVm, assemble
 
     win_a, win_b, report = 0xC0000000, 0xC0400000, 0xD0000000
     a, b = files
-    code = assemble(f""".org 0
-        push $0x2b                   # iretq to CPL3: SS, RSP, RFLAGS, CS, RIP
-        push $0x8000
-        push $0x2
-        push $0x33
-        lea user(%rip), %rax
-        push %rax
-        iretq
+    code = assemble(f""".org 0{ENTER_USER_MODE}
     user:
         mov ${report:#x}, %ecx
         mov ${win_a:#x}, %ebx
@@ -661,18 +653,7 @@ def test_guest_user_mode_reads_and_writes_through_the_window(kvm_host, files):
     window = DaxWindow(SIZE)
     shm = DaxShm(window, vm.slots)
     try:
-        # user segments and user-accessible identity page tables
-        gdt = cpu.BOOT_GDT + [cpu.gdt_entry(0xC0F3, 0, 0xFFFFF), cpu.gdt_entry(0xA0FB, 0, 0xFFFFF)]
-        vm.mem.write(layout.GDT_ADDR, b"".join(struct.pack("<Q", e) for e in gdt))
-        user = cpu.PTE_PRESENT | cpu.PTE_WRITE | 4
-        vm.mem.write(layout.PML4_ADDR, struct.pack("<Q", layout.PDPTE_ADDR | user))
-        vm.mem.write(layout.PDPTE_ADDR, b"".join(struct.pack("<Q", (layout.PDE_ADDR + i * PAGE) | user)
-                                                 for i in range(4)))
-        vm.mem.write(layout.PDE_ADDR, b"".join(struct.pack("<Q", (i << 21) | user | cpu.PTE_PS)
-                                               for i in range(2048)))
-        sregs = vm.thread.vcpu.get_sregs()
-        sregs.gdt.limit = len(gdt) * 8 - 1
-        vm.thread.vcpu.set_sregs(sregs)
+        vm.allow_user_mode()
 
         shm.shm_moved(None, win_a)      # BAR 2 starts decoding: the slot goes in first,
         window.map(0, PAGE, a.ro_fd, 3 * PAGE, False)   # then files are mapped under it

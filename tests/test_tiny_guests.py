@@ -6,12 +6,11 @@ import struct
 
 import pytest
 
-from pyvmm.boot import layout
-from tinyguest import CODE_ADDR, Recorder, TinyVm, assemble
+from tinyguest import CODE_ADDR, ENTER_USER_MODE, Recorder, TinyVm, assemble
 
 pytestmark = pytest.mark.kvm
 
-EXIT = f"mov $0x501, %dx\n out %al, %dx\n"   # debug-exit with status AL
+EXIT = "mov $0x501, %dx\n out %al, %dx\n"   # debug-exit with status AL
 MMIO_BASE = 0xD0000000
 
 
@@ -162,16 +161,14 @@ def test_int3_int_n_and_fwait_are_finished(tiny, kvm_host):
         out %al, $0x83
         mov $0, %al
         {EXIT}
-    bp_handler:
+    .org 0x100                       # bp_handler
         out %al, $0x80
         iretq
-    int40_handler:
+    .org 0x110                       # int40_handler
         out %al, $0x84
         iretq
     """)
-    code = assemble(".org 0\n" + "int3\nout %al, $0x81\nint $0x40\nout %al, $0x82\nfwait\nout %al, $0x83\n"
-                    "mov $0, %al\nmov $0x501, %dx\nout %al, %dx\n")
-    vm.set_idt({3: CODE_ADDR + len(code), 0x40: CODE_ADDR + len(code) + 4})
+    vm.set_idt({3: CODE_ADDR + 0x100, 0x40: CODE_ADDR + 0x110})
     dev = Recorder()
     vm.pio.register(0x80, 5, dev)
     assert vm.run() == 0, vm.reason
@@ -193,18 +190,10 @@ def test_efault_from_a_readonly_window_becomes_gp(tiny, kvm_host):
     """A user-mode store into a read-only hole of a DAX window: KVM_RUN fails with
     EFAULT (measured on PVM); pyvmm injects #GP(0), the guest's handler runs, and
     the VM goes on."""
-    from pyvmm.boot import cpu
     from pyvmm.devices.virtio.dax import DaxWindow
 
     window_gpa, report = 0xC0000000, 0xD0000000
-    vm = tiny(f"""
-        push $0x2b                   # iretq to CPL3: SS, RSP, RFLAGS, CS, RIP
-        push $0x8000
-        push $0x2
-        push $0x33
-        lea user(%rip), %rax
-        push %rax
-        iretq
+    vm = tiny(f"""{ENTER_USER_MODE}
     user:
         mov ${window_gpa:#x}, %ebx
         mov (%rbx), %eax             # a hole reads as zeros
@@ -221,18 +210,7 @@ def test_efault_from_a_readonly_window_becomes_gp(tiny, kvm_host):
     """)
     window = DaxWindow(2 << 20)
     try:
-        gdt = cpu.BOOT_GDT + [cpu.gdt_entry(0xC0F3, 0, 0xFFFFF), cpu.gdt_entry(0xA0FB, 0, 0xFFFFF)]
-        vm.mem.write(layout.GDT_ADDR, b"".join(struct.pack("<Q", e) for e in gdt))
-        vm.mem.write(4, struct.pack("<Q", 0x7000))           # TSS.RSP0 (the TSS sits at 0)
-        user = cpu.PTE_PRESENT | cpu.PTE_WRITE | 4
-        vm.mem.write(layout.PML4_ADDR, struct.pack("<Q", layout.PDPTE_ADDR | user))
-        vm.mem.write(layout.PDPTE_ADDR, b"".join(struct.pack("<Q", (layout.PDE_ADDR + i * 0x1000) | user)
-                                                 for i in range(4)))
-        vm.mem.write(layout.PDE_ADDR, b"".join(struct.pack("<Q", (i << 21) | user | cpu.PTE_PS)
-                                               for i in range(2048)))
-        sregs = vm.thread.vcpu.get_sregs()
-        sregs.gdt.limit = len(gdt) * 8 - 1
-        vm.thread.vcpu.set_sregs(sregs)
+        vm.allow_user_mode()
         vm.set_idt({13: CODE_ADDR + 0x100})
         vm.slots.add(window_gpa, window.size, window.host_addr)
         out = Recorder()

@@ -25,6 +25,18 @@ from pyvmm.memory import MemorySlots
 from pyvmm.vcpu import KICK_SIGNAL, VcpuThread
 
 CODE_ADDR = 0x10000
+KERNEL_STACK = 0x7000   # TSS.RSP0: where exceptions taken from user mode push their frame
+
+# Drop to CPL3 at the label `user` (selectors of allow_user_mode(): data 0x2b, code 0x33).
+ENTER_USER_MODE = """
+        push $0x2b                   # iretq to CPL3: SS, RSP, RFLAGS, CS, RIP
+        push $0x8000
+        push $0x2
+        push $0x33
+        lea user(%rip), %rax
+        push %rax
+        iretq
+"""
 IDT_ADDR = 0x3000
 RAM_SIZE = 2 << 20
 
@@ -101,6 +113,22 @@ class TinyVm:
         sregs = self.thread.vcpu.get_sregs()
         sregs.idt.base = IDT_ADDR
         sregs.idt.limit = len(idt) - 1
+        self.thread.vcpu.set_sregs(sregs)
+
+    def allow_user_mode(self) -> None:
+        """User data/code segments in the GDT (selectors 0x2b and 0x33), page tables
+        that user mode may use (U/S bit), and TSS.RSP0 (the TSS sits at 0)."""
+        gdt = cpu.BOOT_GDT + [cpu.gdt_entry(0xC0F3, 0, 0xFFFFF), cpu.gdt_entry(0xA0FB, 0, 0xFFFFF)]
+        self.mem.write(layout.GDT_ADDR, b"".join(struct.pack("<Q", e) for e in gdt))
+        self.mem.write(4, struct.pack("<Q", KERNEL_STACK))
+        user = cpu.PTE_PRESENT | cpu.PTE_WRITE | 4
+        self.mem.write(layout.PML4_ADDR, struct.pack("<Q", layout.PDPTE_ADDR | user))
+        self.mem.write(layout.PDPTE_ADDR, b"".join(
+            struct.pack("<Q", (layout.PDE_ADDR + i * 0x1000) | user) for i in range(4)))
+        self.mem.write(layout.PDE_ADDR, b"".join(
+            struct.pack("<Q", (i << 21) | user | cpu.PTE_PS) for i in range(2048)))
+        sregs = self.thread.vcpu.get_sregs()
+        sregs.gdt.limit = len(gdt) * 8 - 1
         self.thread.vcpu.set_sregs(sregs)
 
     def _exit(self, status: int, reason: str) -> None:
