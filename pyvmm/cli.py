@@ -126,9 +126,10 @@ def machine_config(args: argparse.Namespace, flavour) -> "MachineConfig":
     shares = [parse_fs(spec) for spec in args.fs]
     if len({s.tag for s in shares}) != len(shares):
         raise UsageError("--fs tags must be different")
-    if args.console is not None and not (args.console.startswith(("socket=", "file=")) and
-                                         len(args.console.split("=", 1)[1]) > 0 or args.console == "null"):
-        raise UsageError(f"--console must be socket=PATH, file=PATH or null, not {args.console!r}")
+    if args.console is not None:
+        kind, _, path = args.console.partition("=")
+        if not (kind in ("socket", "file") and path or args.console == "null"):
+            raise UsageError(f"--console must be socket=PATH, file=PATH or null, not {args.console!r}")
     cmdline = args.cmdline if args.cmdline is not None else default_cmdline(flavour)
     if args.append:
         cmdline = " ".join([cmdline, *args.append])
