@@ -14,12 +14,16 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import kvm
 from .boot.errors import KernelFormatError
 from .cmdline import default_cmdline
 from .console import Console, SerialSpecError
 from .platform import detect_flavour, host_memory_bytes
+
+if TYPE_CHECKING:
+    from .vm import DiskConfig, FsConfig, MachineConfig
 
 log = logging.getLogger("pyvmm")
 

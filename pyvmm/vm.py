@@ -24,11 +24,16 @@ from .boot import cpu, layout
 from .boot.loader import BootEntry, load_kernel
 from .boot.mptable import write_mptable
 from .bus import Bus
-from .console import Console
+from .console import Console, SocketPort
 from .devices.debug_exit import DebugExit
 from .devices.i8042 import I8042
 from .devices.rtc import CmosRtc
 from .devices.serial import Serial16550A
+from .devices.virtio.blk import VirtioBlock
+from .devices.virtio.console import VirtioConsole
+from .devices.virtio.fs import VirtioFs
+from .devices.virtio.pci import VirtioPciDevice
+from .devices.virtio.rng import VirtioRng
 from .irq import GsiRouter
 from .memory import GuestMemory, MemorySlots
 from .pci.root import PCI_CONFIG_ADDRESS, PCI_CONFIG_IO_LEN, PciRoot
@@ -140,28 +145,17 @@ class Machine:
         self.pio.register(layout.DEBUG_EXIT_PORT, 1, self.debug_exit)
 
     def _add_virtio_devices(self) -> None:
-        from .devices.virtio.pci import VirtioPciDevice
-
         def plug(device) -> None:
             self.pci.add(VirtioPciDevice(device, self.memory, self.vm, self.router))
 
         for disk in self.config.disks:
-            from .devices.virtio.blk import VirtioBlock
-
             plug(VirtioBlock(disk.path, readonly=disk.readonly))
         for share in self.config.shares:
-            from .devices.virtio.fs import VirtioFs
-
             plug(VirtioFs(share.tag, share.socket, share.num_queues, share.queue_size,
                           dax_window=share.cache_size if share.dax else None, slots=self.slots))
         if self.config.rng:
-            from .devices.virtio.rng import VirtioRng
-
             plug(VirtioRng())
         if self.config.console is not None:
-            from .console import SocketPort
-            from .devices.virtio.console import VirtioConsole
-
             spec = self.config.console
             if spec.startswith("socket="):
                 self.console_port = SocketPort(spec[len("socket="):])

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError
 from elftools.construct import ConstructError
-from elftools.elf.constants import P_FLAGS  # noqa: F401  (documentation: segment flags)
 from elftools.elf.elffile import ELFFile
 
 from . import layout

@@ -10,7 +10,6 @@ the masks.  Capabilities are linked from offset 0x34 in the order added.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 CONFIG_SPACE_SIZE = 256
