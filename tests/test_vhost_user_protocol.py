@@ -153,7 +153,8 @@ SPEC_BACKEND = {
     "IOTLB_MSG": 1, "CONFIG_CHANGE_MSG": 2, "VRING_HOST_NOTIFIER_MSG": 3, "VRING_CALL": 4,
     "VRING_ERR": 5, "SHARED_OBJECT_ADD": 6, "SHARED_OBJECT_REMOVE": 7, "SHARED_OBJECT_LOOKUP": 8,
     "SHMEM_MAP": 9, "SHMEM_UNMAP": 10,
-    "FS_MAP": 6, "FS_UNMAP": 7, "FS_SYNC": 8, "FS_IO": 9,      # legacy (reference 2.1)
+    "FS_MAP": 6, "FS_UNMAP": 7, "FS_SYNC": 8,      # legacy (reference 2.1)
+    "FS_IO": 1003,                                # rust-vmm 2024 number (9 is SHMEM_MAP)
 }
 SPEC_PROTOCOL_F = {
     "MQ": 0, "LOG_SHMFD": 1, "RARP": 2, "REPLY_ACK": 3, "NET_MTU": 4, "BACKEND_REQ": 5,

@@ -19,7 +19,7 @@ On the back-end channel the codes 6/7/8 are decoded as the legacy
 ``FS_MAP``/``FS_UNMAP``/``FS_SYNC`` (cloud-hypervisor / rust-vmm <= 0.11
 numbering), not as the standard ``SHARED_OBJECT_*`` messages that reuse them:
 pyvmm never negotiates ``VHOST_USER_PROTOCOL_F_SHARED_OBJECT``.  Code 9 is the
-standard ``SHMEM_MAP`` (the legacy ``FS_IO`` that also used 9 is not spoken).
+standard ``SHMEM_MAP``; the legacy ``FS_IO`` that also used 9 is spoken as 1003 (see below).
 
 ``decode`` and ``recv_message`` check everything a peer controls before any
 value is used: header size against the bytes present, an upper bound on the
@@ -133,7 +133,13 @@ VHOST_USER_BACKEND_SHMEM_UNMAP = 10
 VHOST_USER_BACKEND_FS_MAP = 6
 VHOST_USER_BACKEND_FS_UNMAP = 7
 VHOST_USER_BACKEND_FS_SYNC = 8
-VHOST_USER_BACKEND_FS_IO = 9         # collides with SHMEM_MAP; not supported
+# FS_IO (the legacy 9) collides with the standard SHMEM_MAP, so pyvmm speaks FS_IO under
+# the number rust-vmm gave it in 2024 when it moved the FS_* family out of the standard
+# range (FS_MAP 1000 ... FS_IO 1003).  Same 8-entry payload; c_offset is a guest-physical
+# address; MAP_W = guest memory -> file, else file -> guest; reply = bytes moved, or a
+# negative errno.  pyvmm-virtiofsd sends it for a FUSE READ/WRITE buffer that lies in the
+# DAX window, which its memory table does not cover (reference 2.1 and 2.4).
+VHOST_USER_BACKEND_FS_IO = 1003
 
 # --- feature bits --------------------------------------------------------------------------
 # Virtio feature word (spec "Communication"; vhost-only bits never shown to the guest).
@@ -336,6 +342,7 @@ _BACKEND_NAMES = {
     VHOST_USER_BACKEND_FS_SYNC: "VHOST_USER_BACKEND_FS_SYNC",
     VHOST_USER_BACKEND_SHMEM_MAP: "VHOST_USER_BACKEND_SHMEM_MAP",
     VHOST_USER_BACKEND_SHMEM_UNMAP: "VHOST_USER_BACKEND_SHMEM_UNMAP",
+    VHOST_USER_BACKEND_FS_IO: "VHOST_USER_BACKEND_FS_IO",
 }
 
 
@@ -516,7 +523,7 @@ def _fs_checker(request: int) -> Callable[[VhostUserFSBackendMsg], None]:
             if request == VHOST_USER_BACKEND_FS_UNMAP and length == VHOST_USER_FS_UNMAP_WHOLE:
                 continue
             _end(body.c_offset[i], length, f"entry {i} window range")
-            if request == VHOST_USER_BACKEND_FS_MAP:
+            if request in (VHOST_USER_BACKEND_FS_MAP, VHOST_USER_BACKEND_FS_IO):
                 _end(body.fd_offset[i], length, f"entry {i} file range")
                 if body.flags[i] & ~(VHOST_USER_FS_FLAG_MAP_R | VHOST_USER_FS_FLAG_MAP_W):
                     raise ProtocolError(f"entry {i} has unknown flags {body.flags[i]:#x}")
@@ -601,6 +608,8 @@ _BACKEND_SPECS: dict[int, _Spec] = {
         VhostUserFSBackendMsg, _fs_checker(VHOST_USER_BACKEND_FS_UNMAP))),
     VHOST_USER_BACKEND_FS_SYNC: _Spec(_struct_parser(
         VhostUserFSBackendMsg, _fs_checker(VHOST_USER_BACKEND_FS_SYNC))),
+    VHOST_USER_BACKEND_FS_IO: _Spec(_struct_parser(
+        VhostUserFSBackendMsg, _fs_checker(VHOST_USER_BACKEND_FS_IO), (1, 1))),
     VHOST_USER_BACKEND_SHMEM_MAP: _Spec(_struct_parser(VhostUserMMap, _check_mmap, (1, 1))),
     VHOST_USER_BACKEND_SHMEM_UNMAP: _Spec(_struct_parser(VhostUserMMap, _check_mmap)),
 }

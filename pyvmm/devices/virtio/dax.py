@@ -388,6 +388,30 @@ class DaxWindow:
                     raise _oserror(f"msync of window range {m.offset:#x}+{m.length:#x}")
         log.debug("DAX sync %#x+%#x (%d mapped parts)", offset, length, len(parts))
 
+    def file_io(self, offset: int, length: int, fd: int, fd_offset: int, to_file: bool) -> int:
+        """Copy between window bytes ``[offset, offset + length)`` and file ``fd``.
+
+        For FS_IO: a FUSE READ/WRITE whose guest buffer lies in the window.  The
+        copy is a pread/pwrite system call on the window's host addresses, never a
+        Python memory access: a hole that cannot be written, or a mapped page past
+        its file's end, makes the kernel return EFAULT instead of faulting the VMM.
+        ``to_file``: window -> file, else file -> window.  Returns bytes moved.
+        """
+        if not _is_int(fd_offset) or not 0 <= fd_offset < OFF_T_LIMIT - length:
+            raise DaxRequestError(f"file offset {fd_offset!r} is out of range")
+        with self._lock:   # no map/unmap/close while the kernel copies
+            self._check_open()
+            self._check_range(offset, length, aligned=False)
+            addr = self.host_addr + offset
+            self._assert_inside(addr, length)
+            view = memoryview((ctypes.c_char * length).from_address(addr)).cast("B")
+            try:
+                if to_file:
+                    return os.pwrite(fd, view, fd_offset)
+                return os.preadv(fd, [view], fd_offset)
+            finally:
+                view.release()
+
     def close(self) -> None:
         """munmap the whole window.  Remove its KVM memory slot first (DaxShm.close)."""
         with self._lock:

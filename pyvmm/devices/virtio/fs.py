@@ -39,10 +39,13 @@ FUSE_IN_HEADER_SIZE = 40        # struct fuse_in_header (include/uapi/linux/fuse
 FUSE_OUT_HEADER_SIZE = 16       # struct fuse_out_header: len u32, error s32, unique u64
 
 
-def handle_dax_request(window: DaxWindow, msg: vu.Message) -> int:
+def handle_dax_request(window: DaxWindow, msg: vu.Message, shm: DaxShm | None = None) -> int:
     """One backend request on the DAX window: FS_MAP/FS_UNMAP/FS_SYNC (legacy, up to
-    8 entries) or SHMEM_MAP/SHMEM_UNMAP.  Invalid requests raise ValueError (DaxWindow
-    validates every offset and length before any mmap), which becomes a failure ack."""
+    8 entries), SHMEM_MAP/SHMEM_UNMAP, or FS_IO (needs ``shm``, the window's current
+    guest address).  Invalid requests raise ValueError (DaxWindow validates every
+    offset and length before any mmap), which becomes a failure ack."""
+    if msg.request == vu.VHOST_USER_BACKEND_FS_IO:
+        return _fs_io(window, shm, msg)
     if msg.request in (vu.VHOST_USER_BACKEND_FS_MAP, vu.VHOST_USER_BACKEND_FS_UNMAP,
                        vu.VHOST_USER_BACKEND_FS_SYNC):
         for fd_offset, c_offset, length, flags in msg.body.entries():
@@ -74,6 +77,26 @@ def handle_dax_request(window: DaxWindow, msg: vu.Message) -> int:
             window.unmap(body.shm_offset, body.len)
         return 0
     raise ValueError(f"{msg.name} is not a request pyvmm serves")
+
+
+def _fs_io(window: DaxWindow, shm: DaxShm | None, msg: vu.Message) -> int:
+    """FS_IO: copy between the attached file and guest buffers that lie in the DAX
+    window (a backend's memory table does not cover it).  Each entry's c_offset is
+    a guest-physical address; MAP_W moves guest bytes to the file.  The ack is the
+    total moved; a short copy (end of file) ends the request there."""
+    if len(msg.fds) != 1:
+        raise ValueError(f"FS_IO needs exactly one fd, got {len(msg.fds)}")
+    total = 0
+    for fd_offset, gpa, length, flags in msg.body.entries():
+        offset = shm.window_offset(gpa, length) if shm is not None else None
+        if offset is None:
+            raise OSError(errno.EFAULT, f"FS_IO range {gpa:#x}+{length:#x} is not in the DAX window")
+        moved = window.file_io(offset, length, msg.fds[0], fd_offset,
+                               to_file=bool(flags & vu.VHOST_USER_FS_FLAG_MAP_W))
+        total += moved
+        if moved < length:
+            break
+    return total
 
 
 class virtio_fs_config(ctypes.LittleEndianStructure):
@@ -205,7 +228,8 @@ class VirtioFs(VirtioDevice):
         self._request_channel = self.frontend.set_backend_req_fd()
         window = self.dax.window
         threading.Thread(target=serve_backend_requests,
-                         args=(self._request_channel, lambda msg: handle_dax_request(window, msg)),
+                         args=(self._request_channel,
+                               lambda msg: handle_dax_request(window, msg, self.dax)),
                          kwargs={"label": f"virtio-fs {self.tag.decode()}"},
                          name=f"virtio-fs-{self.tag.decode()}-dax", daemon=True).start()
 

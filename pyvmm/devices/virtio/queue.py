@@ -280,11 +280,16 @@ class Virtqueue:
     looks once more, so the loop above never misses a kick.
     """
 
-    def __init__(self, mem, max_size: int = 256) -> None:
+    def __init__(self, mem, max_size: int = 256, foreign_buffers: bool = False) -> None:
+        """``foreign_buffers``: let data buffers lie outside ``mem`` (they still must not
+        wrap around); the device resolves them itself.  A vhost-user back-end needs this
+        for buffers in a DAX window, which its memory table does not cover.  Rings and
+        indirect tables must be in ``mem`` either way."""
         if not 1 <= max_size <= MAX_QUEUE_SIZE:
             raise ValueError(f"virtqueue max size {max_size} not in 1..{MAX_QUEUE_SIZE}")
         self.mem = mem
         self.max_size = max_size
+        self.foreign_buffers = foreign_buffers
         self.reset()
 
     def reset(self) -> None:
@@ -462,7 +467,10 @@ class Virtqueue:
                 continue
 
             if desc.len:
-                self._check_in_ram(head, desc.addr, desc.len, "buffer")
+                if self.foreign_buffers:
+                    self._check_no_wrap(head, desc.addr, desc.len, "buffer")
+                else:
+                    self._check_in_ram(head, desc.addr, desc.len, "buffer")
                 buf = Buffer(desc.addr, desc.len)
                 if desc.flags & VIRTQ_DESC_F_WRITE:
                     chain.writable.append(buf)
@@ -474,9 +482,13 @@ class Virtqueue:
                 return chain
             index = desc.next
 
-    def _check_in_ram(self, head: int, addr: int, length: int, what: str) -> None:
+    @staticmethod
+    def _check_no_wrap(head: int, addr: int, length: int, what: str) -> None:
         if addr + length > 1 << 64:
             raise ChainError(head, f"{what} {addr:#x}+{length:#x} wraps around")
+
+    def _check_in_ram(self, head: int, addr: int, length: int, what: str) -> None:
+        self._check_no_wrap(head, addr, length, what)
         try:
             self.mem.translate(addr, length)
         except GuestMemoryError as e:

@@ -1,0 +1,319 @@
+"""pyvmm-virtiofsd's vhost-user back-end side (pyvmm.virtiofsd.vhost), no KVM.
+
+pyvmm's own front-end (``VhostUserFrontend``) drives the back-end over a real
+Unix socket, guest RAM is a real memfd (``GuestMemory``) and a small driver
+lays out the rings, so the whole path runs: negotiation, memory table, ring
+set-up with kick/call eventfds, requests served, DAX map/unmap over the back-end
+channel into a real ``DaxWindow``, FS_IO for buffers inside the window, and
+every refusal of bad front-end input.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import select
+import socket
+import struct
+import threading
+
+import pytest
+
+from pyvmm.devices.virtio.dax import DaxShm, DaxWindow
+from pyvmm.devices.virtio.fs import handle_dax_request
+from pyvmm.memory import GuestMemory
+from pyvmm.vhost_user import protocol as p
+from pyvmm.vhost_user.frontend import (BackendError, VhostUserFrontend, guest_memory_regions,
+                                       serve_backend_requests)
+from pyvmm.virtiofsd.iovec import IoVec
+from pyvmm.virtiofsd.vhost import (BACKEND_PROTOCOL_FEATURES, MAX_QUEUES, BackendMemory,
+                                   VhostUserFsBackend, _ack_errno)
+from test_virtqueue import Driver
+
+RAM = 4 << 20
+DATA = 0x100000
+MiB = 1 << 20
+
+
+class EchoServer:
+    """Stands in for the FUSE server: copies the request into the reply."""
+
+    def __init__(self) -> None:
+        self.dax = None
+        self.destroyed = 0
+        self.calls: list[tuple[bytes, int]] = []
+
+    def handle(self, request: IoVec, reply: IoVec) -> int:
+        data = request.read(0, 16)
+        self.calls.append((data, len(reply)))
+        if data.startswith(b"READFILE"):          # file -> reply buffers (maybe foreign)
+            fd, off = struct.unpack_from("<II", data, 8)
+            return reply.read_from_file(fd, off, 0, len(reply))
+        if data.startswith(b"MAP"):
+            fd, off = struct.unpack_from("<II", data, 8)
+            self.dax.setup_mapping(fd, 0, off, 2 * MiB, writable=False)
+            return reply.write(0, b"mapped")
+        return reply.write(0, data)
+
+    def destroy(self) -> None:
+        self.destroyed += 1
+
+
+class Rig:
+    """A back-end thread on a socket, a connected front-end, guest RAM."""
+
+    def __init__(self, tmp_path, pool: int = 0) -> None:
+        path = str(tmp_path / "vu.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(1)
+        self.server = EchoServer()
+        self.done = threading.Event()
+
+        def run() -> None:
+            conn, _ = listener.accept()
+            listener.close()
+            self.backend = VhostUserFsBackend(conn, self.server, pool)
+            try:
+                self.backend.serve()
+            finally:
+                conn.close()
+                self.done.set()
+
+        threading.Thread(target=run, daemon=True).start()
+        self.fe = VhostUserFrontend(path, timeout=5)
+        self.features = self.fe.negotiate(min_queues=2)
+        self.mem = GuestMemory(RAM)
+        self.kick = os.eventfd(0, os.EFD_CLOEXEC)
+        self.call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+    def start(self, index: int = 1, size: int = 8) -> Driver:
+        self.fe.set_features(self.features & ~(1 << 29))
+        self.fe.set_mem_table(guest_memory_regions(self.mem))
+        d = Driver(self.mem, size=size)
+        self.fe.setup_vring(index, size=size, desc=d.desc, avail=d.avail, used=d.used,
+                            kick_fd=self.kick, call_fd=self.call, translate=self.fe.translate)
+        return d
+
+    def request(self, d: Driver, data: bytes, reply_len: int = 64, reply_at: int | None = None):
+        self.mem.write(DATA, data)
+        reply_gpa = DATA + 0x1000 if reply_at is None else reply_at
+        before = d.used_idx()
+        d.add(out=[(DATA, len(data))], in_=[(reply_gpa, reply_len)])
+        os.eventfd_write(self.kick, 1)
+        self.wait_call()
+        assert d.used_idx() == (before + 1) & 0xFFFF
+        _, written = d.used_elem(before % d.size)
+        return written, reply_gpa
+
+    def wait_call(self, timeout: float = 5.0) -> None:
+        r, _, _ = select.select([self.call], [], [], timeout)
+        assert r, "the back-end did not signal the call eventfd"
+        os.eventfd_read(self.call)
+
+    def close(self) -> None:
+        self.fe.close()
+        assert self.done.wait(5), "the back-end did not notice the front-end leaving"
+        self.mem.close()
+        os.close(self.kick)
+        os.close(self.call)
+
+
+@pytest.fixture
+def rig(tmp_path):
+    r = Rig(tmp_path)
+    yield r
+    r.close()
+
+
+def test_negotiation(rig):
+    assert rig.features & (1 << 32) and rig.features & (1 << 30)
+    assert rig.fe.protocol_features == BACKEND_PROTOCOL_FEATURES & rig.fe.backend_protocol_features
+    assert rig.fe.get_queue_num() == MAX_QUEUES
+
+
+def test_request_round_trip(rig):
+    d = rig.start()
+    for i in range(20):   # more than the ring size: the ring wraps
+        msg = f"hello {i:02d}".encode().ljust(16, b".")
+        written, at = rig.request(d, msg)
+        assert written == 16
+        assert rig.mem.read(at, 16) == msg
+
+
+def test_thread_pool(tmp_path):
+    r = Rig(tmp_path, pool=4)
+    try:
+        d = r.start()
+        for i in range(10):
+            msg = f"pool {i}".encode().ljust(16)
+            written, at = r.request(d, msg)
+            assert written == 16 and r.mem.read(at, 16) == msg
+    finally:
+        r.close()
+
+
+def test_bad_chain_fails_only_that_request(rig):
+    d = rig.start()
+    head = d._alloc()
+    d.write_desc(head, DATA, 16, 0x1, nxt=99)   # NEXT to an index past the table
+    d.publish(head)
+    os.eventfd_write(rig.kick, 1)
+    rig.wait_call()
+    assert d.used_elem(0) == (head, 0)
+    written, at = rig.request(d, b"after the bad one")
+    assert written == 16 and rig.mem.read(at, 5) == b"after"
+
+
+def test_get_vring_base_stops_the_ring(rig):
+    d = rig.start()
+    rig.request(d, b"one".ljust(16))
+    rig.request(d, b"two".ljust(16))
+    assert rig.fe.stop_vring(1) == 2
+    # restart from where it stopped
+    rig.fe.setup_vring(1, size=8, desc=d.desc, avail=d.avail, used=d.used, base=2,
+                       kick_fd=rig.kick, call_fd=rig.call, translate=rig.fe.translate)
+    written, at = rig.request(d, b"three".ljust(16))
+    assert written == 16 and rig.mem.read(at, 5) == b"three"
+
+
+@pytest.mark.parametrize("request_, payload", [
+    (p.VHOST_USER_SET_VRING_NUM, p.VhostVringState(MAX_QUEUES, 8)),   # index out of range
+    (p.VHOST_USER_SET_VRING_NUM, p.VhostVringState(1, 3)),            # not a power of two
+    (p.VHOST_USER_SET_VRING_NUM, p.VhostVringState(1, 65536)),        # too big
+    (p.VHOST_USER_SET_VRING_BASE, p.VhostVringState(1, 1 << 16)),     # more than 16 bits
+    (p.VHOST_USER_SET_VRING_ENABLE, p.VhostVringState(200, 1)),
+    (p.VHOST_USER_SET_FEATURES, 1 << 40),                             # not offered
+    (p.VHOST_USER_SET_VRING_ADDR, p.VhostVringAddr(1, 0, 0, 0, 0, 0)),  # before a table
+    (p.VHOST_USER_SET_VRING_ENDIAN, p.VhostVringState(1, 0)),         # not supported
+])
+def test_bad_vring_requests_are_refused(rig, request_, payload):
+    """Raw requests (the front-end object would refuse to send some of them)."""
+    with pytest.raises(BackendError):
+        rig.fe._call(request_, payload)
+    assert rig.fe.get_queue_num() == MAX_QUEUES   # the connection is still fine
+
+
+def test_ring_address_outside_the_memory_table(rig):
+    rig.fe.set_mem_table(guest_memory_regions(rig.mem))
+    rig.fe.set_vring_num(1, 8)
+    with pytest.raises(BackendError):   # user address the table does not cover
+        rig.fe.set_vring_addr(1, 0x1000, 0x2000, 0x3000, translate=lambda gpa, size: 0x10)
+    assert rig.fe.get_queue_num() == MAX_QUEUES
+
+
+def test_reset_device_destroys_the_session(rig):
+    d = rig.start()
+    rig.request(d, b"x".ljust(16))
+    rig.fe.reset_device()
+    assert rig.server.destroyed >= 1
+
+
+def test_backend_memory_bounds():
+    m = GuestMemory(RAM)
+    try:
+        table = p.VhostUserMemory(nregions=1)
+        table.regions[0] = p.VhostUserMemoryRegion(0x10000, 0x10000, 0x7f0000000000, 0x1000)
+        bm = BackendMemory(table, [m.fd])
+        m.write(0x1000, b"abc")
+        assert bm.read(0x10000, 3) == b"abc"
+        assert bm.user_to_gpa(0x7f0000000010) == 0x10010
+        for gpa, size in [(0xffff, 2), (0x1fffe, 4), (0x20000, 1), (-1, 1)]:
+            with pytest.raises(ValueError):
+                bm.read(gpa, size)
+        with pytest.raises(ValueError):
+            bm.user_to_gpa(0x7f0000010000)
+        bm.close()
+        table.regions[0] = p.VhostUserMemoryRegion(0, 2 * RAM, 0x7f0000000000, 0)
+        with pytest.raises(ValueError):   # region larger than the file behind it
+            BackendMemory(table, [m.fd])
+    finally:
+        m.close()
+
+
+def test_ack_errno():
+    assert _ack_errno((-errno.EINVAL) & ((1 << 64) - 1)) == errno.EINVAL
+    assert _ack_errno(1) == errno.EIO
+    assert _ack_errno(1 << 40) == errno.EIO
+
+
+# --- DAX over the back-end channel -----------------------------------------------------
+class FakeSlots:
+    def add(self, gpa, size, host_addr):
+        return 0
+
+    def move(self, slot, gpa):
+        pass
+
+    def remove(self, slot):
+        pass
+
+
+@pytest.fixture
+def dax_rig(tmp_path):
+    r = Rig(tmp_path)
+    window = DaxWindow(16 * MiB)
+    shm = DaxShm(window, FakeSlots())
+    shm.shm_moved(None, 1 << 36)   # the BAR decodes at 64 GiB
+    d = r.start()
+    chan = r.fe.set_backend_req_fd()
+    t = threading.Thread(target=serve_backend_requests,
+                         args=(chan, lambda msg: handle_dax_request(window, msg, shm)), daemon=True)
+    t.start()
+    f = tmp_path / "file.bin"
+    f.write_bytes(bytes(range(256)) * (2 * MiB // 256) + b"tail")
+    fd = os.open(f, os.O_RDONLY)
+    yield r, d, window, shm, fd
+    os.close(fd)
+    chan.shutdown(socket.SHUT_RDWR)
+    t.join(5)
+    chan.close()
+    r.close()
+    shm.close()
+
+
+def test_dax_map_through_the_backend_channel(dax_rig):
+    r, d, window, shm, fd = dax_rig
+    assert r.server.dax is not None and r.server.dax.use_shmem
+    written, at = r.request(d, b"MAP\0\0\0\0\0" + struct.pack("<II", fd, 4 * MiB))
+    assert r.mem.read(at, written) == b"mapped"
+    [m] = window.mappings()
+    assert (m.offset, m.length, m.writable) == (4 * MiB, 2 * MiB, False)
+    view = (ctypes.c_char * 16).from_address(window.host_addr + 4 * MiB)
+    assert bytes(view) == bytes(range(16))
+    r.server.dax.remove_mapping([(4 * MiB, 2 * MiB)])
+    assert window.mappings() == []
+
+
+def test_dax_map_refused_by_the_frontend(dax_rig):
+    r, d, window, shm, fd = dax_rig
+    with pytest.raises(OSError) as e:   # past the end of the 16 MiB window
+        r.server.dax.setup_mapping(fd, 0, 16 * MiB, 2 * MiB, writable=False)
+    assert e.value.errno == errno.EINVAL
+    with pytest.raises(OSError):       # writable needs an O_RDWR fd
+        r.server.dax.setup_mapping(fd, 0, 0, 2 * MiB, writable=True)
+    assert window.mappings() == []
+
+
+def test_foreign_buffer_in_the_window_goes_through_fs_io(dax_rig, tmp_path):
+    """The guest reads a file into a buffer inside the DAX window (cloud-hypervisor #3869)."""
+    r, d, window, shm, fd = dax_rig
+    target = tmp_path / "target.bin"
+    target.write_bytes(bytes(2 * MiB))
+    tfd = os.open(target, os.O_RDWR)
+    try:
+        r.server.dax.setup_mapping(tfd, 0, 2 * MiB, 2 * MiB, writable=True)
+        gpa = (1 << 36) + 2 * MiB + 100       # inside the window, in the target's mapping
+        written, _ = r.request(d, b"READFILE" + struct.pack("<II", fd, 10), reply_len=300,
+                               reply_at=gpa)
+        assert written == 300
+        assert os.pread(tfd, 300, 100) == (bytes(range(256)) * 2)[10:310]
+        # outside RAM and outside the window: the request fails, the ring goes on
+        written, _ = r.request(d, b"READFILE" + struct.pack("<II", fd, 0), reply_len=16,
+                               reply_at=1 << 40)
+        assert written == 0
+        written, at = r.request(d, b"still serving".ljust(16))
+        assert written == 16
+    finally:
+        os.close(tfd)
