@@ -10,8 +10,7 @@ export PYVMM_CACHE ?= /var/cache/pyvmm
 
 APT_PACKAGES := python3-venv gcc libc6-dev make patch flex bison bc libelf-dev libssl-dev \
 	xz-utils cpio kmod musl-tools busybox-static linux-source-6.1 \
-	qemu-system-common
-BENCH_PACKAGES := qemu-system-x86
+	qemu-system-common qemu-system-x86
 
 # Install those of the Debian packages $(1) that are missing (as root).
 define apt_ensure
@@ -60,9 +59,8 @@ test-fast: setup
 
 bench: bench-boot bench-blk bench-fs
 
-# The peer: QEMU from Debian, same kernel, initramfs and image.
+# The peer: QEMU from Debian (in APT_PACKAGES: the interop test needs it too).
 bench-deps: guest
-	$(call apt_ensure,$(BENCH_PACKAGES))
 
 bench-boot: bench-deps
 	$(PY) -m bench.boot

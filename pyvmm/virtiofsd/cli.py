@@ -80,6 +80,27 @@ def _setup_logging(level: str) -> None:
                         format=f"{PROG}[%(process)d] %(levelname)s %(name)s: %(message)s")
 
 
+SO_ACCEPTCON = 0x10000   # /proc/net/unix "Flags": the socket is listening
+
+
+def _is_listening(path: str) -> bool:
+    """Whether some process listens on Unix socket ``path`` (from /proc/net/unix).
+
+    Connecting to find out would not do: a back-end like this one serves the
+    first connection it gets, and a probe would use it up.
+    """
+    try:
+        with open("/proc/net/unix") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return True   # cannot tell: do not remove somebody's socket
+    for line in lines:
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[7] == path and int(fields[3], 16) & SO_ACCEPTCON:
+            return True
+    return False
+
+
 def listen(path: str) -> socket.socket:
     """Bind and listen on ``path``; a stale socket file (nobody listening) is replaced."""
     try:
@@ -89,15 +110,9 @@ def listen(path: str) -> socket.socket:
     if st is not None:
         if not stat.S_ISSOCK(st.st_mode):
             raise OSError(f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)   # stale: left by a daemon that died
-        else:
+        if _is_listening(path):
             raise OSError(f"{path} is in use by another back-end")
-        finally:
-            probe.close()
+        os.unlink(path)   # stale: left by a back-end that died
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
     sock.listen(1)
