@@ -24,6 +24,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "map_aligned.h"
+
 static int usage(void)
 {
     fprintf(stderr, "usage: daxtool store FILE OFFSET TEXT | watch FILE LEN | copy SRC DST\n");
@@ -43,7 +45,7 @@ static void *map_file(const char *path, int flags, int prot, size_t *len)
         fprintf(stderr, "%s: empty file\n", path);
         return NULL;
     }
-    void *p = mmap(NULL, *len, prot, MAP_SHARED, fd, 0);
+    void *p = map_aligned(fd, *len, prot);
     close(fd);
     if (p == MAP_FAILED) {
         perror("daxtool: mmap");

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "fnv64w.h"
+#include "map_aligned.h"
 
 static double now(void)
 {
@@ -41,7 +42,7 @@ int main(int argc, char **argv)
     uint64_t h = FNV64_OFFSET;
     double start = now();
     if (len > 0) {
-        const unsigned char *p = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 0);
+        const unsigned char *p = map_aligned(fd, len, PROT_READ);
         if (p == MAP_FAILED) {
             perror("mmapread: mmap");
             return 1;
