@@ -11,11 +11,10 @@ values from the protocol reference are checked too, without any tool.
 from __future__ import annotations
 
 import ctypes
-import os
-import shutil
-import subprocess
 
 import pytest
+
+import cheader
 
 from pyvmm.virtiofsd import fuse_abi as abi
 
@@ -67,24 +66,7 @@ def _c_program() -> str:
 @pytest.fixture(scope="module")
 def header(tmp_path_factory) -> dict[str, int]:
     """What the C compiler says about <linux/fuse.h>: {"sizeof fuse_attr": 88, ...}."""
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        pytest.fail("gcc is not installed: it is needed to check fuse_abi against <linux/fuse.h> "
-                    "(apt-get install gcc linux-libc-dev)")
-    if not os.path.exists(FUSE_H):
-        pytest.fail(f"{FUSE_H} is missing: install linux-libc-dev")
-    d = tmp_path_factory.mktemp("fuse_h")
-    src, exe = d / "fuse_h.c", d / "fuse_h"
-    src.write_text(_c_program())
-    cc = subprocess.run([gcc, "-O0", "-w", "-o", str(exe), str(src)], capture_output=True, text=True)
-    if cc.returncode != 0:
-        pytest.fail(f"compiling the fuse.h probe failed:\n{cc.stderr[-3000:]}")
-    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
-    values = {}
-    for line in out.splitlines():
-        kind, *key, value = line.split()
-        values[" ".join([kind, *key])] = int(value)
-    return values
+    return cheader.probe(tmp_path_factory.mktemp("fuse_h"), FUSE_H, _c_program())
 
 
 @pytest.mark.parametrize("name", C_STRUCTS)

@@ -15,10 +15,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import shutil
-import subprocess
 
 import pytest
+
+import cheader
 
 from pyvmm import kvm
 
@@ -198,24 +198,7 @@ def _c_program() -> str:
 @pytest.fixture(scope="module")
 def header(tmp_path_factory) -> dict[str, int]:
     """What the C compiler says about <linux/kvm.h>: {"sizeof kvm_run": 2352, ...}."""
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        pytest.fail("gcc is not installed: it is needed to check pyvmm.kvm against <linux/kvm.h> "
-                    "(apt-get install gcc linux-libc-dev)")
-    if not os.path.exists(KVM_H):
-        pytest.fail(f"{KVM_H} is missing: install linux-libc-dev")
-    d = tmp_path_factory.mktemp("kvm_h")
-    src, exe = d / "kvm_h.c", d / "kvm_h"
-    src.write_text(_c_program())
-    cc = subprocess.run([gcc, "-O0", "-w", "-o", str(exe), str(src)], capture_output=True, text=True)
-    if cc.returncode != 0:
-        pytest.fail(f"compiling the kvm.h probe failed:\n{cc.stderr[-3000:]}")
-    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
-    values = {}
-    for line in out.splitlines():
-        kind, *key, value = line.split()
-        values[" ".join([kind, *key])] = int(value)
-    return values
+    return cheader.probe(tmp_path_factory.mktemp("kvm_h"), KVM_H, _c_program())
 
 
 @pytest.mark.parametrize("name", C_STRUCTS)
