@@ -27,3 +27,5 @@ for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
 echo "host: the guest wrote: $(cat "$share/from-guest.txt")"
 echo "host: pattern sum of dax.bin on the host: $("$here/build/initramfs.root/bin/pattern" sum "$share/dax.bin")"
 echo "host: stored-by-guest.txt now says: $(tr -d '\0' < "$share/stored-by-guest.txt" | sed 's/ *$//')"
+wait $backend || true
+echo "host: pyvmm-virtiofsd: $(grep -o 'DAX: .*' "$log" || echo 'no DAX line in its log')"

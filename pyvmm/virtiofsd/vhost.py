@@ -219,6 +219,7 @@ class BackendChannelMapper:
         self.use_shmem = use_shmem
         self.timeout = timeout
         self._lock = threading.Lock()
+        self.counts = {"map": 0, "unmap": 0, "io": 0}   # requests the front-end acked
 
     def _request(self, request: int, payload: object, fds: Sequence[int] = ()) -> int:
         """Send one request, wait for its ack; returns the ack value, raises OSError."""
@@ -264,6 +265,7 @@ class BackendChannelMapper:
             flags = p.VHOST_USER_FS_FLAG_MAP_R | (p.VHOST_USER_FS_FLAG_MAP_W if writable else 0)
             self._checked(p.VHOST_USER_BACKEND_FS_MAP,
                           _fs_msg([(fd_offset, window_offset, length, flags)]), [fd])
+        self.counts["map"] += 1
 
     def remove_mapping(self, ranges: Sequence[tuple[int, int]]) -> None:
         if self.use_shmem:
@@ -271,11 +273,13 @@ class BackendChannelMapper:
                 msg = p.VhostUserMMap(shmid=VIRTIO_FS_SHMCAP_ID_CACHE,
                                       shm_offset=window_offset, len=length)
                 self._checked(p.VHOST_USER_BACKEND_SHMEM_UNMAP, msg)
+                self.counts["unmap"] += 1
             return
         n = p.VHOST_USER_FS_BACKEND_ENTRIES
         for i in range(0, len(ranges), n):
             entries = [(0, off, length, 0) for off, length in ranges[i:i + n]]
             self._checked(p.VHOST_USER_BACKEND_FS_UNMAP, _fs_msg(entries))
+            self.counts["unmap"] += len(entries)
 
     def file_io(self, gpa: int, length: int, fd: int, file_offset: int, to_file: bool) -> int:
         """Have the front-end move ``length`` bytes between guest ``gpa`` and ``fd``."""
@@ -286,6 +290,7 @@ class BackendChannelMapper:
             raise OSError(_ack_errno(status), f"FS_IO at guest {gpa:#x}+{length:#x} failed")
         if status > length:
             raise OSError(errno.EIO, f"FS_IO moved {status} bytes of {length}")
+        self.counts["io"] += 1
         return status
 
 
@@ -724,6 +729,10 @@ class VhostUserFsBackend:
             self._pool.shutdown(wait=True)
         self.server.destroy()
         self.server.dax = None
+        if self.mapper is not None:
+            c = self.mapper.counts
+            log.info("DAX: %d ranges mapped, %d unmapped, %d FS_IO copies", c["map"], c["unmap"],
+                     c["io"])
         if self.backend_channel is not None:
             self.backend_channel.close()
             self.backend_channel = None
