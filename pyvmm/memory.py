@@ -14,6 +14,7 @@ outside the mapping.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import mmap
 import os
@@ -46,9 +47,12 @@ class GuestMemory:
         if size <= 0 or size % PAGE_SIZE:
             raise ValueError(f"guest RAM size {size} is not a positive multiple of {PAGE_SIZE}")
         self.size = size
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, size)
+            # The fd goes to vhost-user back-ends: sealed, nobody can shrink the file
+            # under a mapping of it (which would make accesses SIGBUS).
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED,
                                   mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError:

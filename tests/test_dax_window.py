@@ -687,3 +687,68 @@ def test_guest_user_mode_reads_and_writes_through_the_window(kvm_host, files):
     finally:
         shm.close()
         vm.close()
+
+
+# --- FS_IO: file <-> window copies ----------------------------------------------------------------
+def test_file_io_both_ways(window, files, tmp_path):
+    src, dst = files
+    window.map(0, 4 * PAGE, dst.fd, 0, True)          # the guest's buffer: a writable mapping
+    assert window.file_io(100, 3000, src.ro_fd, PAGE, to_file=False) == 3000
+    assert os.pread(dst.fd, 3000, 100) == src.data[PAGE:PAGE + 3000]
+    out = tmp_path / "out"
+    out.write_bytes(b"")
+    ofd = os.open(out, os.O_WRONLY)
+    try:   # more than one bounce chunk would be needed for a larger range; one is enough here
+        assert window.file_io(PAGE, 2 * PAGE, ofd, 10, to_file=True) == 2 * PAGE
+    finally:
+        os.close(ofd)
+    assert out.read_bytes()[10:] == dst.data[PAGE:3 * PAGE]
+
+
+def test_file_io_holes_and_end_of_file(window, files, tmp_path):
+    src, _ = files
+    out = tmp_path / "out"
+    out.write_bytes(b"")
+    ofd = os.open(out, os.O_WRONLY)
+    try:
+        assert window.file_io(8 * PAGE, PAGE, ofd, 0, to_file=True) == PAGE   # a hole reads zeros
+        assert out.read_bytes() == bytes(PAGE)
+    finally:
+        os.close(ofd)
+    with pytest.raises(OSError) as e:                  # a hole cannot be written: EFAULT, no crash
+        window.file_io(8 * PAGE, PAGE, src.ro_fd, 0, to_file=False)
+    assert e.value.errno == errno.EFAULT
+    # a mapping longer than its file: the copy stops at the last page the file backs
+    short = tmp_path / "short"
+    short.write_bytes(b"s" * PAGE)
+    sfd = os.open(short, os.O_RDWR)
+    try:
+        window.map(0, 4 * PAGE, sfd, 0, True)
+        assert window.file_io(0, 4 * PAGE, src.ro_fd, 0, to_file=False) == PAGE
+        with pytest.raises(OSError) as e:   # a mapped page past end of file: EFAULT, no SIGBUS
+            window.file_io(PAGE, PAGE, sfd, 0, to_file=True)
+        assert e.value.errno == errno.EFAULT
+    finally:
+        os.close(sfd)
+    assert window.file_io(0, 10, src.ro_fd, len(src.data), to_file=False) == 0   # file EOF
+
+
+def test_file_io_refuses_bad_files_and_ranges(window, files, tmp_path):
+    src, _ = files
+    r, w = os.pipe()
+    path_fd = os.open(src.path, os.O_PATH)
+    dir_fd = os.open(tmp_path, os.O_RDONLY)
+    wo_fd = os.open(src.path, os.O_WRONLY)
+    try:
+        for fd, to_file in [(r, False), (w, True), (path_fd, False), (dir_fd, False),
+                            (wo_fd, False), (src.ro_fd, True), (-1, False), (99999, False)]:
+            with pytest.raises(DaxRequestError):
+                window.file_io(0, PAGE, fd, 0, to_file)
+        for offset, length in [(SIZE, 1), (SIZE - 1, 2), (0, 0), (-1, 1), (0, 1 << 64)]:
+            with pytest.raises(DaxRequestError):
+                window.file_io(offset, length, src.ro_fd, 0, False)
+        with pytest.raises(DaxRequestError):
+            window.file_io(0, PAGE, src.ro_fd, (1 << 63) - 1, False)
+    finally:
+        for fd in (r, w, path_fd, dir_fd, wo_fd):
+            os.close(fd)

@@ -17,6 +17,7 @@ import select
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
@@ -317,3 +318,38 @@ def test_foreign_buffer_in_the_window_goes_through_fs_io(dax_rig, tmp_path):
         assert written == 16
     finally:
         os.close(tfd)
+
+
+def test_new_memory_table_while_the_pool_serves(tmp_path, monkeypatch):
+    """SET_MEM_TABLE arriving while pooled requests are popped and served (QEMU sends
+    one on memory hot-plug): no deadlock between the ring and the message loop."""
+    from pyvmm.devices.virtio import queue as qmod
+    slow = qmod.Virtqueue.pop
+
+    def slow_pop(self):
+        chain = slow(self)
+        if chain is not None:
+            time.sleep(0.2)   # the drain thread holds its memory slot meanwhile
+        return chain
+
+    monkeypatch.setattr(qmod.Virtqueue, "pop", slow_pop)
+    r = Rig(tmp_path, pool=2)
+    try:
+        d = r.start()
+        for i in range(3):
+            r.mem.write(DATA + i * 64, b"x" * 16)
+            d.add(out=[(DATA + i * 64, 16)], in_=[(DATA + 0x1000 + i * 64, 64)])
+        os.eventfd_write(r.kick, 1)
+        time.sleep(0.1)
+        r.fe.set_mem_table(guest_memory_regions(r.mem))   # BackendTimeout if it deadlocks
+        deadline = time.monotonic() + 5
+        while d.used_idx() != 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert d.used_idx() == 3
+    finally:
+        r.close()
+
+
+def test_get_shmem_config_is_answered(rig):
+    assert rig.fe.get_shmem_config() == [0] * 256
+    assert rig.fe.get_queue_num() == MAX_QUEUES

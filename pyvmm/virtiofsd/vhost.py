@@ -171,6 +171,15 @@ class _SharedLock:
                 self._cond.wait()
             self._readers += 1
 
+    def add_shared(self) -> None:
+        """One more reader slot for a holder of one (hands it to a pool thread).
+
+        It must not wait for a queued writer: that writer waits for the caller's
+        own slot, so waiting here would deadlock."""
+        with self._cond:
+            assert self._readers > 0
+            self._readers += 1
+
     def release_shared(self) -> None:
         with self._cond:
             self._readers -= 1
@@ -384,6 +393,23 @@ class Vring:
     # --- the worker ----------------------------------------------------------------------
     def _run(self, q: Virtqueue, handler: Handler, shared: _SharedLock,
              resolver: Callable | None, pool: ThreadPoolExecutor | None) -> None:
+        try:
+            self._loop(q, handler, shared, resolver, pool)
+        except Exception:   # e.g. a kick or call fd that is not an eventfd
+            log.exception("vring %d failed, stopped", self.index)
+            self._broken()
+
+    def _broken(self) -> None:
+        """The ring cannot be served any more: tell the front-end through the err fd."""
+        with self._lock:
+            if self.err_fd is not None:
+                try:
+                    os.eventfd_write(self.err_fd, 1)
+                except OSError as e:
+                    log.warning("vring %d: err fd: %s", self.index, e)
+
+    def _loop(self, q: Virtqueue, handler: Handler, shared: _SharedLock,
+              resolver: Callable | None, pool: ThreadPoolExecutor | None) -> None:
         poller = select.poll()
         poller.register(self.kick_fd, select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
@@ -419,13 +445,16 @@ class Vring:
                     self._serve(q, chain, handler, resolver)
                 else:
                     with self._lock:
+                        # No more requests in flight than the ring holds: a driver
+                        # that re-publishes heads cannot pile up work here.
+                        while self._inflight >= q.size:
+                            self._idle.wait()
                         self._inflight += 1
-                    shared.acquire_shared()
+                    shared.add_shared()   # the pool thread's slot, released when it is done
                     pool.submit(self._serve_pooled, q, chain, handler, resolver, shared)
         except VirtqueueError as e:
             log.error("vring %d is broken, stopped: %s", self.index, e)
-            if self.err_fd is not None:
-                os.eventfd_write(self.err_fd, 1)
+            self._broken()
             return False
         finally:
             shared.release_shared()
@@ -434,8 +463,9 @@ class Vring:
                       resolver: Callable | None, shared: _SharedLock) -> None:
         try:
             self._serve(q, chain, handler, resolver)
-        except VirtqueueError as e:
-            log.error("vring %d: %s", self.index, e)
+        except Exception:
+            log.exception("vring %d: completing request %d failed", self.index, chain.head)
+            self._broken()
         finally:
             shared.release_shared()
             with self._lock:
@@ -518,6 +548,8 @@ class VhostUserFsBackend:
             p.VHOST_USER_SET_VRING_ERR: lambda m: self._set_vring_fd(m, "err_fd"),
             p.VHOST_USER_SET_VRING_ENABLE: self._set_vring_enable,
             p.VHOST_USER_SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            # The window's size is the front-end's (pyvmm: --fs cache_size=); we ask for none.
+            p.VHOST_USER_GET_SHMEM_CONFIG: lambda m: p.VhostUserShMemConfig(nregions=0),
         }
 
     def _has(self, bit: int) -> bool:

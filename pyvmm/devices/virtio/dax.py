@@ -140,6 +140,24 @@ _madvise.restype = ctypes.c_int
 _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
+class iovec(ctypes.Structure):   # <sys/uio.h>
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+assert ctypes.sizeof(iovec) == 16
+# process_vm_readv/writev on our own pid: a copy the kernel does, so an address the
+# window cannot serve (a hole that cannot be written, a page past its file's end) is
+# an EFAULT return, never a SIGSEGV/SIGBUS in the VMM.
+_process_vm_readv = _libc.process_vm_readv
+_process_vm_writev = _libc.process_vm_writev
+for _f in (_process_vm_readv, _process_vm_writev):
+    _f.restype = ctypes.c_ssize_t
+    _f.argtypes = [ctypes.c_int, ctypes.POINTER(iovec), ctypes.c_ulong, ctypes.POINTER(iovec),
+                   ctypes.c_ulong, ctypes.c_ulong]
+
+FILE_IO_CHUNK = 1 << 20          # FS_IO bounce buffer: the file I/O runs without the lock
+
+
 class DaxRequestError(ValueError):
     """An invalid map/unmap/sync request (the reason is one line); nothing changed."""
 
@@ -392,25 +410,68 @@ class DaxWindow:
         """Copy between window bytes ``[offset, offset + length)`` and file ``fd``.
 
         For FS_IO: a FUSE READ/WRITE whose guest buffer lies in the window.  The
-        copy is a pread/pwrite system call on the window's host addresses, never a
-        Python memory access: a hole that cannot be written, or a mapped page past
-        its file's end, makes the kernel return EFAULT instead of faulting the VMM.
-        ``to_file``: window -> file, else file -> window.  Returns bytes moved.
+        file I/O goes through a bounce buffer without the window's lock (a file
+        that blocks must not block map/unmap/reset); only the copy to or from the
+        window holds it, and that copy is done by the kernel (``process_vm_*v``
+        on our own pid), so a hole that cannot be written or a mapped page past
+        its file's end is an EFAULT, never a fault in the VMM.  ``to_file``:
+        window -> file, else file -> window.  Returns the bytes moved (short at
+        end of file or at the first window byte that cannot be copied; OSError
+        EFAULT when not even the first one can).
         """
-        if not _is_int(fd_offset) or not 0 <= fd_offset < OFF_T_LIMIT - length:
-            raise DaxRequestError(f"file offset {fd_offset!r} is out of range")
-        with self._lock:   # no map/unmap/close while the kernel copies
+        if not _is_int(fd_offset) or not _is_int(length) or not 0 <= fd_offset < OFF_T_LIMIT - length:
+            raise DaxRequestError(f"file range {fd_offset!r}+{length!r} is out of range")
+        with self._lock:
             self._check_open()
             self._check_range(offset, length, aligned=False)
+        self._check_io_file(fd, to_file)
+        total = 0
+        while total < length:
+            n = min(FILE_IO_CHUNK, length - total)
+            if to_file:
+                data = self._window_copy(offset + total, bytearray(n), into_window=False)
+                done = os.pwrite(fd, data, fd_offset + total) if data else 0
+            else:
+                data = os.pread(fd, n, fd_offset + total)
+                done = len(self._window_copy(offset + total, bytearray(data), into_window=True))
+            total += done
+            if done < n:
+                break
+        return total
+
+    @staticmethod
+    def _check_io_file(fd: int, to_file: bool) -> None:
+        if not _is_int(fd) or fd < 0:
+            raise DaxRequestError(f"fd {fd!r} is not a file descriptor")
+        try:
+            st = os.fstat(fd)
+            mode = fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_ACCMODE | O_PATH)
+        except OSError as e:
+            raise DaxRequestError(f"fd {fd} is not an open file descriptor ({e.strerror})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise DaxRequestError(f"fd {fd} is {_file_kind(st.st_mode)}, not a regular file")
+        if mode & O_PATH or mode == (os.O_RDONLY if to_file else os.O_WRONLY):
+            raise DaxRequestError(f"fd {fd} is not open for {'writing' if to_file else 'reading'}")
+
+    def _window_copy(self, offset: int, buf: bytearray, into_window: bool) -> bytearray:
+        """Copy ``buf`` into the window at ``offset``, or fill it from there; returns the
+        part that was copied (shorter when the window could not serve the rest)."""
+        if not buf:
+            return buf
+        local = iovec(ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf)), len(buf))
+        with self._lock:   # the range stays mapped (or a hole) while the kernel copies
+            self._check_open()
+            self._check_range(offset, len(buf), aligned=False)
             addr = self.host_addr + offset
-            self._assert_inside(addr, length)
-            view = memoryview((ctypes.c_char * length).from_address(addr)).cast("B")
-            try:
-                if to_file:
-                    return os.pwrite(fd, view, fd_offset)
-                return os.preadv(fd, [view], fd_offset)
-            finally:
-                view.release()
+            self._assert_inside(addr, len(buf))
+            remote = iovec(addr, len(buf))
+            call = _process_vm_writev if into_window else _process_vm_readv
+            got = call(os.getpid(), ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if got < 0:   # EFAULT: the first byte already cannot be copied
+            err = ctypes.get_errno()
+            raise OSError(err, f"DAX window {offset:#x}+{len(buf):#x} cannot be "
+                               f"{'written' if into_window else 'read'}: {os.strerror(err)}")
+        return buf[:got]
 
     def close(self) -> None:
         """munmap the whole window.  Remove its KVM memory slot first (DaxShm.close)."""

@@ -91,8 +91,13 @@ def _fs_io(window: DaxWindow, shm: DaxShm | None, msg: vu.Message) -> int:
         offset = shm.window_offset(gpa, length) if shm is not None else None
         if offset is None:
             raise OSError(errno.EFAULT, f"FS_IO range {gpa:#x}+{length:#x} is not in the DAX window")
-        moved = window.file_io(offset, length, msg.fds[0], fd_offset,
-                               to_file=bool(flags & vu.VHOST_USER_FS_FLAG_MAP_W))
+        try:
+            moved = window.file_io(offset, length, msg.fds[0], fd_offset,
+                                   to_file=bool(flags & vu.VHOST_USER_FS_FLAG_MAP_W))
+        except OSError:
+            if total:   # what was moved stays moved: report it
+                break
+            raise
         total += moved
         if moved < length:
             break
