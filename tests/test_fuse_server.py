@@ -1445,3 +1445,32 @@ def test_unknown_file_handle_is_ebadf(client, opcode, args):
 ])
 def test_truncated_arguments_are_einval(client, opcode, size):
     assert client.error_of(opcode, b"\x01" * size) == errno.EINVAL
+
+
+def test_setattr_through_another_nodes_handle_is_refused(tmp_path):
+    """SETATTR names node A and a handle of file B: it must not change B."""
+    from pyvmm.virtiofsd.passthrough import Passthrough, SetAttr
+    (tmp_path / "a").write_text("a")
+    (tmp_path / "b").write_text("bbbb")
+    fs = Passthrough(str(tmp_path))
+    try:
+        a, b = fs.lookup(1, b"a"), fs.lookup(1, b"b")
+        fh = fs.open(b.nodeid, os.O_RDWR)
+        with pytest.raises(OSError) as e:
+            fs.setattr(a.nodeid, SetAttr(size=0, fh=fh))
+        assert e.value.errno == errno.EBADF
+        assert (tmp_path / "b").read_text() == "bbbb"
+    finally:
+        fs.close()
+
+
+def test_caller_ids_of_minus_one_are_refused(tmp_path):
+    from pyvmm.virtiofsd.passthrough import NO_ID, Caller, Passthrough
+    fs = Passthrough(str(tmp_path))
+    try:
+        with pytest.raises(OSError) as e:
+            fs.mkdir(Caller(NO_ID, 0), 1, b"d", 0o755, 0o022)
+        assert e.value.errno == errno.EINVAL
+        assert not (tmp_path / "d").exists()
+    finally:
+        fs.close()

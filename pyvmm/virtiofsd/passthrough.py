@@ -64,6 +64,7 @@ from .iovec import IoVec
 log = logging.getLogger(__name__)
 
 # --- host ABI that Python's os module lacks (x86-64) ---------------------------------------
+NO_ID = 0xFFFFFFFF            # (uid_t) -1: "unchanged" to setresuid, so never a caller's id
 SYS_setresuid = 117
 SYS_setresgid = 119
 SYS_getdents64 = 217
@@ -529,6 +530,8 @@ class Passthrough:
         after the uid came back to root.  Without root (tests as a normal user) the
         ids cannot change and only the umask is applied.
         """
+        if caller.uid == NO_ID or caller.gid == NO_ID:   # -1 would mean "keep root's"
+            raise OSError(errno.EINVAL, f"caller ids {caller.uid}:{caller.gid}")
         self._private_fs_context()
         old_umask = os.umask(umask & 0o777)
         try:
@@ -624,6 +627,8 @@ class Passthrough:
         with self._inode(nodeid) as node:
             if change.fh is not None:
                 with self._handle(change.fh) as handle:
+                    if handle.nodeid != nodeid:   # the change would land on another file
+                        raise OSError(errno.EBADF, f"handle {change.fh} is not node {nodeid}'s")
                     self._apply(node, change, handle.fd)
             else:
                 self._apply(node, change, None)

@@ -663,7 +663,10 @@ class FuseServer:
             return bytes(self._entry_out(None)) + _dirent_record(ent.ino, ent.type, ent)
         try:
             entry = self.fs.lookup(nodeid, ent.name)
-        except FileNotFoundError:
+        except FileNotFoundError:   # gone meanwhile
+            return None
+        except PermissionError as e:   # e.g. another user's mount point: list the rest
+            log.debug("READDIRPLUS: %r skipped: %s", ent.name, e)
             return None
         counted.append(entry.nodeid)
         st = entry.stat
