@@ -8,7 +8,9 @@
    window maps the host's page cache page) and the host sees a guest store
    after msync; write(2) from a DAX mapping (a FUSE WRITE whose buffer lies in
    the window) copies the right bytes; 200 files created, renamed, half
-   deleted match the host; escapes through symlinks and ``..`` fail.
+   deleted match the host; escapes through symlinks and ``..`` fail; after
+   an unbind/bind of the PCI function (device reset, new initialisation) the
+   share mounts again and reads right through DAX.
 2. QEMU from Debian (``vhost-user-fs-pci``, no DAX, TCG) boots the same guest on
    pyvmm-virtiofsd: the guest reads and writes files.
 """
@@ -113,6 +115,15 @@ def test_dax_share_with_pyvmm_virtiofsd(guest_image, tmp_path):
             line = next(l for l in out.splitlines() if l.startswith(what + ":"))
             assert "No such file" in line, line
         assert os.readlink(shared / "guest-link") == "../../../secret.txt"
+
+        # device reset and a second driver initialisation, DAX included
+        g.send("sh /pyvmm-tests/fs-reinit.sh\n")
+        g.wait_for_regex(r"fs-reinit: done\r?\n", 300)
+        out = g.text.replace("\r", "")
+        for step in ("unbound", "bound", "mounted"):
+            assert f"reinit: {step}" in out, out[-2000:]
+        assert f"reinit-sum: {host_sum}" in out
+        assert f"reinit-mmap: {big_sum} " in out
         g.send("reboot -f\n")
         assert g.wait_exit(60) == 0
         assert backend.wait(20) == 0, "pyvmm-virtiofsd did not exit after its front-end"

@@ -93,10 +93,14 @@ def test_socket_in_use_and_stale_socket(tmp_path):
     # the killed daemon left its socket file, which nobody listens on: it is replaced
     assert os.path.exists(sock)
     proc, sock = start(tmp_path, "--sandbox", "none")
-    fe = VhostUserFrontend(sock, timeout=5)
-    fe.negotiate()
-    fe.close()
-    assert proc.wait(10) == 0
+    try:
+        fe = VhostUserFrontend(sock, timeout=5)
+        fe.negotiate()
+        fe.close()
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_not_a_socket(tmp_path):
