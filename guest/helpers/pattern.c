@@ -26,12 +26,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "parse_size.h"
-
 #include "fnv64w.h"
+#include "fullio.h"
+#include "parse_size.h"
+#include "pattern.h"
 
 #define BUF_SIZE (1u << 20) /* a multiple of 8: chunks start on word boundaries */
-#define GOLDEN 0x9e3779b97f4a7c15ULL
 
 static const char *prog = "pattern";
 
@@ -48,32 +48,6 @@ static int fail(const char *what, const char *file)
     return 1;
 }
 
-/* splitmix64 output function (Steele, Lea, Flood 2014). */
-static uint64_t mix(uint64_t z)
-{
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-
-/* Fill buf with pattern bytes for file offset `off` (a multiple of 8). */
-static void generate(unsigned char *buf, size_t len, uint64_t off, uint64_t seed)
-{
-    uint64_t word = off / 8;
-    for (size_t i = 0; i < len; i += 8, word++) {
-        uint64_t v = mix(seed + (word + 1) * GOLDEN);
-        memcpy(buf + i, &v, len - i < 8 ? len - i : 8);
-    }
-}
-
-static int parse_seed(const char *s, uint64_t *out)
-{
-    char *end;
-    errno = 0;
-    *out = strtoull(s, &end, 0);
-    return (end == s || *end != '\0' || errno) ? -1 : 0;
-}
-
 static unsigned char *alloc_buf(void)
 {
     void *p = mmap(NULL, BUF_SIZE, PROT_READ | PROT_WRITE,
@@ -85,37 +59,6 @@ static unsigned char *alloc_buf(void)
     return p;
 }
 
-/* Read until `len` bytes or end of file; returns the count, or -1. */
-static ssize_t read_full(int fd, unsigned char *buf, size_t len)
-{
-    size_t got = 0;
-    while (got < len) {
-        ssize_t n = read(fd, buf + got, len - got);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            return -1;
-        if (n == 0)
-            break;
-        got += (size_t)n;
-    }
-    return (ssize_t)got;
-}
-
-static int write_full(int fd, const unsigned char *buf, size_t len)
-{
-    while (len > 0) {
-        ssize_t n = write(fd, buf, len);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return -1;
-        buf += n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
-
 static int cmd_write(const char *file, uint64_t size, uint64_t seed)
 {
     unsigned char *buf = alloc_buf();
@@ -124,7 +67,7 @@ static int cmd_write(const char *file, uint64_t size, uint64_t seed)
         return fail("open", file);
     for (uint64_t off = 0; off < size; off += BUF_SIZE) {
         size_t len = size - off < BUF_SIZE ? (size_t)(size - off) : BUF_SIZE;
-        generate(buf, len, off, seed);
+        pattern_generate(buf, len, off, seed);
         if (write_full(fd, buf, len) != 0)
             return fail("write", file);
     }
@@ -158,7 +101,7 @@ static int cmd_check(const char *file, uint64_t size, uint64_t seed)
             break;
         size_t expect = size > off ? (size - off < BUF_SIZE ? size - off : BUF_SIZE) : 0;
         size_t len = (size_t)n < expect ? (size_t)n : expect;
-        generate(want, len, off, seed);
+        pattern_generate(want, len, off, seed);
         if (memcmp(buf, want, len) != 0) {
             fprintf(stderr, "%s: %s: mismatch at offset %" PRIu64 "\n", prog, file,
                     off + first_diff(buf, want, len));
@@ -201,7 +144,7 @@ int main(int argc, char **argv)
     uint64_t size, seed;
     if (argc == 3 && strcmp(argv[1], "sum") == 0)
         return cmd_sum(argv[2]);
-    if (argc != 5 || parse_size(argv[3], &size) || parse_seed(argv[4], &seed))
+    if (argc != 5 || parse_size(argv[3], &size) || pattern_parse_seed(argv[4], &seed))
         return usage();
     if (strcmp(argv[1], "write") == 0)
         return cmd_write(argv[2], size, seed);
