@@ -43,4 +43,26 @@ static inline int write_full(int fd, const unsigned char *buf, size_t len)
     return 0;
 }
 
+/* Hash the rest of `fd` with fnv64w (needs fnv64w.h), reading `len`-byte
+ * chunks into `buf`; stores the byte count in *total.  0, or -1 on a read error. */
+#ifdef FNV64_OFFSET
+static inline int fnv64w_fd(int fd, unsigned char *buf, size_t len, uint64_t *hash,
+                            uint64_t *total)
+{
+    uint64_t h = FNV64_OFFSET, t = 0;
+    for (;;) {
+        ssize_t n = read_full(fd, buf, len);
+        if (n < 0)
+            return -1;
+        h = fnv64w_update(h, buf, (size_t)n);
+        t += (uint64_t)n;
+        if ((size_t)n < len)
+            break;
+    }
+    *hash = h;
+    *total = t;
+    return 0;
+}
+#endif
+
 #endif

@@ -125,16 +125,9 @@ static int cmd_sum(const char *file)
     int fd = open(file, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return fail("open", file);
-    uint64_t h = FNV64_OFFSET, total = 0;
-    for (;;) {
-        ssize_t n = read_full(fd, buf, BUF_SIZE);
-        if (n < 0)
-            return fail("read", file);
-        h = fnv64w_update(h, buf, (size_t)n);
-        total += (uint64_t)n;
-        if ((size_t)n < BUF_SIZE)
-            break;
-    }
+    uint64_t h, total;
+    if (fnv64w_fd(fd, buf, BUF_SIZE, &h, &total) != 0)
+        return fail("read", file);
     printf("%016" PRIx64 " %" PRIu64 "\n", h, total);
     return 0;
 }

@@ -60,20 +60,13 @@ static int cmd_read(const char *file)
     unsigned char *buf = alloc_buf();
     if (buf == NULL)
         return fail("mmap", "buffer");
-    uint64_t h = FNV64_OFFSET, total = 0;
+    uint64_t h, total;
     double t0 = now();
     int fd = open(file, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return fail("open", file);
-    for (;;) {
-        ssize_t n = read_full(fd, buf, BUF_SIZE);
-        if (n < 0)
-            return fail("read", file);
-        h = fnv64w_update(h, buf, (size_t)n);
-        total += (uint64_t)n;
-        if ((size_t)n < BUF_SIZE)
-            break;
-    }
+    if (fnv64w_fd(fd, buf, BUF_SIZE, &h, &total) != 0)
+        return fail("read", file);
     close(fd);
     double secs = now() - t0;
     printf("hash=%016" PRIx64 " ", h);
