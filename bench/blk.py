@@ -67,8 +67,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from bench.boot import (DEFAULT_QEMU_CPU, QEMU_FATAL_RE, RESULTS_DIR, GuestConfig, describe_kvm_error,
-                        host_facts, qemu_argv, run_watched, stats, write_json)
+from bench.boot import (QEMU_FATAL_RE, RESULTS_DIR, GuestConfig, add_guest_args, boot_failure,
+                        host_facts, qemu_argv, run_watched, setup_names, stats, write_json)
 from pyvmm.cli import UsageError, default_guest_dir, parse_size
 from pyvmm.cmdline import default_cmdline
 from pyvmm.platform import detect_flavour
@@ -202,13 +202,8 @@ def parse_console(console: bytes, r: RunResult) -> None:
 
 def failure_reason(setup: Setup, r: RunResult, ended_by: str | None, stderr: bytes,
                    timeout: float, kernel: str) -> str | None:
-    if ended_by == "fatal":
-        return describe_kvm_error(stderr, kernel) + f", {r.fatal_s:.1f} s after start"
-    if ended_by == "timeout":
-        where = "after" if r.ready_s is not None else "before"
-        return f"no exit within the {timeout:.0f} s timeout ({where} ready)"
-    if r.ready_s is None:
-        return f"exited with status {r.status} before `pyvmm-guest: ready`"
+    if why := boot_failure(r, ended_by, stderr, timeout, kernel):
+        return why
     missing = [name for name, v in (("seqwrite", r.seqwrite_mbps), ("seqread", r.seqread_mbps),
                                     ("randread", r.randread_iops)) if v is None]
     if missing:
@@ -318,17 +313,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="random-read duration limit in seconds (default 3)")
     p.add_argument("--rand-count", type=int, default=100000,
                    help="random-read request limit (default 100000)")
-    p.add_argument("--kernel", help="default: guest/build/vmlinux")
-    p.add_argument("--initramfs", help="default: guest/build/initramfs.cpio")
-    p.add_argument("--memory", default="256M", help="guest RAM (default 256M, pyvmm's default)")
-    p.add_argument("--cpus", type=int, default=1, help="vCPUs (default 1)")
-    p.add_argument("--qemu", default="qemu-system-x86_64", help="the QEMU binary")
-    p.add_argument("--qemu-cpu", default=DEFAULT_QEMU_CPU, help=f"QEMU -cpu for KVM (default {DEFAULT_QEMU_CPU})")
-    p.add_argument("--json", type=Path, help="where to write the results (default bench/results/blk-<date>.json)")
+    add_guest_args(p, "blk")
     args = p.parse_args(argv)
-    args.setup_names = [s.strip() for s in args.setups.split(",") if s.strip()]
-    if bad := [s for s in args.setup_names if s not in DEFAULT_SETUPS]:
-        p.error(f"unknown setup(s) {', '.join(bad)}; known: {', '.join(DEFAULT_SETUPS)}")
+    args.setup_names = setup_names(p, args.setups, DEFAULT_SETUPS)
     if not args.setup_names:
         p.error("--setups names no setup")
     if args.runs < 1:

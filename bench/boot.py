@@ -330,8 +330,10 @@ def make_result(setup: Setup, index: int, t0: float, ended_by: str | None, proc:
     return r
 
 
-def failure_reason(setup: Setup, r: RunResult, ended_by: str | None, stderr: bytes,
-                   timeout: float, kernel: str) -> str | None:
+def boot_failure(r, ended_by: str | None, stderr: bytes, timeout: float, kernel: str) -> str | None:
+    """Why a boot did not get as far as running the guest's job, or None.
+
+    Shared by every bench: ``r`` has ``fatal_s``, ``ready_s`` and ``status``."""
     if ended_by == "fatal":
         return describe_kvm_error(stderr, kernel) + f", {r.fatal_s:.1f} s after start"
     if ended_by == "timeout":
@@ -339,6 +341,13 @@ def failure_reason(setup: Setup, r: RunResult, ended_by: str | None, stderr: byt
         return f"no exit within the {timeout:.0f} s timeout ({where} ready)"
     if r.ready_s is None:
         return f"exited with status {r.status} before `pyvmm-guest: ready`"
+    return None
+
+
+def failure_reason(setup: Setup, r: RunResult, ended_by: str | None, stderr: bytes,
+                   timeout: float, kernel: str) -> str | None:
+    if why := boot_failure(r, ended_by, stderr, timeout, kernel):
+        return why
     if r.status != setup.expected_status:
         return f"exit status {r.status}, expected {setup.expected_status}"
     return None
@@ -529,25 +538,36 @@ def write_json(path: Path, report: dict) -> None:
 
 
 # --- main ---------------------------------------------------------------------------------
+def add_guest_args(p: argparse.ArgumentParser, bench: str) -> None:
+    """The options every bench shares: the guest, the QEMU peer, the JSON file."""
+    p.add_argument("--kernel", help="default: guest/build/vmlinux")
+    p.add_argument("--initramfs", help="default: guest/build/initramfs.cpio")
+    p.add_argument("--memory", default="256M", help="guest RAM (default 256M, pyvmm's default)")
+    p.add_argument("--cpus", type=int, default=1, help="vCPUs (default 1)")
+    p.add_argument("--qemu", default="qemu-system-x86_64", help="the QEMU binary")
+    p.add_argument("--qemu-cpu", default=DEFAULT_QEMU_CPU, help=f"QEMU -cpu for KVM (default {DEFAULT_QEMU_CPU})")
+    p.add_argument("--json", type=Path,
+                   help=f"where to write the results (default bench/results/{bench}-<date>.json)")
+
+
+def setup_names(p: argparse.ArgumentParser, text: str, known) -> list[str]:
+    """The --setups list, each name checked against ``known`` (p.error otherwise)."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if bad := [s for s in names if s not in known]:
+        p.error(f"unknown setup(s) {', '.join(bad)}; known: {', '.join(known)}")
+    return names
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.boot", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=3, help="boots per setup (default 3)")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds per boot before it is killed (default 180)")
     p.add_argument("--setups", default=",".join(DEFAULT_SETUPS),
                    help=f"comma-separated, from {', '.join(DEFAULT_SETUPS + OPTIONAL_SETUPS)}")
-    p.add_argument("--kernel", help="default: guest/build/vmlinux")
-    p.add_argument("--initramfs", help="default: guest/build/initramfs.cpio")
-    p.add_argument("--memory", default="256M", help="guest RAM (default 256M, pyvmm's default)")
-    p.add_argument("--cpus", type=int, default=1, help="vCPUs (default 1)")
     p.add_argument("--append", default=GUEST_APPEND, help=f"kernel command line words (default {GUEST_APPEND})")
-    p.add_argument("--qemu", default="qemu-system-x86_64", help="the QEMU binary")
-    p.add_argument("--qemu-cpu", default=DEFAULT_QEMU_CPU, help=f"QEMU -cpu for KVM (default {DEFAULT_QEMU_CPU})")
-    p.add_argument("--json", type=Path, help="where to write the results (default bench/results/boot-<date>.json)")
+    add_guest_args(p, "boot")
     args = p.parse_args(argv)
-    known = DEFAULT_SETUPS + OPTIONAL_SETUPS
-    args.setup_names = [s.strip() for s in args.setups.split(",") if s.strip()]
-    if bad := [s for s in args.setup_names if s not in known]:
-        p.error(f"unknown setup(s) {', '.join(bad)}; known: {', '.join(known)}")
+    args.setup_names = setup_names(p, args.setups, DEFAULT_SETUPS + OPTIONAL_SETUPS)
     if args.runs < 1:
         p.error("--runs must be at least 1")
     return args

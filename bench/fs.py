@@ -68,9 +68,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from bench.boot import (DEFAULT_QEMU_CPU, QEMU_FATAL_RE, REPO, RESULTS_DIR, STOP_GRACE_S, GuestConfig,
-                        Watched, describe_kvm_error, host_facts, qemu_argv, run_watched, signal_group,
-                        write_json)
+from bench.boot import (QEMU_FATAL_RE, REPO, RESULTS_DIR, STOP_GRACE_S, GuestConfig, Watched,
+                        add_guest_args, boot_failure, host_facts, qemu_argv, run_watched,
+                        setup_names, signal_group, write_json)
 from pyvmm.cli import UsageError, default_guest_dir, parse_size
 from pyvmm.cmdline import default_cmdline
 from pyvmm.platform import detect_flavour
@@ -386,13 +386,8 @@ def check_phases(r: RunResult, host_hash: str, share_checks: dict[str, str]) -> 
 
 def failure_reason(setup: Setup, r: RunResult, ended_by: str | None, stderr: bytes, timeout: float,
                    kernel: str) -> str | None:
-    if ended_by == "fatal":
-        return describe_kvm_error(stderr, kernel) + f", {r.fatal_s:.1f} s after start"
-    if ended_by == "timeout":
-        where = "after" if r.ready_s is not None else "before"
-        return f"no exit within the {timeout:.0f} s timeout ({where} ready)"
-    if r.ready_s is None:
-        return f"exited with status {r.status} before `pyvmm-guest: ready`"
+    if why := boot_failure(r, ended_by, stderr, timeout, kernel):
+        return why
     if missing := [p for p in PHASES if p not in r.phases]:
         return f"no fsbench result for {', '.join(missing)} (exit status {r.status})"
     if bad := [f"{n}: {p.check}" for n, p in r.phases.items() if not p.ok]:
@@ -499,17 +494,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"comma-separated, from {', '.join(SETUP_MAKERS)} (default {','.join(DEFAULT_SETUPS)})")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds per boot before it is killed (default 900; a non-DAX boot takes ~6 min on PVM)")
-    p.add_argument("--kernel", help="default: guest/build/vmlinux")
-    p.add_argument("--initramfs", help="default: guest/build/initramfs.cpio")
-    p.add_argument("--memory", default="256M", help="guest RAM (default 256M, pyvmm's default)")
-    p.add_argument("--cpus", type=int, default=1, help="vCPUs (default 1)")
-    p.add_argument("--qemu", default="qemu-system-x86_64", help="the QEMU binary")
-    p.add_argument("--qemu-cpu", default=DEFAULT_QEMU_CPU, help=f"QEMU -cpu for KVM (default {DEFAULT_QEMU_CPU})")
-    p.add_argument("--json", type=Path, help="where to write the results (default bench/results/fs-<date>.json)")
+    add_guest_args(p, "fs")
     args = p.parse_args(argv)
-    args.setup_names = [s.strip() for s in args.setups.split(",") if s.strip()]
-    if bad := [s for s in args.setup_names if s not in SETUP_MAKERS]:
-        p.error(f"unknown setup(s) {', '.join(bad)}; known: {', '.join(SETUP_MAKERS)}")
+    args.setup_names = setup_names(p, args.setups, SETUP_MAKERS)
     if not args.setup_names:
         p.error("--setups names no setup")
     try:
