@@ -741,7 +741,8 @@ def test_file_io_refuses_bad_files_and_ranges(window, files, tmp_path):
     wo_fd = os.open(src.path, os.O_WRONLY)
     try:
         for fd, to_file in [(r, False), (w, True), (path_fd, False), (dir_fd, False),
-                            (wo_fd, False), (src.ro_fd, True), (-1, False), (99999, False)]:
+                            (wo_fd, False), (src.ro_fd, True), (-1, False), (99999, False),
+                            (1 << 40, False)]:
             with pytest.raises(DaxRequestError):
                 window.file_io(0, PAGE, fd, 0, to_file)
         for offset, length in [(SIZE, 1), (SIZE - 1, 2), (0, 0), (-1, 1), (0, 1 << 64)]:

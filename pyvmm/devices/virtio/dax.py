@@ -290,19 +290,7 @@ class DaxWindow:
             raise DaxRequestError(f"file offset {fd_offset:#x} is not {PAGE_SIZE}-byte aligned")
         if fd_offset + length >= OFF_T_LIMIT:
             raise DaxRequestError(f"file range {fd_offset:#x}+{length:#x} does not fit off_t")
-        if not _is_int(fd) or fd < 0:
-            raise DaxRequestError(f"fd {fd!r} is not a file descriptor")
-        try:
-            st = os.fstat(fd)
-            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        except (OSError, OverflowError, ValueError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise DaxRequestError(f"fd {fd} is not an open file descriptor ({reason})") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise DaxRequestError(f"fd {fd} is {_file_kind(st.st_mode)}, not a regular file")
-        if flags & O_PATH:
-            raise DaxRequestError(f"fd {fd} is an O_PATH descriptor and cannot be mapped")
-        mode = flags & os.O_ACCMODE
+        st, mode = _regular_file(fd)
         if mode == os.O_WRONLY:
             raise DaxRequestError(f"fd {fd} is open write-only; a mapping needs read access")
         if writable:
@@ -441,16 +429,8 @@ class DaxWindow:
 
     @staticmethod
     def _check_io_file(fd: int, to_file: bool) -> None:
-        if not _is_int(fd) or fd < 0:
-            raise DaxRequestError(f"fd {fd!r} is not a file descriptor")
-        try:
-            st = os.fstat(fd)
-            mode = fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_ACCMODE | O_PATH)
-        except OSError as e:
-            raise DaxRequestError(f"fd {fd} is not an open file descriptor ({e.strerror})") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise DaxRequestError(f"fd {fd} is {_file_kind(st.st_mode)}, not a regular file")
-        if mode & O_PATH or mode == (os.O_RDONLY if to_file else os.O_WRONLY):
+        _, mode = _regular_file(fd)
+        if mode == (os.O_RDONLY if to_file else os.O_WRONLY):
             raise DaxRequestError(f"fd {fd} is not open for {'writing' if to_file else 'reading'}")
 
     def _window_copy(self, offset: int, buf: bytearray, into_window: bool) -> bytearray:
@@ -583,6 +563,24 @@ class DaxWindow:
                          self.host_addr, self.size, offset, length, error)
             raise error
         self._dontdump(addr, length)
+
+
+def _regular_file(fd: int) -> tuple[os.stat_result, int]:
+    """(stat, access mode) of ``fd``, which a back-end sent: an open, regular file that
+    can be read or written (not O_PATH), or DaxRequestError."""
+    if not _is_int(fd) or fd < 0:
+        raise DaxRequestError(f"fd {fd!r} is not a file descriptor")
+    try:
+        st = os.fstat(fd)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except (OSError, OverflowError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise DaxRequestError(f"fd {fd} is not an open file descriptor ({reason})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DaxRequestError(f"fd {fd} is {_file_kind(st.st_mode)}, not a regular file")
+    if flags & O_PATH:
+        raise DaxRequestError(f"fd {fd} is an O_PATH descriptor: it cannot be mapped or read")
+    return st, flags & os.O_ACCMODE
 
 
 def _file_kind(mode: int) -> str:
