@@ -345,10 +345,13 @@ class Vring:
         return self._thread is not None
 
     def set_fd(self, which: str, fd: int | None) -> None:
-        old = getattr(self, which)
-        setattr(self, which, fd)
-        if old is not None and old != fd:
-            os.close(old)
+        """Replace the kick, call or err fd (closing the old one) under the lock the
+        worker holds while it writes the call and err fds."""
+        with self._lock:
+            old = getattr(self, which)
+            setattr(self, which, fd)
+            if old is not None and old != fd:
+                os.close(old)
 
     def start(self, mem: BackendMemory, features: int, handler: Handler, shared: _SharedLock,
               resolver: Callable | None, pool: ThreadPoolExecutor | None) -> None:
@@ -360,9 +363,8 @@ class Vring:
         q.event_idx = bool(features & (1 << VIRTIO_RING_F_EVENT_IDX))
         q.check()                       # VirtqueueError: areas not in the memory table
         q.ready = True
-        q.last_avail_idx = self.base
-        # continue after what the used ring already holds (normally == base)
-        q._used_idx = q._signalled_used = int.from_bytes(mem.read(q.device_addr + 2, 2), "little")
+        q.resume_from_ring()            # used side: continue after what the used ring holds
+        q.last_avail_idx = self.base    # avail side: where the front-end says (normally equal)
         self.queue = q
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
         self._thread = threading.Thread(
@@ -697,8 +699,7 @@ class VhostUserFsBackend:
             if fd is None:
                 vr.set_fd(which, None)
                 raise RequestRefused(f"vring {index}: polling without a kick fd is not supported")
-        with vr._lock:   # the worker reads call_fd under this lock
-            vr.set_fd(which, fd)
+        vr.set_fd(which, fd)
         if which == "kick_fd":
             self._maybe_start(vr)
 
