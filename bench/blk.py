@@ -166,7 +166,7 @@ def run_once(setup: Setup, index: int, timeout: float, size: int, kernel: str) -
         load = os.getloadavg()[0]
         stderr_patterns = {"fatal": setup.fatal_stderr} if setup.fatal_stderr is not None else {}
         try:
-            t0, proc, waiter, out, err, ended_by = run_watched(argv, setup, timeout, stderr_patterns)
+            t0, proc, vmm, out, err, ended_by = run_watched(argv, setup, timeout, stderr_patterns)
         except OSError as e:
             return RunResult(setup=setup.name, run=index, argv=argv, load_1min=load,
                              failure=f"cannot start {argv[0]}: {e.strerror}")
@@ -174,8 +174,8 @@ def run_once(setup: Setup, index: int, timeout: float, size: int, kernel: str) -
                   killed=ended_by is not None, console_tail=out.tail(), stderr_tail=err.tail())
     if (t := out.time_of("ready")) is not None:
         r.ready_s = t - t0
-    if ended_by is None and waiter.exited_at is not None:
-        r.exit_s = waiter.exited_at - t0
+    if ended_by is None and vmm.exited_at is not None:
+        r.exit_s = vmm.exited_at - t0
     if (t := err.time_of("fatal")) is not None:
         r.fatal_s = t - t0
     parse_console(bytes(out.data), r)

@@ -45,11 +45,9 @@ import platform
 import re
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +56,7 @@ from typing import NamedTuple
 from pyvmm.cli import default_guest_dir, parse_size
 from pyvmm.cmdline import default_cmdline
 from pyvmm.platform import Flavour, detect_flavour
+from pyvmm.testing.process import StreamLog, VmmProcess
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
@@ -147,43 +146,6 @@ def build_setups(names: list[str], guest: GuestConfig, qemu: str, cpu: str) -> l
 
 
 # --- one run ------------------------------------------------------------------------
-class StreamWatcher:
-    """Reads a pipe in a thread, keeps all bytes and the first time each pattern matched."""
-
-    OVERLAP = 512  # a marker split across two reads is still found
-
-    def __init__(self, stream, patterns: dict[str, re.Pattern[bytes]], wake: threading.Event) -> None:
-        self.stream = stream
-        self.patterns = patterns
-        self.wake = wake
-        self.data = bytearray()
-        self.hits: dict[str, tuple[float, re.Match[bytes]]] = {}
-        self.thread = threading.Thread(target=self._pump, daemon=True)
-        self.thread.start()
-
-    def _pump(self) -> None:
-        while chunk := self.stream.read1(65536):
-            now = time.monotonic()
-            start = max(0, len(self.data) - self.OVERLAP)
-            self.data += chunk
-            self._match(start, now)
-        self.wake.set()
-
-    def _match(self, start: int, now: float) -> None:
-        for name, pattern in self.patterns.items():
-            if name not in self.hits and (m := pattern.search(self.data, start)):
-                self.hits[name] = (now, m)
-                self.wake.set()
-
-    def time_of(self, name: str) -> float | None:
-        hit = self.hits.get(name)
-        return hit[0] if hit else None
-
-    def tail(self, lines: int = TAIL_LINES) -> list[str]:
-        text = ANSI_RE.sub("", self.data.decode(errors="replace")).replace("\r", "")
-        return [line for line in text.splitlines() if line.strip()][-lines:]
-
-
 @dataclass
 class RunResult:
     setup: str
@@ -205,94 +167,43 @@ class RunResult:
         return self.failure is None
 
 
-class Waiter:
-    """Waits for the process in a thread and records when it exited."""
-
-    def __init__(self, proc: subprocess.Popen, wake: threading.Event) -> None:
-        self.proc = proc
-        self.wake = wake
-        self.exited_at: float | None = None
-        self.thread = threading.Thread(target=self._wait, daemon=True)
-        self.thread.start()
-
-    def _wait(self) -> None:
-        self.proc.wait()
-        self.exited_at = time.monotonic()
-        self.wake.set()
-
-
-def signal_group(proc: subprocess.Popen, sig: int) -> None:
-    """Signal the process group we created for this one VMM process (start_new_session)."""
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def stop(proc: subprocess.Popen, waiter: Waiter) -> None:
-    """End a VMM that did not end by itself: SIGTERM, then SIGKILL."""
-    if waiter.exited_at is None:
-        signal_group(proc, signal.SIGTERM)
-        waiter.thread.join(STOP_GRACE_S)
-    if waiter.exited_at is None:
-        signal_group(proc, signal.SIGKILL)
-        waiter.thread.join(STOP_GRACE_S)
-
-
-def wait_for_end(setup: Setup, t0: float, timeout: float, waiter: Waiter,
-                 err: StreamWatcher, wake: threading.Event) -> str | None:
+def wait_for_end(vmm: VmmProcess, timeout: float) -> str | None:
     """Wait until the process exits, QEMU reports a fatal KVM error, or the deadline passes."""
-    deadline = t0 + timeout
-    while waiter.exited_at is None:
+    deadline = vmm.t0 + timeout
+    while vmm.exited_at is None:
         now = time.monotonic()
-        fatal_at = err.time_of("fatal")
+        fatal_at = vmm.errors.time_of("fatal")
         if fatal_at is not None and now - fatal_at >= FATAL_GRACE_S:
             return "fatal"
         if now >= deadline:
             return "timeout"
-        wake.wait(min(0.5, deadline - now))
-        wake.clear()
+        vmm.wait_until(lambda: vmm.exited_at is not None or "fatal" in vmm.errors.hits,
+                       min(0.5, deadline - now))
     return None
-
-
-def collect_streams(proc: subprocess.Popen, watchers: list[StreamWatcher]) -> None:
-    """Let the readers drain the pipes; kill whatever still holds them open."""
-    for w in watchers:
-        w.thread.join(STOP_GRACE_S)
-    if any(w.thread.is_alive() for w in watchers):
-        signal_group(proc, signal.SIGKILL)  # a straggler in the group keeps a pipe open
-        for w in watchers:
-            w.thread.join(STOP_GRACE_S)
 
 
 class Watched(NamedTuple):
     """One finished (or stopped) VMM process and what its streams showed."""
     t0: float                 # monotonic time just before the spawn
     proc: subprocess.Popen
-    waiter: "Waiter"
-    out: "StreamWatcher"      # the console, with READY_RE
-    err: "StreamWatcher"      # stderr, with the caller's patterns
+    vmm: VmmProcess           # exited_at: when it exited by itself
+    out: StreamLog            # the console, with READY_RE
+    err: StreamLog            # stderr, with the caller's patterns
     ended_by: str | None      # None: exited by itself; "fatal"/"timeout": stopped by us
 
 
 def run_watched(argv: list[str], setup, timeout: float,
                 stderr_patterns: dict[str, re.Pattern[bytes]]) -> Watched:
-    """Run ``argv`` in its own session until it exits, reports a fatal KVM error
-    (``setup.fatal_stderr``) or ``timeout`` passes; its process group never outlives
-    this call.  Raises OSError when it cannot start."""
-    wake = threading.Event()
-    t0 = time.monotonic()
-    proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    out = StreamWatcher(proc.stdout, {"ready": READY_RE}, wake)
-    err = StreamWatcher(proc.stderr, stderr_patterns, wake)
-    waiter = Waiter(proc, wake)
+    """Run ``argv`` in its own session (pyvmm.testing.VmmProcess) until it exits,
+    reports a fatal KVM error (``setup.fatal_stderr``) or ``timeout`` passes; its
+    process group never outlives this call.  Raises OSError when it cannot start."""
+    vmm = VmmProcess(argv, cwd=str(REPO), stdin=False, watch={"ready": READY_RE},
+                     watch_stderr=stderr_patterns)
     try:
-        ended_by = wait_for_end(setup, t0, timeout, waiter, err, wake)
+        ended_by = wait_for_end(vmm, timeout)
     finally:
-        stop(proc, waiter)  # also on KeyboardInterrupt: never leave a VMM behind
-        collect_streams(proc, [out, err])
-    return Watched(t0, proc, waiter, out, err, ended_by)
+        vmm.stop(STOP_GRACE_S)   # also on KeyboardInterrupt: never leave a VMM behind
+    return Watched(vmm.t0, vmm.proc, vmm, vmm.console, vmm.errors, ended_by)
 
 
 def run_once(setup: Setup, index: int, timeout: float, kernel: str) -> RunResult:
@@ -302,24 +213,24 @@ def run_once(setup: Setup, index: int, timeout: float, kernel: str) -> RunResult
     if setup.fatal_stderr is not None:
         stderr_patterns["fatal"] = setup.fatal_stderr
     try:
-        t0, proc, waiter, out, err, ended_by = run_watched(setup.argv, setup, timeout, stderr_patterns)
+        t0, proc, vmm, out, err, ended_by = run_watched(setup.argv, setup, timeout, stderr_patterns)
     except OSError as e:
         return RunResult(setup=setup.name, run=index, load_1min=load,
                          failure=f"cannot start {setup.argv[0]}: {e.strerror}")
-    result = make_result(setup, index, t0, ended_by, proc, waiter, out, err, timeout, kernel)
+    result = make_result(setup, index, t0, ended_by, proc, vmm, out, err, timeout, kernel)
     result.load_1min = load
     return result
 
 
 def make_result(setup: Setup, index: int, t0: float, ended_by: str | None, proc: subprocess.Popen,
-                waiter: Waiter, out: StreamWatcher, err: StreamWatcher, timeout: float,
+                vmm: VmmProcess, out: StreamLog, err: StreamLog, timeout: float,
                 kernel: str) -> RunResult:
     r = RunResult(setup=setup.name, run=index, status=proc.returncode,
                   console_tail=out.tail(), stderr_tail=err.tail())
     if (t := out.time_of("ready")) is not None:
         r.ready_s = t - t0
-    if ended_by is None and waiter.exited_at is not None:
-        r.exit_s = waiter.exited_at - t0
+    if ended_by is None and vmm.exited_at is not None:
+        r.exit_s = vmm.exited_at - t0
     r.killed = ended_by is not None
     if (t := err.time_of("fatal")) is not None:
         r.fatal_s = t - t0

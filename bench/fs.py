@@ -347,8 +347,8 @@ def record_watched(r: RunResult, w: Watched) -> None:
     r.console_tail, r.stderr_tail = w.out.tail(), w.err.tail()
     if (t := w.out.time_of("ready")) is not None:
         r.ready_s = t - w.t0
-    if w.ended_by is None and w.waiter.exited_at is not None:
-        r.exit_s = w.waiter.exited_at - w.t0
+    if w.ended_by is None and w.vmm.exited_at is not None:
+        r.exit_s = w.vmm.exited_at - w.t0
     if (t := w.err.time_of("fatal")) is not None:
         r.fatal_s = t - w.t0
 

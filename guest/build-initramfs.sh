@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build pyvmm's guest initramfs: an UNCOMPRESSED newc cpio archive (gzip would
 # cost about a minute of emulated inflate on PVM hosts) with
-#   /init                     guest/init.c, static (the guest contract, DESIGN.md)
+#   /init                     guest/init.c + guest/agent.c, static (the guest contract,
+#                             docs/guest-contract.md)
 #   /bin/busybox + applets    from Debian's busybox-static
 #   /bin/pattern, /bin/mmapread   guest/helpers/*.c, static test helpers
 #   /dev/console (c 5 1), /proc, /sys, /dev, /mnt, /tmp
@@ -83,7 +84,7 @@ check_modules() {
 # Everything the archive depends on, hashed.
 input_hash() {
     {
-        (cd "$here" && sha256sum build-initramfs.sh mkcpio.py init.c helpers/*.[ch])
+        (cd "$here" && sha256sum build-initramfs.sh mkcpio.py init.c agent.[ch] helpers/*.[ch])
         if [ -d "$here/rootfs" ]; then
             (cd "$here/rootfs" && find . -printf '%p %y %m %l\n' | LC_ALL=C sort &&
                 find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum)
@@ -97,17 +98,19 @@ input_hash() {
     } | sha256sum | cut -d' ' -f1
 }
 
-compile_static() {  # SOURCE OUTPUT
-    "$CC" $CFLAGS_STATIC -I"$here/helpers" -o "$2" "$1"
+compile_static() {  # OUTPUT SOURCE...
+    local out=$1
+    shift
+    "$CC" $CFLAGS_STATIC -I"$here/helpers" -o "$out" "$@"
 }
 
 build_binaries() {
     rm -rf "$root"
     mkdir -p "$root/bin"
-    compile_static "$here/init.c" "$root/init"
+    compile_static "$root/init" "$here/init.c" "$here/agent.c"
     local src
     for src in "$here"/helpers/*.c; do
-        compile_static "$src" "$root/bin/$(basename "$src" .c)"
+        compile_static "$root/bin/$(basename "$src" .c)" "$src"
     done
 }
 

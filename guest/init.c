@@ -1,6 +1,6 @@
 /*
- * pyvmm guest /init: a small static PID 1 implementing the guest contract of
- * shared/DESIGN.md ("Guest contract").
+ * pyvmm guest /init: a small static PID 1 implementing pyvmm's guest contract
+ * (docs/guest-contract.md).
  *
  * Guest kernel work is very slow on PVM hosts (a syscall ~0.3 ms, fork+exec
  * ~138 ms, a page fault ~1.7 ms), so this program does its job with few
@@ -9,12 +9,19 @@
  *   1. mount /proc, /sys, /dev (devtmpfs), /tmp (tmpfs);
  *   2. read /proc/cmdline;
  *   3. load /lib/modules/<name> listed in /lib/modules/load-order (finit_module);
- *   4. mount each `pyvmm.share=TAG` (virtiofs) at /mnt/TAG, `-o dax` with pyvmm.dax=1;
- *   5. print "pyvmm-guest: ready";
- *   6. with `pyvmm.run=PATH`: run `/bin/sh PATH`, print "pyvmm-guest: exit N",
+ *   4. with `pyvmm.snapshot=1`: tell the VMM (a write to I/O port 0x502) that
+ *      this is the snapshot point; after a restore the program goes on here;
+ *   5. with `pyvmm.agent=DEV` (e.g. hvc0): say HELLO on that virtio-console
+ *      port and take more words (shares), the wall clock and fresh entropy
+ *      from the host's CONFIG (agent.c);
+ *   6. mount each `pyvmm.share=TAG[:dax][:ro]` (virtiofs) at /mnt/TAG
+ *      (`pyvmm.dax=1`: every share with -o dax);
+ *   7. print "pyvmm-guest: ready";
+ *   8. with the agent: serve the host's commands (and a shell on the console);
+ *      with `pyvmm.run=PATH`: run `/bin/sh PATH`, print "pyvmm-guest: exit N",
  *      sync, write N to the debug-exit port 0x501 through /dev/port; fall back
  *      to reboot(RB_AUTOBOOT) if the VMM is still running us.
- *      Without it: an interactive shell with a controlling tty; reboot when it exits.
+ *      Otherwise: an interactive shell with a controlling tty; reboot when it exits.
  *
  * PID 1 never exits: it reaps every child, and SIGTERM / SIGUSR2 / SIGUSR1
  * (what busybox reboot / poweroff / halt send to init) end the machine.
@@ -37,18 +44,31 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "agent.h"
+
 #define DEBUG_EXIT_PORT 0x501 /* pyvmm's isa-debug-exit style port */
+#define SNAPSHOT_PORT 0x502   /* pyvmm's snapshot point: the VMM pauses on this write */
 #define MODULE_DIR "/lib/modules"
 #define MAX_SHARES 16
+#define TAG_MAX 64
 
-struct config {
-    const char *shares[MAX_SHARES];
-    int nshares;
+struct share {
+    char tag[TAG_MAX];
     bool dax;
-    bool debug;
-    const char *run; /* script path, or NULL for an interactive shell */
+    bool readonly;
 };
 
+struct config {
+    struct share shares[MAX_SHARES];
+    int nshares;
+    bool dax; /* pyvmm.dax=1: every share */
+    bool debug;
+    bool snapshot;
+    const char *agent; /* virtio-console device of the agent, e.g. "hvc0" */
+    const char *run;   /* script path, or NULL for an interactive shell */
+};
+
+static struct config cfg;
 static char cmdline[4096];
 static bool debug_on;
 static char *const child_env[] = {
@@ -156,22 +176,60 @@ static void read_cmdline(void)
         *nl = '\0';
 }
 
+/* `TAG[:dax][:ro]` -> a share; false for an empty tag, a bad option or a long tag. */
+static bool parse_share(const char *spec, struct share *out)
+{
+    const char *colon = strchr(spec, ':');
+    size_t len = colon ? (size_t)(colon - spec) : strlen(spec);
+    if (len == 0 || len >= TAG_MAX)
+        return false;
+    memset(out, 0, sizeof(*out));
+    memcpy(out->tag, spec, len);
+    while (colon) {
+        const char *opt = colon + 1;
+        colon = strchr(opt, ':');
+        size_t n = colon ? (size_t)(colon - opt) : strlen(opt);
+        if (n == 3 && strncmp(opt, "dax", 3) == 0)
+            out->dax = true;
+        else if (n == 2 && strncmp(opt, "ro", 2) == 0)
+            out->readonly = true;
+        else
+            return false;
+    }
+    return true;
+}
+
 /* Record one pyvmm.* word; other words are the kernel's business. */
-static void parse_word(struct config *cfg, char *word)
+static void parse_word(struct config *c, char *word)
 {
     if (strncmp(word, "pyvmm.share=", 12) == 0 && word[12] != '\0') {
-        for (int i = 0; i < cfg->nshares; i++)
-            if (strcmp(cfg->shares[i], word + 12) == 0)
+        struct share sh;
+        if (!parse_share(word + 12, &sh)) {
+            say("bad share word: ", word, NULL);
+            return;
+        }
+        for (int i = 0; i < c->nshares; i++)
+            if (strcmp(c->shares[i].tag, sh.tag) == 0)
                 return; /* words after "--" are in both /proc/cmdline and argv */
-        if (cfg->nshares < MAX_SHARES)
-            cfg->shares[cfg->nshares++] = word + 12;
+        if (c->nshares < MAX_SHARES)
+            c->shares[c->nshares++] = sh;
     } else if (strcmp(word, "pyvmm.dax=1") == 0) {
-        cfg->dax = true;
+        c->dax = true;
     } else if (strcmp(word, "pyvmm.debug=1") == 0) {
-        cfg->debug = true;
+        c->debug = true;
+    } else if (strcmp(word, "pyvmm.snapshot=1") == 0) {
+        c->snapshot = true;
+    } else if (strncmp(word, "pyvmm.agent=", 12) == 0 && word[12] != '\0') {
+        c->agent = word + 12;
     } else if (strncmp(word, "pyvmm.run=", 10) == 0 && word[10] != '\0') {
-        cfg->run = word + 10;
+        c->run = word + 10;
     }
+}
+
+/* Words from the agent's CONFIG frame (after a restore: the shares of this run). */
+static void agent_word(char *word)
+{
+    parse_word(&cfg, word);
 }
 
 /*
@@ -179,12 +237,12 @@ static void parse_word(struct config *cfg, char *word)
  * argv) and then from argv (words after "--" on the kernel command line, or
  * given by hand when /init is tried out in a container).
  */
-static void parse_cmdline(struct config *cfg, int argc, char **argv)
+static void parse_cmdline(struct config *c, int argc, char **argv)
 {
     for (char *word = strtok(cmdline, " \t"); word; word = strtok(NULL, " \t"))
-        parse_word(cfg, word);
+        parse_word(c, word);
     for (int i = 1; i < argc; i++)
-        parse_word(cfg, argv[i]);
+        parse_word(c, argv[i]);
 }
 
 /* ---- kernel modules (Debian stock kernel) ---- */
@@ -232,20 +290,39 @@ static bool valid_tag(const char *tag)
            strlen(tag) < 200;
 }
 
-static void mount_share(const char *tag, bool dax)
+/* Mount one share at /mnt/TAG; false (and a console line) when that fails. */
+static bool mount_share(const struct share *sh, bool dax)
 {
     char dir[256] = "/mnt/";
-    if (!valid_tag(tag)) {
-        say("mount ", tag, " failed: bad tag", NULL);
-        return;
+    if (!valid_tag(sh->tag)) {
+        say("mount ", sh->tag, " failed: bad tag", NULL);
+        return false;
     }
-    strcat(dir, tag);
+    strcat(dir, sh->tag);
     mkdir("/mnt", 0755);
     mkdir(dir, 0755);
-    if (mount(tag, dir, "virtiofs", 0, dax ? "dax" : NULL) != 0)
-        say("mount ", tag, " failed: ", strerror(errno), NULL);
-    else
-        debug(dax ? "mounted virtiofs (dax)" : "mounted virtiofs", dir);
+    if (mount(sh->tag, dir, "virtiofs", sh->readonly ? MS_RDONLY : 0, dax ? "dax" : NULL) != 0) {
+        say("mount ", sh->tag, " failed: ", strerror(errno), NULL);
+        return false;
+    }
+    debug(dax ? "mounted virtiofs (dax)" : "mounted virtiofs", dir);
+    return true;
+}
+
+/* Mount every share; returns the tags that failed ("" when none), for the agent's READY. */
+static const char *mount_shares(void)
+{
+    static char failed[512];
+    failed[0] = '\0';
+    for (int i = 0; i < cfg.nshares; i++) {
+        if (!mount_share(&cfg.shares[i], cfg.dax || cfg.shares[i].dax) &&
+            strlen(failed) + strlen(cfg.shares[i].tag) + 16 < sizeof(failed)) {
+            strcat(failed, "mount ");
+            strcat(failed, cfg.shares[i].tag);
+            strcat(failed, " failed\n");
+        }
+    }
+    return failed;
 }
 
 /* ---- ending the machine ---- */
@@ -273,22 +350,28 @@ static void install_signals(void)
     sigaction(SIGUSR2, &sa, NULL);
 }
 
-/* Tell the VMM the exit status through the debug-exit port; returns only on failure. */
-static void debug_exit(int status)
+/* Write one byte to an I/O port through /dev/port; false (and a console line) on failure. */
+static bool port_write(unsigned port, unsigned char byte, const char *what)
 {
-    unsigned char byte = (unsigned char)status;
     int fd = open("/dev/port", O_WRONLY | O_CLOEXEC);
     if (fd < 0 && errno == ENOENT && mknod("/dev/port", S_IFCHR | 0600, makedev(1, 4)) == 0)
         fd = open("/dev/port", O_WRONLY | O_CLOEXEC);
     if (fd < 0) {
-        say("debug-exit: /dev/port: ", strerror(errno), NULL);
-        return;
+        say(what, ": /dev/port: ", strerror(errno), NULL);
+        return false;
     }
-    if (pwrite(fd, &byte, 1, DEBUG_EXIT_PORT) != 1)
-        say("debug-exit: write: ", strerror(errno), NULL);
-    else
-        say("debug-exit: the VMM did not stop, rebooting", NULL);
+    bool ok = pwrite(fd, &byte, 1, port) == 1;
+    if (!ok)
+        say(what, ": write: ", strerror(errno), NULL);
     close(fd);
+    return ok;
+}
+
+/* Tell the VMM the exit status through the debug-exit port; returns only on failure. */
+static void debug_exit(int status)
+{
+    if (port_write(DEBUG_EXIT_PORT, (unsigned char)status, "debug-exit"))
+        say("debug-exit: the VMM did not stop, rebooting", NULL);
 }
 
 /* ---- children ---- */
@@ -322,6 +405,9 @@ static void take_console_tty(void)
         close(fd);
     ioctl(STDIN_FILENO, TIOCSCTTY, 1);
 }
+
+/* The interactive shell on the console beside the agent (Guest.send/expect). */
+static int console_shell(void);
 
 /* fork + exec /bin/sh [script]; returns the child's pid (or -1). */
 static pid_t spawn_shell(const char *script)
@@ -383,9 +469,13 @@ static void interactive_shell(void)
         wait_for(pid);
 }
 
+static int console_shell(void)
+{
+    return spawn_shell(NULL);
+}
+
 int main(int argc, char **argv)
 {
-    struct config cfg;
     memset(&cfg, 0, sizeof(cfg));
     install_signals();
     mount_basics();
@@ -395,13 +485,28 @@ int main(int argc, char **argv)
     debug_on = cfg.debug;
     debug("mounted /proc /sys /dev /tmp", NULL);
     load_modules();
-    for (int i = 0; i < cfg.nshares; i++)
-        mount_share(cfg.shares[i], cfg.dax);
-    say("ready", NULL);
-    if (cfg.run)
-        run_script(cfg.run);
-    else
-        interactive_shell();
+    if (cfg.snapshot) {
+        debug("snapshot point", NULL);
+        port_write(SNAPSHOT_PORT, 1, "snapshot");
+        debug("resumed after the snapshot point", NULL);
+    }
+    if (cfg.agent) {
+        if (agent_start(cfg.agent, agent_word, mount_shares)) {
+            debug_on = cfg.debug;
+            say("ready", NULL);
+            agent_serve(console_shell);
+            say("agent: the port ", cfg.agent, " broke", NULL);
+        } else {
+            say("agent: cannot use /dev/", cfg.agent, NULL);
+        }
+    } else {
+        mount_shares();
+        say("ready", NULL);
+        if (cfg.run)
+            run_script(cfg.run);
+        else
+            interactive_shell();
+    }
     reboot_now(RB_AUTOBOOT);
     for (;;) { /* PID 1 must never exit: keep reaping */
         if (waitpid(-1, NULL, 0) < 0 && errno == ECHILD)

@@ -1,9 +1,10 @@
-"""Command line: ``pyvmm run`` and ``pyvmm info`` (DESIGN.md "CLI contract").
+"""Command line: ``pyvmm run`` and ``pyvmm info`` (docs/cli.md).
 
 Bad input is one clear line on stderr and exit status 2, never a traceback.
-A guest that shuts down or reboots by itself ends with 0 (or the status it
-wrote to the debug-exit port); a VMM-side failure dumps registers and ends
-with 1.
+Every way a guest can end has its own exit status (``pyvmm.status``): a guest
+that shuts down by itself ends with 0, a guest program's status (``--exec``,
+``pyvmm.run=``) is pyvmm's, a panic is 100, a guest that dies before its
+program's status arrived is 101, a VMM-side failure dumps registers and is 1.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import logging
 import os
 import re
 import sys
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +24,8 @@ from .boot.errors import KernelFormatError
 from .cmdline import default_cmdline
 from .console import Console, SerialSpecError
 from .platform import detect_flavour, host_memory_bytes
+from .shares import TAG_RE, ShareConfig
+from .status import EXIT_STATUS_TABLE, ExitStatus
 
 if TYPE_CHECKING:
     from .vm import DiskConfig, FsConfig, MachineConfig
@@ -31,6 +36,8 @@ MAX_CPUS = 8
 DEFAULT_MEMORY = "256M"
 MIN_MEMORY = 32 << 20
 GUEST_DIR_ENV = "PYVMM_GUEST_DIR"
+AGENT_DEVICE = "hvc0"   # the agent's virtio-console is the first one the guest finds
+TAIL_LINES = 25         # console lines on stderr when a guest panics, dies or times out
 
 
 class UsageError(Exception):
@@ -63,24 +70,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=os.environ.get("PYVMM_LOG", "warning"),
                    choices=["debug", "info", "warning", "error"])
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    run = sub.add_parser("run", help="boot a guest")
-    run.add_argument("--kernel", help="ELF vmlinux (PVH) or bzImage; default: guest/build/vmlinux")
-    run.add_argument("--initramfs", help="uncompressed cpio; default: guest/build/initramfs.cpio")
+    run = sub.add_parser("run", help="boot a guest", epilog=EXIT_STATUS_TABLE,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--kernel", help="ELF vmlinux (PVH) or bzImage; default: the default guest's")
+    run.add_argument("--initramfs", help="uncompressed cpio, or none; default: the default guest's "
+                     "(also with --kernel)")
     group = run.add_mutually_exclusive_group()
     group.add_argument("--cmdline", help="replace the default kernel command line")
     run.add_argument("--append", action="append", default=[],
                      help="add words to the kernel command line")
     run.add_argument("--memory", default=DEFAULT_MEMORY, help="guest RAM, e.g. 512M or 1G")
     run.add_argument("--cpus", default="1", help=f"vCPUs, 1 to {MAX_CPUS}")
-    run.add_argument("--serial", default="stdio", help="stdio, file=PATH or null")
+    run.add_argument("--serial", help="stdio, file=PATH or null; default stdio (null with --exec, "
+                     "whose output is the command's)")
     run.add_argument("--disk", action="append", default=[], metavar="path=FILE[,readonly=on]",
                      help="a virtio-blk disk on a raw image (repeatable)")
     run.add_argument("--fs", action="append", default=[],
                      metavar="tag=TAG,socket=PATH[,num_queues=N][,queue_size=N][,dax=on][,cache_size=SIZE]",
                      help="a virtio-fs share served by a vhost-user backend (repeatable)")
+    run.add_argument("--share", action="append", default=[],
+                     metavar="DIR[,tag=TAG][,dax=on][,cache_size=SIZE][,readonly=on]",
+                     help="share a host directory at /mnt/TAG (default tag: the directory's name); "
+                     "pyvmm starts pyvmm-virtiofsd for it (repeatable)")
     run.add_argument("--rng", action="store_true", help="a virtio-rng device fed by os.urandom")
     run.add_argument("--console", metavar="socket=PATH|file=PATH|null",
-                     help="a virtio-console (hvc0) with this host side")
+                     help="a virtio-console (hvc0, or hvc1 with the agent) with this host side")
+    run.add_argument("--exec", metavar="CMD",
+                     help="run CMD with /bin/sh -c in the guest: its stdout and stderr are "
+                     "pyvmm's, its status is pyvmm's exit status")
+    run.add_argument("--agent", metavar="socket=PATH",
+                     help="serve the guest agent's protocol on a Unix socket (pyvmm.testing uses it)")
+    run.add_argument("--timeout", metavar="SECONDS",
+                     help="stop the guest after this long: exit 124, console tail and registers")
     sub.add_parser("info", help="say what this host's KVM is and what follows from it")
     return p
 
@@ -97,9 +118,17 @@ def _read_file(path: str, what: str) -> bytes:
         raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
 
 
-def machine_config(args: argparse.Namespace, flavour) -> "MachineConfig":
-    from .vm import MachineConfig
+@dataclass
+class RunPlan:
+    """What ``pyvmm run`` will do: the machine, the shares to start, the command."""
 
+    config: "MachineConfig"
+    shares: list[ShareConfig] = field(default_factory=list)
+    exec_command: str | None = None
+    timeout: float | None = None
+
+
+def parse_cpus_memory(args: argparse.Namespace) -> tuple[int, int]:
     try:
         cpus = int(args.cpus)
     except ValueError:
@@ -114,32 +143,80 @@ def machine_config(args: argparse.Namespace, flavour) -> "MachineConfig":
     host = host_memory_bytes()
     if host is not None and memory > host:
         raise UsageError(f"--memory {args.memory} is more than this host has ({host >> 20} MiB)")
+    return cpus, memory
 
+
+def guest_files(args: argparse.Namespace) -> tuple[bytes, bytes | None]:
+    """The kernel and initramfs: given, or the default guest's.  A custom --kernel
+    without --initramfs still gets the default initramfs (without one Linux
+    panics); ``--initramfs none`` boots without."""
     guest_dir = default_guest_dir()
+    default_initramfs = guest_dir / "initramfs.cpio"
     kernel_path = args.kernel or str(guest_dir / "vmlinux")
+    if args.kernel is None and not Path(kernel_path).exists():
+        raise UsageError(f"no default guest in {guest_dir}: run `make guest` first "
+                         "(or give --kernel)")
     initramfs_path = args.initramfs
-    if args.kernel is None:
-        if not Path(kernel_path).exists():
-            raise UsageError(f"no default guest in {guest_dir}: run `make guest` first "
-                             "(or give --kernel)")
-        if initramfs_path is None and (guest_dir / "initramfs.cpio").exists():
-            initramfs_path = str(guest_dir / "initramfs.cpio")
+    if initramfs_path is None and default_initramfs.exists():
+        initramfs_path = str(default_initramfs)
+    if initramfs_path == "none":
+        initramfs_path = None
     kernel = _read_file(kernel_path, "kernel")
-    initramfs = _read_file(initramfs_path, "initramfs") if initramfs_path else None
+    return kernel, _read_file(initramfs_path, "initramfs") if initramfs_path else None
+
+
+def parse_timeout(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e7:
+        raise UsageError(f"--timeout {text!r}: expected a number of seconds above 0")
+    return value
+
+
+def run_plan(args: argparse.Namespace, flavour) -> RunPlan:
+    from .vm import MachineConfig
+
+    cpus, memory = parse_cpus_memory(args)
+    kernel, initramfs = guest_files(args)
     disks = [parse_disk(spec) for spec in args.disk]
-    shares = [parse_fs(spec) for spec in args.fs]
-    if len({s.tag for s in shares}) != len(shares):
-        raise UsageError("--fs tags must be different")
+    fs = [parse_fs(spec) for spec in args.fs]
+    shares = [parse_share(spec) for spec in args.share]
+    tags = [s.tag for s in fs] + [s.tag for s in shares]
+    if len(set(tags)) != len(tags):
+        raise UsageError("--fs and --share tags must be different")
     if args.console is not None:
         kind, _, path = args.console.partition("=")
         if not (kind in ("socket", "file") and path or args.console == "null"):
             raise UsageError(f"--console must be socket=PATH, file=PATH or null, not {args.console!r}")
+    agent_socket = None
+    if args.agent is not None:
+        kind, _, agent_socket = args.agent.partition("=")
+        if kind != "socket" or not agent_socket:
+            raise UsageError(f"--agent must be socket=PATH, not {args.agent!r}")
     cmdline = args.cmdline if args.cmdline is not None else default_cmdline(flavour)
-    if args.append:
-        cmdline = " ".join([cmdline, *args.append])
-    return MachineConfig(kernel=kernel, initramfs=initramfs, cmdline=cmdline,
-                         memory=memory, cpus=cpus, serial=args.serial, disks=disks,
-                         rng=args.rng, console=args.console, shares=shares)
+    words = list(args.append)
+    if args.exec is not None and any(w.startswith("pyvmm.run=") for a in words for w in a.split()):
+        raise UsageError("--exec and pyvmm.run= both name a program to run: give one")
+    agent = args.exec is not None or agent_socket is not None
+    share_words = [s.guest_word() for s in shares]
+    if agent:
+        words.append(f"pyvmm.agent={AGENT_DEVICE}")   # the shares come with the agent's CONFIG
+    else:
+        words += share_words
+    if words:
+        cmdline = " ".join([cmdline, *words])
+    run_mode = args.exec is not None or any(w.startswith("pyvmm.run=") for w in cmdline.split())
+    serial = args.serial or ("null" if args.exec is not None else "stdio")
+    config = MachineConfig(kernel=kernel, initramfs=initramfs, cmdline=cmdline,
+                           memory=memory, cpus=cpus, serial=serial, disks=disks,
+                           rng=args.rng, console=args.console, shares=fs, run_mode=run_mode,
+                           agent_words=" ".join(share_words) if agent else None,
+                           agent_socket=agent_socket)
+    return RunPlan(config, shares, args.exec, parse_timeout(args.timeout))
 
 
 def parse_options(spec: str, what: str, known: set[str]) -> dict[str, str]:
@@ -179,6 +256,27 @@ def parse_fs(spec: str) -> "FsConfig":
     return FsConfig(o["tag"], o["socket"], num_queues, queue_size, dax == "on", cache_size)
 
 
+def parse_share(spec: str) -> ShareConfig:
+    """``DIR[,tag=TAG][,dax=on][,cache_size=SIZE][,readonly=on]``."""
+    path, _, rest = spec.partition(",")
+    if not path:
+        raise UsageError(f"--share {spec!r} needs a directory first")
+    o = parse_options(rest, "--share", {"tag", "dax", "cache_size", "readonly"}) if rest else {}
+    if not os.path.isdir(path):
+        raise UsageError(f"--share: {path} is not a directory")
+    tag = o.get("tag") or os.path.basename(os.path.abspath(path)) or "share"
+    if not TAG_RE.fullmatch(tag):
+        raise UsageError(f"--share tag {tag!r}: use 1 to 36 of A-Z a-z 0-9 . _ - (or give tag=)")
+    for key in ("dax", "readonly"):
+        if o.get(key, "off") not in ("on", "off"):
+            raise UsageError(f"--share {key} must be on or off")
+    cache_size = parse_size(o.get("cache_size", "256M"))
+    if cache_size < (2 << 20) or cache_size & (cache_size - 1):
+        raise UsageError("--share cache_size must be a power of two of at least 2M")
+    return ShareConfig(os.path.abspath(path), tag, o.get("dax") == "on", cache_size,
+                       o.get("readonly") == "on")
+
+
 def parse_disk(spec: str) -> "DiskConfig":
     from .vm import DiskConfig
 
@@ -215,28 +313,85 @@ def cmd_info() -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .shares import start_backend, stop_backends
     from .vm import Machine
 
     flavour = detect_flavour()
     log.info("%s", flavour.summary)
-    config = machine_config(args, flavour)
+    plan = run_plan(args, flavour)
+    config = plan.config
     try:
         console = Console(config.serial)
     except SerialSpecError as e:
         raise UsageError(str(e)) from None
     log.info("kernel command line: %s", config.cmdline)
+    backends = []
     try:
-        machine = Machine(config, flavour, console)
-    except (KernelFormatError, ValueError) as e:  # a kernel or disk image we cannot use
-        console.close()
+        for share in plan.shares:
+            backend = start_backend(share)
+            backends.append(backend)
+            config.shares.append(share.fs_config(backend.socket_path))
+        try:
+            machine = Machine(config, flavour, console)
+        except (KernelFormatError, ValueError) as e:  # a kernel or disk image we cannot use
+            raise UsageError(str(e)) from None
+        try:
+            if plan.exec_command is not None:
+                start_exec(machine, plan.exec_command)
+            status = machine.run(plan.timeout)
+        finally:
+            machine.close()
+    except ValueError as e:   # a share's back-end did not start
         raise UsageError(str(e)) from None
-    try:
-        status = machine.run()
     finally:
-        machine.close()
-    if status and "\n" in machine.exit_reason:  # a VMM-side failure with a register dump
-        sys.stderr.write(f"pyvmm: {machine.exit_reason}\n")
+        console.close()
+        stop_backends(backends)
+    report_exit(machine, console, status)
     return status
+
+
+def start_exec(machine, command: str) -> None:
+    """--exec: a thread that runs ``command`` through the guest agent, copies its
+    output to our stdout/stderr and ends the VM with its status."""
+    from .agent import AgentClosed, AgentSession
+
+    session = AgentSession(machine.agent.client_frame)
+    machine.agent.connect_client(session.deliver)
+
+    def run() -> None:
+        try:
+            result = session.run(command, stdout=_writer(sys.stdout), stderr=_writer(sys.stderr))
+        except AgentClosed:
+            return
+        machine.program_exited(min(max(result.returncode, 0), 255))
+
+    threading.Thread(target=run, name="exec", daemon=True).start()
+
+
+def _writer(stream):
+    fd = stream.fileno()
+
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(fd, view):]
+            except OSError:
+                return
+
+    return write
+
+
+def report_exit(machine, console: Console, status: int) -> None:
+    """One line with the reason when the status is pyvmm's verdict rather than the
+    guest program's; the console's last lines when the guest crashed or hung."""
+    if status == 0 or machine.exit_from_program:
+        return
+    sys.stderr.write(f"pyvmm: {machine.exit_reason}\n")
+    if status in (ExitStatus.GUEST_PANIC, ExitStatus.GUEST_DIED, ExitStatus.TIMEOUT):
+        lines = bytes(console.tail).decode(errors="replace").splitlines()[-TAIL_LINES:]
+        sys.stderr.write("pyvmm: the guest console's last lines:\n"
+                         + "".join(f"  | {line}\n" for line in lines))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,10 @@ when KVM hands an exit back to user space, dispatches it:
 * KVM_EXIT_INTERNAL_ERROR with an emulation failure -> ``fixup`` finishes the
   few instructions the PVM flavour's emulator cannot (int3, int1, INT n, fwait)
   or the VM stops with the instruction bytes and registers;
-* KVM_EXIT_SHUTDOWN (triple fault), KVM_EXIT_FAIL_ENTRY -> register dump, exit 1;
-* KVM_EXIT_SYSTEM_EVENT -> guest shutdown/reset ends the VM with 0;
+* KVM_EXIT_SHUTDOWN (triple fault) -> register dump, the guest died (exit 101);
+* KVM_EXIT_FAIL_ENTRY -> register dump, exit 1;
+* KVM_EXIT_SYSTEM_EVENT -> guest shutdown/reset: ``on_guest_end`` (the machine
+  decides: 0, or "died" when the guest was asked to run a program first);
 * KVM_EXIT_INTR -> another thread kicked us (stop, or a register-dump request);
 * KVM_RUN failing with EFAULT -> the guest touched guest-physical memory whose
   host mapping cannot serve the access (e.g. a store into a read-only part of a
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Callable
 
 from . import kvm
 from .bus import Bus
+from .status import ExitStatus
 
 if TYPE_CHECKING:
     from .kvm import Vcpu
@@ -36,6 +39,12 @@ log = logging.getLogger(__name__)
 # The signal that kicks a vCPU thread out of KVM_RUN (EINTR).  Python installs
 # its handler without SA_RESTART, so the ioctl returns instead of restarting.
 KICK_SIGNAL = signal.SIGUSR1
+
+
+def install_kick_handler() -> None:
+    """Give KICK_SIGNAL a do-nothing handler (main thread only; Machine.run does it
+    itself when it runs in the main thread)."""
+    signal.signal(KICK_SIGNAL, lambda *_: None)
 
 # Instruction bytes the VMM knows how to finish (PVM: shared/reference/pvm.md).
 OPCODE_INT3 = 0xCC
@@ -55,6 +64,10 @@ class VmExit(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+class GuestEnded(Exception):
+    """Raised inside a vCPU thread when the guest powers off, resets or halts for good."""
 
 
 def format_regs(vcpu: "Vcpu") -> str:
@@ -123,11 +136,15 @@ class VcpuThread:
     """Runs one vCPU until the VM stops."""
 
     def __init__(self, vcpu: "Vcpu", pio: Bus, mmio: Bus,
-                 on_exit: Callable[[int, str], None], stopping: threading.Event) -> None:
+                 on_exit: Callable[[int, str], None], stopping: threading.Event,
+                 on_guest_end: Callable[[str], None] | None = None) -> None:
         self.vcpu = vcpu
         self.pio = pio
         self.mmio = mmio
         self.on_exit = on_exit
+        # A guest that ends by itself (power-off, reset, halt): exit 0 unless the
+        # machine says otherwise (see Machine.guest_ended).
+        self.on_guest_end = on_guest_end or (lambda reason: on_exit(ExitStatus.OK, reason))
         self.stopping = stopping
         self.dump_requested = threading.Event()
         self.fixups: dict[str, int] = {}
@@ -159,6 +176,8 @@ class VcpuThread:
             self._loop()
         except VmExit as e:
             self.on_exit(e.status, e.reason)
+        except GuestEnded as e:
+            self.on_guest_end(str(e))
         except Exception as e:  # a VMM bug must still stop the VM cleanly
             log.exception("vcpu%d: unexpected error", self.vcpu.index)
             self.on_exit(1, f"vcpu{self.vcpu.index}: internal error: {e}")
@@ -190,7 +209,8 @@ class VcpuThread:
             elif reason == kvm.KVM_EXIT_SYSTEM_EVENT:
                 self._system_event(run.exit.system_event)
             elif reason == kvm.KVM_EXIT_SHUTDOWN:
-                self._fail("triple fault (KVM_EXIT_SHUTDOWN)")
+                raise VmExit(ExitStatus.GUEST_DIED, f"vcpu{self.vcpu.index}: the guest triple-faulted "
+                             f"(KVM_EXIT_SHUTDOWN)\n{format_regs(self.vcpu)}")
             elif reason == kvm.KVM_EXIT_FAIL_ENTRY:
                 fe = run.exit.fail_entry
                 self._fail(f"KVM_EXIT_FAIL_ENTRY: hardware entry failure reason "
@@ -198,7 +218,7 @@ class VcpuThread:
             elif reason == kvm.KVM_EXIT_HLT:
                 # Only without an in-kernel LAPIC; ours has one, so a HLT exit
                 # means every interrupt source is gone: treat it as power-off.
-                raise VmExit(0, f"vcpu{self.vcpu.index} halted")
+                raise GuestEnded(f"vcpu{self.vcpu.index} halted")
             else:
                 name = kvm.EXIT_REASON_NAMES.get(reason, str(reason))
                 self._fail(f"unexpected exit {name}")
@@ -261,7 +281,7 @@ class VcpuThread:
 
     def _system_event(self, ev: kvm.kvm_run_system_event) -> None:
         if ev.type in (kvm.KVM_SYSTEM_EVENT_SHUTDOWN, kvm.KVM_SYSTEM_EVENT_RESET):
-            raise VmExit(0, "guest " + ("shut down" if ev.type == kvm.KVM_SYSTEM_EVENT_SHUTDOWN else "reset"))
+            raise GuestEnded("guest " + ("shut down" if ev.type == kvm.KVM_SYSTEM_EVENT_SHUTDOWN else "reset"))
         self._fail(f"KVM_EXIT_SYSTEM_EVENT type {ev.type}")
 
     def _fail(self, what: str) -> None:

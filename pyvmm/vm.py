@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import kvm
+from .agent import AgentPort
 from .boot import cpu, layout
 from .boot.loader import BootEntry, load_kernel
 from .boot.mptable import write_mptable
@@ -27,6 +28,7 @@ from .bus import Bus
 from .console import Console, SocketPort
 from .devices.debug_exit import DebugExit
 from .devices.i8042 import I8042
+from .devices.pvpanic import PVPANIC_CRASH_LOADED, PvPanic
 from .devices.rtc import CmosRtc
 from .devices.serial import Serial16550A
 from .devices.virtio.blk import VirtioBlock
@@ -38,7 +40,8 @@ from .irq import GsiRouter
 from .memory import GuestMemory, MemorySlots
 from .pci.root import PCI_CONFIG_ADDRESS, PCI_CONFIG_IO_LEN, PciRoot
 from .platform import Flavour
-from .vcpu import KICK_SIGNAL, VcpuThread, format_regs
+from .status import ExitStatus
+from .vcpu import KICK_SIGNAL, VcpuThread, format_regs, install_kick_handler
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,12 @@ class MachineConfig:
     rng: bool = False
     console: str | None = None   # virtio-console host side: socket=PATH, file=PATH or null
     shares: list[FsConfig] = field(default_factory=list)
+    # Run mode: the guest was asked to run a program (--exec, pyvmm.run=), so it
+    # must not end before that program's status arrives.
+    run_mode: bool = False
+    # The guest agent (pyvmm.agent): its console's CONFIG words, and a socket for a client.
+    agent_words: str | None = None
+    agent_socket: str | None = None
 
 
 def pci_windows(ram_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -97,6 +106,7 @@ class Machine:
         self.stopping = threading.Event()
         self.exit_status: int | None = None
         self.exit_reason = ""
+        self.exit_from_program = False
         self._exit_lock = threading.Lock()
 
         self.kvm = kvm.Kvm()
@@ -122,7 +132,10 @@ class Machine:
         self.pci = PciRoot(self.mmio, *pci_windows(config.memory))
         self.pio.register(PCI_CONFIG_ADDRESS, PCI_CONFIG_IO_LEN, self.pci)
         self.console_port = None
+        self.agent: AgentPort | None = None
         self._add_virtio_devices()
+        self.pvpanic = PvPanic(self._guest_panicked)
+        self.pci.add(self.pvpanic)
 
         entry = load_kernel(self.memory, config.kernel, config.cmdline.encode(),
                             config.initramfs, config.memory)
@@ -133,15 +146,14 @@ class Machine:
     def _add_legacy_devices(self) -> None:
         self.serial = Serial16550A(self.console.write, self._serial_irq)
         self.pio.register(COM1_PORT, 8, self.serial)
-        self.i8042 = I8042(reset=lambda: self.request_exit(0, "guest reset (i8042)"))
+        self.i8042 = I8042(reset=lambda: self.guest_ended("guest reset (i8042)"))
         self.pio.register(I8042_DATA_PORT, 1, self.i8042.data_port)
         self.pio.register(I8042_COMMAND_PORT, 1, self.i8042.command_port)
         self.rtc = CmosRtc()
         low = min(self.config.memory, layout.MMIO_HOLE_START)
         self.rtc.set_memory_size(low, self.config.memory - low)
         self.pio.register(RTC_PORT, 2, self.rtc)
-        self.debug_exit = DebugExit(
-            on_exit=lambda status: self.request_exit(status, f"guest debug-exit status {status}"))
+        self.debug_exit = DebugExit(on_exit=self.program_exited)
         self.pio.register(layout.DEBUG_EXIT_PORT, 1, self.debug_exit)
 
     def _add_virtio_devices(self) -> None:
@@ -155,6 +167,12 @@ class Machine:
                           dax_window=share.cache_size if share.dax else None, slots=self.slots))
         if self.config.rng:
             plug(VirtioRng())
+        if self.config.agent_words is not None:
+            # Before the user's console, so that the guest calls it hvc0 (pyvmm.agent=hvc0).
+            self.agent = AgentPort(self.config.agent_words, self.config.agent_socket)
+            device = VirtioConsole(self.agent.from_guest)
+            self.agent.attach(device.receive)
+            plug(device)
         if self.config.console is not None:
             spec = self.config.console
             if spec.startswith("socket="):
@@ -177,17 +195,39 @@ class Machine:
             cpu.configure_vcpu(vcpu, cpu.filter_cpuid(supported, index, self.config.cpus))
             if index == 0:
                 cpu.set_boot_regs(vcpu, self.memory, entry.mode, entry.rip, rbx=entry.rbx, rsi=entry.rsi)
-            threads.append(VcpuThread(vcpu, self.pio, self.mmio, self.request_exit, self.stopping))
+            threads.append(VcpuThread(vcpu, self.pio, self.mmio, self.request_exit, self.stopping,
+                                      on_guest_end=self.guest_ended))
         return threads
 
     # --- lifecycle ------------------------------------------------------------------
-    def request_exit(self, status: int, reason: str) -> None:
-        """End the VM with ``status`` (the first request wins); callable from any thread."""
+    def program_exited(self, status: int) -> None:
+        """The guest program's status arrived (debug-exit port, or the agent for --exec)."""
+        self.request_exit(status, f"guest program exit status {status}", from_program=True)
+
+    def guest_ended(self, how: str) -> None:
+        """The guest powered off, reset or halted by itself: 0, unless it still owed
+        the status of the program it was asked to run."""
+        if self.config.run_mode:
+            self.request_exit(ExitStatus.GUEST_DIED, f"{how} before the guest program's exit "
+                              "status arrived")
+        else:
+            self.request_exit(ExitStatus.OK, how)
+
+    def _guest_panicked(self, event: int) -> None:
+        kdump = " (a crash kernel is loaded)" if event & PVPANIC_CRASH_LOADED else ""
+        self.request_exit(ExitStatus.GUEST_PANIC, f"guest kernel panic{kdump}")
+
+    def request_exit(self, status: int, reason: str, from_program: bool = False) -> None:
+        """End the VM with ``status`` (the first request wins); callable from any thread.
+
+        ``from_program``: the status is the guest program's own (run mode), not
+        a verdict of pyvmm's on how the guest ended."""
         with self._exit_lock:
             if self.exit_status is not None:
                 return
             self.exit_status = status
             self.exit_reason = reason
+            self.exit_from_program = from_program
             self.stopping.set()
         (log.error if status and "\n" in reason else log.info)("stopping: %s", reason)
         current = threading.current_thread()
@@ -200,14 +240,33 @@ class Machine:
         for t in self.vcpus:
             t.request_dump()
 
-    def run(self) -> int:
-        """Run until the guest or the user ends the VM; returns the exit status."""
+    def _install_signals(self) -> dict:
+        """SIGINT/SIGTERM end the VM, SIGUSR2 dumps registers: main thread only.
+        KICK_SIGNAL must have a handler (its default kills the process)."""
+        if threading.current_thread() is not threading.main_thread():
+            if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+                raise RuntimeError("Machine.run() outside the main thread needs a handler for "
+                                   f"{KICK_SIGNAL.name}: call pyvmm.vcpu.install_kick_handler() "
+                                   "from the main thread first")
+            return {}
+        install_kick_handler()   # EINTR for KVM_RUN; it stays (a late kick must not kill us)
         previous = {}
-        signal.signal(KICK_SIGNAL, lambda *_: None)  # EINTR for KVM_RUN, nothing else
-        for sig, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        for sig, status in ((signal.SIGINT, ExitStatus.SIGINT), (signal.SIGTERM, ExitStatus.SIGTERM)):
             previous[sig] = signal.signal(
                 sig, lambda s, _f, st=status: self.request_exit(st, f"{signal.Signals(s).name} received"))
         previous[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, lambda *_: self.dump_registers())
+        return previous
+
+    def _timed_out(self, timeout: float) -> None:
+        """--timeout: log every vCPU's registers, then stop with the timeout status."""
+        self.dump_registers()
+        time.sleep(0.5)   # the vCPU threads log their registers when kicked
+        self.request_exit(ExitStatus.TIMEOUT, f"timeout: the guest ran for {timeout:g} s")
+
+    def run(self, timeout: float | None = None) -> int:
+        """Run until the guest or the user ends the VM (or ``timeout`` seconds pass);
+        returns the exit status (pyvmm.status.ExitStatus)."""
+        previous = self._install_signals()
         try:
             self.console.start_input(self.serial.receive,
                                      quit=lambda: self.request_exit(0, "Ctrl-A x pressed"))
@@ -215,8 +274,10 @@ class Machine:
             log.debug("VMM start to first KVM_RUN: %.3f s", self.t_first_run - self.t_start)
             for t in self.vcpus:
                 t.start()
+            deadline = None if timeout is None else self.t_first_run + timeout
             while not self.stopping.wait(0.25):
-                pass
+                if deadline is not None and time.monotonic() > deadline:
+                    self._timed_out(timeout)
             for t in self.vcpus:
                 t.kick()
             for t in self.vcpus:
@@ -244,6 +305,8 @@ class Machine:
         self.pci.close()
         if self.console_port is not None:
             self.console_port.close()
+        if self.agent is not None:
+            self.agent.close()
         for t in self.vcpus:
             if not t.thread.is_alive():
                 t.vcpu.close()

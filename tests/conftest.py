@@ -7,26 +7,15 @@ a green CI run must mean the boot tests really ran.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from pyvmm.cli import default_guest_dir
 from pyvmm.platform import detect_flavour
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def _kvm_problem() -> str | None:
-    if not os.path.exists("/dev/kvm"):
-        return "/dev/kvm does not exist on this host"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "/dev/kvm is not accessible to this user"
-    return None
+from pyvmm.testing.plugin import in_ci, require_kvm
 
 
 def _missing(reason: str) -> None:
-    if IN_CI:
+    if in_ci():
         pytest.fail(f"CI needs this test to run, but {reason}")
     pytest.skip(reason)
 
@@ -34,9 +23,7 @@ def _missing(reason: str) -> None:
 @pytest.fixture(scope="session")
 def kvm_host() -> str:
     """The KVM flavour name; skips (fails under CI) without usable /dev/kvm."""
-    problem = _kvm_problem()
-    if problem:
-        _missing(problem)
+    require_kvm()
     return detect_flavour().name
 
 

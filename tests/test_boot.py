@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from guestrun import GuestProcess
+from pyvmm.testing import VmmProcess
 
 pytestmark = pytest.mark.boot
 
@@ -19,7 +19,7 @@ BOOT_TIMEOUT = 240  # seconds to `pyvmm-guest: ready`; PVM boots take ~25 s
 
 def test_interactive_boot_two_cpus_serial_input_and_reboot(guest_image):
     """ready -> typed commands run in the shell -> 2 CPUs -> right clock -> reboot -f exits 0."""
-    g = GuestProcess("--kernel", guest_image["kernel"], "--initramfs", guest_image["initramfs"],
+    g = VmmProcess.pyvmm_run("--kernel", guest_image["kernel"], "--initramfs", guest_image["initramfs"],
                      "--cpus", "2", "--memory", "256M")
     try:
         ready = g.wait_for("pyvmm-guest: ready", BOOT_TIMEOUT)
@@ -33,14 +33,14 @@ def test_interactive_boot_two_cpus_serial_input_and_reboot(guest_image):
         assert abs(int(m.group(2)) - host_epoch) < 120, "guest clock is off"
         g.send("reboot -f\n")
         assert g.wait_exit(60) == 0
-        assert "guest reset (i8042)" in g.stderr.decode()
+        assert "guest reset (i8042)" in g.stderr
     finally:
         g.kill()
 
 
 def test_run_mode_exit_status_propagates(guest_image):
     """pyvmm.run=PATH runs the script; its status reaches the VMM through the debug-exit port."""
-    g = GuestProcess("--kernel", guest_image["kernel"], "--initramfs", guest_image["initramfs"],
+    g = VmmProcess.pyvmm_run("--kernel", guest_image["kernel"], "--initramfs", guest_image["initramfs"],
                      "--append", "pyvmm.run=/pyvmm-tests/boot-checks.sh pyvmm.test.status=42")
     try:
         g.wait_for("pyvmm-guest: ready", BOOT_TIMEOUT)
@@ -56,14 +56,14 @@ def test_sigterm_stops_all_vcpus(guest_image):
     """SIGTERM while the guest runs: every vCPU thread stops and pyvmm exits 143."""
     import signal
 
-    g = GuestProcess("--kernel", guest_image["kernel"], "--initramfs", guest_image["initramfs"],
+    g = VmmProcess.pyvmm_run("--kernel", guest_image["kernel"], "--initramfs", guest_image["initramfs"],
                      "--cpus", "2")
     try:
         g.wait_for("pyvmm-guest: ready", BOOT_TIMEOUT)
         g.proc.send_signal(signal.SIGTERM)
         assert g.wait_exit(30) == 143
-        assert "SIGTERM received" in g.stderr.decode()
-        assert "did not stop in time" not in g.stderr.decode()
+        assert "SIGTERM received" in g.stderr
+        assert "did not stop in time" not in g.stderr
     finally:
         g.kill()
 
@@ -79,7 +79,7 @@ def test_stock_bzimage_boots(kvm_host):
     bz, initrd = d / "debian" / "bzImage", d / "initramfs-debian.cpio"
     if not bz.exists():
         pytest.fail(f"{bz} is missing: run `make guest KERNEL=debian`")
-    g = GuestProcess("--kernel", str(bz), "--initramfs", str(initrd),
+    g = VmmProcess.pyvmm_run("--kernel", str(bz), "--initramfs", str(initrd),
                      "--append", "pyvmm.run=/pyvmm-tests/boot-checks.sh pyvmm.test.status=7")
     try:
         g.wait_for("pyvmm-guest: ready", BOOT_TIMEOUT)

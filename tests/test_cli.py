@@ -253,3 +253,86 @@ def test_process_initramfs_does_not_fit(guest_image, tmp_path):
     p = run_pyvmm("run", "--kernel", guest_image["kernel"], "--initramfs", str(initramfs),
                   "--memory", "32M", "--serial", "null")
     assert_process_usage_error(p, "the initramfs (8388608 bytes) does not fit in 32 MiB")
+
+
+# --- run plans: --share, --exec, --agent, --timeout, the default initramfs ---------------------
+def plan_for(tmp_path, *argv: str):
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"k")
+    args = cli.build_parser().parse_args(["run", "--kernel", str(kernel), *argv])
+    return cli.run_plan(args, detect_flavour_for_tests())
+
+
+def detect_flavour_for_tests():
+    from pyvmm.platform import Flavour
+
+    return Flavour("hardware", "kvm_intel", "test")
+
+
+def test_share_words_go_on_the_command_line_without_the_agent(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    plan = plan_for(tmp_path, "--share", f"{d},dax=on,readonly=on,cache_size=64M")
+    assert plan.config.cmdline.split()[-1] == "pyvmm.share=data:dax:ro"
+    assert plan.config.agent_words is None and not plan.config.run_mode
+    assert plan.shares[0].cache_size == 64 << 20 and plan.shares[0].path == str(d)
+
+
+def test_exec_uses_the_agent_and_run_mode(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    plan = plan_for(tmp_path, "--share", f"{d},tag=t1", "--exec", "uname -s")
+    words = plan.config.cmdline.split()
+    assert "pyvmm.agent=hvc0" in words and not any(w.startswith("pyvmm.share=") for w in words)
+    assert plan.config.agent_words == "pyvmm.share=t1"
+    assert plan.config.run_mode and plan.exec_command == "uname -s"
+    assert plan.config.serial == "null"   # stdout is the command's
+
+
+def test_pyvmm_run_word_is_run_mode(tmp_path):
+    plan = plan_for(tmp_path, "--append", "pyvmm.run=/x.sh")
+    assert plan.config.run_mode and plan.config.serial == "stdio"
+
+
+def test_custom_kernel_gets_the_default_initramfs(tmp_path, no_default_guest):
+    (no_default_guest / "initramfs.cpio").write_bytes(b"070701")
+    assert plan_for(tmp_path).config.initramfs == b"070701"
+    assert plan_for(tmp_path, "--initramfs", "none").config.initramfs is None
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--share", "/no/such/dir"], "not a directory"),
+    (["--share", "{d},tag=bad/tag"], "tag"),
+    (["--share", "{d},dax=maybe"], "dax"),
+    (["--share", "{d},colour=red"], "--share"),
+    (["--share", "{d},cache_size=3M"], "power of two"),
+    (["--share", "{d}", "--share", "{d}"], "different"),
+    (["--exec", "true", "--append", "pyvmm.run=/x"], "give one"),
+    (["--agent", "file=/x"], "socket=PATH"),
+    (["--timeout", "0"], "--timeout"),
+    (["--timeout", "soon"], "--timeout"),
+])
+def test_bad_run_options(capsys, tmp_path, argv, words):
+    d = tmp_path / "data"
+    d.mkdir()
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"k")
+    argv = [a.replace("{d}", str(d)) for a in argv]
+    assert_usage_error(*run_main(capsys, ["run", "--kernel", str(kernel), *argv]), words)
+
+
+def test_help_has_the_exit_status_table(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    from pyvmm.status import ExitStatus
+
+    for status in ExitStatus:
+        assert f"  {status.value} " in out or f"{status.value} SIG" in out, status
+
+
+def test_readme_has_the_exit_status_table():
+    from pyvmm.status import EXIT_STATUS_TABLE
+
+    readme = (REPO / "README.md").read_text()
+    assert EXIT_STATUS_TABLE in readme

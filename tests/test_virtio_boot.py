@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from guestrun import GuestProcess
+from pyvmm.testing import VmmProcess
 from pyvmm.cli import default_guest_dir
 
 pytestmark = pytest.mark.boot
@@ -68,7 +68,7 @@ def test_pci_virtio_blk_rng_console(guest_image, tmp_path):
     vdb_mtime = vdb.stat().st_mtime_ns
     sock_path = str(tmp_path / "hvc0.sock")
 
-    g = GuestProcess("--kernel", guest_image["kernel"], "--initramfs", guest_image["initramfs"],
+    g = VmmProcess.pyvmm_run("--kernel", guest_image["kernel"], "--initramfs", guest_image["initramfs"],
                      "--disk", f"path={vda}", "--disk", f"path={vdb},readonly=on", "--rng",
                      "--console", f"socket={sock_path}",
                      "--append", "pyvmm.run=/pyvmm-tests/virtio-checks.sh")

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from guestrun import GuestProcess
+from pyvmm.testing import VmmProcess
 from test_virtio_boot import pattern_tool
 
 pytestmark = pytest.mark.boot
@@ -49,7 +49,7 @@ def test_virtiofs_with_debian_virtiofsd(guest_image, tmp_path):
                               capture_output=True, text=True).stdout.strip()
     sock = str(tmp_path / "vfs.sock")
     backend = start_virtiofsd(sock, str(shared))
-    g = GuestProcess("--kernel", guest_image["kernel"], "--initramfs", guest_image["initramfs"],
+    g = VmmProcess.pyvmm_run("--kernel", guest_image["kernel"], "--initramfs", guest_image["initramfs"],
                      "--fs", f"tag=share,socket={sock}", "--append", "pyvmm.share=share")
     try:
         g.wait_for("pyvmm-guest: ready", 240)
@@ -67,9 +67,9 @@ def test_virtiofs_with_debian_virtiofsd(guest_image, tmp_path):
         backend.send_signal(signal.SIGKILL)                         # the backend dies mid-run
         backend.wait(10)
         deadline = time.monotonic() + 10
-        while b"went away" not in g.stderr and time.monotonic() < deadline:
+        while b"went away" not in g.errors.data and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert b"went away" in g.stderr, "pyvmm did not notice the backend's death"
+        assert b"went away" in g.errors.data, "pyvmm did not notice the backend's death"
         assert g.proc.poll() is None, "pyvmm died with its backend"
         g.send("echo still-alive-$((40+2)); cat /mnt/share/tree/f2\n")
         g.wait_for("still-alive-42", 60)

@@ -20,12 +20,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
-import time
 
 import pytest
 
-from guestrun import GuestProcess
+from pyvmm.shares import Backend, ShareConfig, start_backend
+from pyvmm.testing import VmmProcess
 from test_virtio_boot import pattern_tool
 
 pytestmark = pytest.mark.boot
@@ -34,18 +33,13 @@ MiB = 1 << 20
 WINDOW = 16 * MiB
 
 
-def start_pyvmm_virtiofsd(sock: str, shared: str, log_path: str, *extra: str) -> subprocess.Popen:
+def start_pyvmm_virtiofsd(shared: str, log_path: str, *extra: str) -> Backend:
+    """pyvmm's own way of starting a back-end (``--share``), with a debug log for the test."""
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pyvmm.virtiofsd", "--socket-path", sock,
-                                 "--shared-dir", shared, "--log-level", "debug", *extra],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 20
-    while not os.path.exists(sock):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("pyvmm-virtiofsd did not start:\n" + open(log_path).read()[-3000:])
-        time.sleep(0.05)
-    return proc
+        try:
+            return start_backend(ShareConfig(shared, "share"), "debug", stderr=log, extra=extra)
+        except ValueError as e:
+            pytest.fail(f"{e}:\n" + open(log_path).read()[-3000:])
 
 
 def _sum(tool: str, path) -> str:
@@ -74,9 +68,10 @@ def test_dax_share_with_pyvmm_virtiofsd(guest_image, tmp_path):
     os.symlink("..", shared / "up-link")
     host_sum, big_sum = _sum(tool, shared / "host.bin"), _sum(tool, shared / "big.bin")
 
-    sock, log = str(tmp_path / "vfs.sock"), str(tmp_path / "virtiofsd.log")
-    backend = start_pyvmm_virtiofsd(sock, str(shared), log)
-    g = GuestProcess("--kernel", guest_image["kernel"], "--initramfs", guest_image["initramfs"],
+    log = str(tmp_path / "virtiofsd.log")
+    backend = start_pyvmm_virtiofsd(str(shared), log)
+    sock = backend.socket_path
+    g = VmmProcess.pyvmm_run("--kernel", guest_image["kernel"], "--initramfs", guest_image["initramfs"],
                      "--fs", f"tag=share,socket={sock},dax=on,cache_size=16M",
                      "--append", "pyvmm.share=share pyvmm.dax=1")
     try:
@@ -126,14 +121,13 @@ def test_dax_share_with_pyvmm_virtiofsd(guest_image, tmp_path):
         assert f"reinit-mmap: {big_sum} " in out
         g.send("reboot -f\n")
         assert g.wait_exit(60) == 0
-        assert backend.wait(20) == 0, "pyvmm-virtiofsd did not exit after its front-end"
+        assert backend.proc.wait(20) == 0, "pyvmm-virtiofsd did not exit after its front-end"
     except BaseException:
         print("pyvmm-virtiofsd log:\n" + _backend_log(log))
         raise
     finally:
         g.kill()
-        if backend.poll() is None:
-            backend.kill()
+        backend.stop()
 
 
 QEMU = shutil.which("qemu-system-x86_64")
@@ -161,8 +155,9 @@ def test_qemu_frontend_on_pyvmm_virtiofsd(guest_image, tmp_path):
         "echo \"qemu-host-sum: $(pattern sum host.bin)\"\n"
         "pattern write guest.bin 524288 6 && echo qemu-guest-write: ok\n"
         "mkdir d && echo hi >d/a && mv d/a d/b && ls d\n")
-    sock, log = str(tmp_path / "vfs.sock"), str(tmp_path / "virtiofsd.log")
-    backend = start_pyvmm_virtiofsd(sock, str(shared), log, "--thread-pool-size", "2")
+    log = str(tmp_path / "virtiofsd.log")
+    backend = start_pyvmm_virtiofsd(str(shared), log, "--thread-pool-size", "2")
+    sock = backend.socket_path
     append = "pyvmm.share=share pyvmm.run=/mnt/share/run.sh"
     guest = GuestConfig(guest_image["kernel"], guest_image["initramfs"], "256M", 1,
                         f"{default_cmdline(detect_flavour())} {append}", append)
@@ -179,10 +174,9 @@ def test_qemu_frontend_on_pyvmm_virtiofsd(guest_image, tmp_path):
         assert proc.returncode == 1     # isa-debug-exit: (0 << 1) | 1
         assert subprocess.run([tool, "check", str(shared / "guest.bin"), "524288", "6"]).returncode == 0
         assert os.listdir(shared / "d") == ["b"]
-        assert backend.wait(20) == 0
+        assert backend.proc.wait(20) == 0
     except BaseException:
         print("pyvmm-virtiofsd log:\n" + _backend_log(log))
         raise
     finally:
-        if backend.poll() is None:
-            backend.kill()
+        backend.stop()

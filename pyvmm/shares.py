@@ -1,0 +1,125 @@
+"""``--share DIR``: a host directory in the guest, with its back-end started by pyvmm.
+
+``pyvmm run --share DIR[,tag=T][,dax=on][,cache_size=S][,readonly=on]`` does
+what ``--fs`` plus a hand-started back-end plus ``pyvmm.share=`` words do:
+
+1. ``start_backend`` starts ``pyvmm-virtiofsd`` (this package's back-end, as
+   ``python -m pyvmm.virtiofsd``) on a socket in a private directory, waits
+   for the socket, and returns a ``Backend`` to stop later;
+2. ``ShareConfig.fs_config`` is the virtio-fs device for it (``FsConfig``);
+3. ``ShareConfig.guest_word`` is the guest contract's word for it:
+   ``pyvmm.share=TAG[:dax][:ro]``: /init mounts it at /mnt/TAG.
+
+Nothing is left behind on any exit path: ``Backend.stop`` ends the daemon and
+removes the directory, and a daemon outlives a VMM killed with SIGKILL only
+until its vhost-user connection drops (it serves one connection) or its
+parent-death signal arrives.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_SIZE = 256 << 20   # DAX window: the guest spends 1.6% of it on struct pages
+TAG_RE = re.compile(r"[A-Za-z0-9._-]{1,36}")
+START_TIMEOUT = 30.0             # seconds for the back-end's socket to appear
+STOP_TIMEOUT = 5.0
+PR_SET_PDEATHSIG = 1             # <linux/prctl.h>
+
+
+@dataclass(frozen=True)
+class ShareConfig:
+    path: str
+    tag: str
+    dax: bool = False
+    cache_size: int = DEFAULT_CACHE_SIZE
+    readonly: bool = False
+
+    def guest_word(self) -> str:
+        """The guest contract's word: ``pyvmm.share=TAG[:dax][:ro]``."""
+        return "pyvmm.share=" + self.tag + (":dax" if self.dax else "") + (":ro" if self.readonly else "")
+
+    def fs_config(self, socket_path: str):
+        from .vm import FsConfig
+
+        return FsConfig(self.tag, socket_path, dax=self.dax, cache_size=self.cache_size)
+
+
+class Backend:
+    """One pyvmm-virtiofsd child serving one share."""
+
+    def __init__(self, share: ShareConfig, proc: subprocess.Popen, socket_dir: str, socket_path: str) -> None:
+        self.share = share
+        self.proc = proc
+        self.socket_dir = socket_dir
+        self.socket_path = socket_path
+
+    def stop(self) -> int | None:
+        """End the daemon (it normally exits by itself when the VMM disconnects) and
+        remove its directory; returns its exit status."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(1.0)
+            except subprocess.TimeoutExpired:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+        return self.proc.returncode
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the VMM dies, even by SIGKILL."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def start_backend(share: ShareConfig, log_level: str = "warning", *, stderr=None,
+                  extra: tuple[str, ...] = (), python: str = sys.executable) -> Backend:
+    """Start pyvmm-virtiofsd for ``share`` on a socket in a new private directory and
+    wait for the socket.  Its stderr is ours unless ``stderr`` (a file) is given;
+    ``extra``: more daemon options.  ValueError when it does not start."""
+    socket_dir = tempfile.mkdtemp(prefix="pyvmm-share-")
+    socket_path = os.path.join(socket_dir, "vhost-user.sock")
+    argv = [python, "-m", "pyvmm.virtiofsd", "--socket-path", socket_path,
+            "--shared-dir", share.path, "--log-level", log_level, *extra]
+    if share.readonly:
+        argv.append("--readonly")
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=stderr, preexec_fn=_die_with_parent)
+    except OSError as e:
+        shutil.rmtree(socket_dir, ignore_errors=True)
+        raise ValueError(f"--share {share.path}: cannot start pyvmm-virtiofsd: {e.strerror}") from None
+    backend = Backend(share, proc, socket_dir, socket_path)
+    deadline = time.monotonic() + START_TIMEOUT
+    while not os.path.exists(socket_path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            backend.stop()
+            raise ValueError(f"--share {share.path}: pyvmm-virtiofsd did not start "
+                             f"(status {proc.returncode}; see its own message)")
+        time.sleep(0.02)
+    log.info("share %s: pyvmm-virtiofsd pid %d serves %s", share.tag, proc.pid, share.path)
+    return backend
+
+
+def stop_backends(backends: list[Backend]) -> None:
+    for b in backends:
+        status = b.stop()
+        if status not in (0, None, -signal.SIGTERM):
+            log.warning("share %s: pyvmm-virtiofsd exited with status %s", b.share.tag, status)
