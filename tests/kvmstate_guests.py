@@ -14,12 +14,14 @@ Guests (all start in 64-bit long mode at CPL0, where PVM emulates them):
   2 KiB table; every 64 rounds it writes a progress word to port 0x80 and
   reads port 0x82 (the value the VMM answers is folded into the result).
 * ``compute-user``: the same loop at CPL3, where PVM runs the guest natively,
-  with real SSE arithmetic (paddq, pxor, pshufd, movq); progress goes out as
-  MMIO writes because PVM forces IOPL 0 in user mode.
+  with real SSE arithmetic (paddq, pxor, pshufd, movq) and a non-default
+  MXCSR; progress goes out as MMIO writes because PVM forces IOPL 0 in user mode.
 * ``timer-periodic`` / ``timer-deadline``: the local APIC timer (periodic, or
   TSC-deadline re-armed through MSR 0x6e0) wakes a ``sti; hlt`` loop; each
   tick is counted by the interrupt handler and reported on port 0x80 until
   TIMER_TICKS ticks.
+* ``devices``: programs the in-kernel PIT (channels 0 and 2), both 8259 PICs
+  (ICWs, masks, ELCR) and an IOAPIC redirection entry (its VM has a PIT).
 * ``kvmclock``: enables kvmclock (MSR_KVM_SYSTEM_TIME_NEW) and reports the
   flags byte of its pvclock page PVCLOCK_REPORTS times.
 
@@ -67,6 +69,7 @@ _SEEDS = """
 seed:    .quad 0x0123456789abcdef, 0xfedcba9876543210, 0x0f1e2d3c4b5a6978, 0x8796a5b4c3d2e1f0
          .quad 0x1122334455667788, 0x99aabbccddeeff00
 scratch: .quad 0, 0
+mxcsr:   .long 0x7fa0             # round toward zero, precision exception masked and set
     .org {data} + 0x100
 result:  .fill 96, 1, 0
 table:   .fill 2048, 1, 0
@@ -134,7 +137,8 @@ loop:""" + _MIX_ROUND + """
 """
 
 COMPUTE_USER = _ENABLE_SSE + ENTER_USER_MODE + """
-user:""" + _MIX_SETUP + """
+user:
+        ldmxcsr mxcsr(%rip)          # a non-default MXCSR, read back at the end""" + _MIX_SETUP + """
         mov ${report}, %r11d
 loop:""" + _MIX_ROUND + """
         movq %rax, %xmm4
@@ -148,6 +152,7 @@ loop:""" + _MIX_ROUND + """
 1:      dec %ecx
         jnz loop
 """ + _MIX_STORE + """
+        stmxcsr result+80(%rip)
         movl $0, 8(%r11)             # done
 2:      jmp 2b
 """
@@ -208,8 +213,50 @@ KVMCLOCK = """
         out %al, %dx
 """
 
+DEVICES = """
+        mov $0x34, %al               # PIT channel 0: lobyte/hibyte, mode 2
+        out %al, $0x43
+        mov $0x9c, %al               # count 11932 (100 Hz)
+        out %al, $0x40
+        mov $0x2e, %al
+        out %al, $0x40
+        mov $0xb6, %al               # PIT channel 2: lobyte/hibyte, mode 3
+        out %al, $0x43
+        mov $0x11, %al               # 8259 init: ICW1, vector base, cascade, 8086 mode
+        out %al, $0x20
+        out %al, $0xa0
+        mov $0x20, %al
+        out %al, $0x21
+        mov $0x28, %al
+        out %al, $0xa1
+        mov $0x04, %al
+        out %al, $0x21
+        mov $0x02, %al
+        out %al, $0xa1
+        mov $0x01, %al
+        out %al, $0x21
+        out %al, $0xa1
+        mov $0xfa, %al               # masks (OCW1)
+        out %al, $0x21
+        mov $0xbf, %al
+        out %al, $0xa1
+        mov $0x0c, %al               # ELCR: IRQ 10 and 11 level-triggered
+        mov $0x4d1, %dx
+        out %al, %dx
+        mov $0xfec00000, %ebx        # IOAPIC pin 4: vector 0x31, level, masked, to APIC 3
+        movl $0x18, (%rbx)
+        movl $0x18031, 0x10(%rbx)
+        movl $0x19, (%rbx)
+        movl $0x03000000, 0x10(%rbx)
+        out %al, ${progress}         # pause here
+        mov $0, %al
+        mov ${exit_port}, %dx
+        out %al, %dx
+"""
+
 KINDS = {"compute-kernel": COMPUTE_KERNEL, "compute-user": COMPUTE_USER,
-         "timer-periodic": TIMER_PERIODIC, "timer-deadline": TIMER_DEADLINE, "kvmclock": KVMCLOCK}
+         "timer-periodic": TIMER_PERIODIC, "timer-deadline": TIMER_DEADLINE, "kvmclock": KVMCLOCK,
+         "devices": DEVICES}
 PVCLOCK = 0x18000             # kvmclock guest: its pvclock_vcpu_time_info (32 bytes)
 PVCLOCK_REPORTS = 20
 
@@ -246,6 +293,8 @@ class Machine:
             self.tiny.set_idt({TIMER_VECTOR: CODE_ADDR + HANDLER})
         if kind == "compute-user":
             self.tiny.allow_user_mode()
+        if kind == "devices":
+            self.tiny.vm.create_pit2(kvm.KVM_PIT_SPEAKER_DUMMY)
 
     def run(self, pause_after: tuple[str, int] | None = None, timeout: float = 20.0,
             kick_after: float | None = None) -> str:

@@ -424,3 +424,15 @@ def test_mark_paused_is_false_without_kvmclock():
     with pytest.raises(kvm.KvmError):
         kvm_state.mark_paused(Vcpu(errno.EBADF))
 
+
+
+def test_restore_explains_a_refused_tsc_rate():
+    state = sample_vcpu_state()
+    vcpu = FakeVcpu(tsc_khz=state.tsc_khz + 1000)
+
+    def refuse(khz):
+        raise kvm.KvmError(errno.EINVAL, "Invalid argument")
+
+    vcpu.set_tsc_khz = refuse
+    with pytest.raises(kvm.KvmError, match="KVM_SET_TSC_KHZ 2596138 refused .*runs at 2597138 kHz"):
+        kvm_state.restore_vcpu(vcpu, state)

@@ -11,6 +11,7 @@ What these measured on the PVM host (kvm_pvm, 6.18) is noted at each test.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -234,6 +235,8 @@ def test_paused_guest_finishes_in_a_new_process(machines, msrs, tmp_path, kind, 
     assert result["outcome"] == "exit" and result["status"] == 0
     assert before + result["events"] == reference["events"]
     assert result["memory"] == reference["memory"]
+    if kind == "compute-user":   # the guest's own MXCSR came back (stmxcsr at the end)
+        assert int.from_bytes(bytes.fromhex(result["memory"])[80:84], "little") == 0x7FA0
     log.info("%s: save %s, restore %s, child %.0f ms", kind,
              {k: round(v, 2) for k, v in timings.items()},
              {k: round(v, 2) for k, v in result["timings"].items()}, result["child_wall_ms"])
@@ -312,3 +315,94 @@ def test_mark_paused_needs_kvmclock(machines):
     assert kvm_state.mark_paused(m.vcpu) is False
     assert m.vcpu.set_msrs({0x4B564D01: guests.PVCLOCK | 1}) == 1
     assert kvm_state.mark_paused(m.vcpu) is True
+
+
+def test_vm_devices_round_trip(machines):
+    """PIT, PICs and IOAPIC as a guest programmed them: save_vm -> restore_vm into a
+    fresh VM -> save_vm gives them back, apart from kvmclock and the PIT channels'
+    count_load_time (host time at which KVM_SET_PIT2 reloaded the counts)."""
+    m = machines("devices")
+    assert m.run(pause_after=("out", 1)) == "paused"
+    kvm_state.complete_pending_io(m.vcpu)
+    saved = kvm_state.save_vm(m.tiny.vm)
+    ch0 = saved.pit2.channels[0]
+    assert (ch0.count, ch0.mode, ch0.rw_mode, saved.pit2.channels[2].mode) == (11932, 2, 3, 3)
+    assert (saved.pic_master.imr, saved.pic_master.irq_base, saved.pic_slave.imr,
+            saved.pic_slave.irq_base, saved.pic_slave.elcr) == (0xFA, 0x20, 0xBF, 0x28, 0x0C)
+    assert saved.ioapic.redirtbl[4].bits == 0x0300000000018031
+    fresh = machines("devices", code=b"\xf4")
+    kvm_state.restore_vm(fresh.tiny.vm, kvm_state.VmState.from_json(saved.to_json()))
+    diffs = set(json_diff(saved.to_json(), kvm_state.save_vm(fresh.tiny.vm).to_json()))
+    allowed = {".clock.clock", ".clock.realtime", ".clock.host_tsc", ".clock.flags"} | {
+        f".pit2.channels[{i}].count_load_time" for i in range(3)}
+    assert diffs <= allowed, sorted(diffs - allowed)
+
+
+def test_fpu_ioctl_loses_mxcsr_xsave_keeps_it(machines, msrs, kvm_host):
+    """Why restore_vcpu sets XSAVE after FPU: a user-mode guest sets MXCSR to 0x7fa0.
+    Measured on PVM: KVM_GET_FPU reports mxcsr 0 (so a restore from the FPU state
+    alone gives the guest the default 0x1f80), the XSAVE area has 0x7fa0, and the
+    full restore gives the guest its own MXCSR back."""
+    code = guests.assemble(".org 0\n" + guests._ENABLE_SSE + guests.ENTER_USER_MODE + """
+    user:
+        mov $0xd0000000, %r11d
+        ldmxcsr mx(%rip)
+        movl $1, (%r11)              # paused here
+        stmxcsr mx(%rip)
+        mov mx(%rip), %eax
+        mov %eax, (%r11)             # report MXCSR
+        movl $0, 8(%r11)
+    2:  jmp 2b
+    .org 0x800
+    mx: .long 0x7fa0
+    """)
+
+    def resumed_mxcsr(drop_xsave: bool) -> tuple[int, int]:
+        m = machines("compute-user", code)
+        assert m.run(pause_after=("mmio", 1)) == "paused"
+        kvm_state.complete_pending_io(m.vcpu)
+        state = kvm_state.save_vcpu(m.vcpu, msrs)
+        xsave_mxcsr = int.from_bytes(state.xsave[24:28], "little")
+        if drop_xsave:
+            state.xsave = None
+        fresh = machines("compute-user", code=b"\xf4")
+        fresh.tiny.mem.write(0, m.tiny.mem.read(0, guests.RAM_SIZE))
+        kvm_state.restore_vcpu(fresh.vcpu, state)
+        fresh.counts = dict(m.counts)
+        assert fresh.run() == "exit"
+        return state.fpu.mxcsr, xsave_mxcsr, fresh.events[-1][1]
+
+    fpu_mxcsr, xsave_mxcsr, seen = resumed_mxcsr(drop_xsave=False)
+    assert (xsave_mxcsr, seen) == (0x7FA0, 0x7FA0)
+    _, _, seen_without_xsave = resumed_mxcsr(drop_xsave=True)
+    log.info("KVM flavour %s: KVM_GET_FPU mxcsr %#x; guest MXCSR after an FPU-only restore %#x",
+             kvm_host, fpu_mxcsr, seen_without_xsave)
+    if kvm_host == "pvm":
+        assert (fpu_mxcsr, seen_without_xsave) == (0, 0x1F80)
+
+
+def test_xsave2_gives_the_same_area(machines):
+    """KVM_GET_XSAVE2 with KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) bytes (4096 on this host,
+    so save_vcpu uses KVM_GET_XSAVE) returns what KVM_GET_XSAVE does."""
+    m = machines("compute-user")
+    assert m.run(pause_after=("mmio", 3)) == "paused"
+    kvm_state.complete_pending_io(m.vcpu)
+    size = m.tiny.vm.xsave_size()
+    assert size >= kvm.XSAVE_LEGACY_SIZE
+    assert m.vcpu.get_xsave2(size)[:kvm.XSAVE_LEGACY_SIZE] == bytes(m.vcpu.get_xsave())
+
+
+def test_tsc_rate_without_tsc_scaling(machines):
+    """KVM_SET_TSC_KHZ where KVM_CAP_TSC_CONTROL is 0 (as on this PVM host): the
+    vCPU's own rate is accepted, a lower one is refused with EINVAL, a higher one
+    is accepted (KVM then emulates it by catching the TSC up)."""
+    m = machines("compute-kernel", code=b"\xf4")
+    if m.tiny.vm.check_extension(kvm.KVM_CAP_TSC_CONTROL) > 0:
+        pytest.skip("this host can scale the TSC")
+    khz = m.vcpu.get_tsc_khz()
+    m.vcpu.set_tsc_khz(khz)
+    with pytest.raises(kvm.KvmError) as refused:
+        m.vcpu.set_tsc_khz(khz * 99 // 100)
+    assert refused.value.errno == errno.EINVAL
+    m.vcpu.set_tsc_khz(khz * 101 // 100)
+    assert m.vcpu.get_tsc_khz() == khz * 101 // 100

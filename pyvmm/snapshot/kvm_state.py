@@ -20,14 +20,18 @@ last (it sets kvmclock), then run.
 its input as untrusted and raises ``ValueError`` naming the first bad field.
 
 Measured on a PVM host (kvm_pvm, Linux 6.18): every ioctl used here is
-accepted, and a save -> restore -> save gives back the same state except the
-guest TSC: KVM_SET_MSRS takes MSR_IA32_TSC but the guest goes on reading the
-host's TSC, so a restored guest sees the TSC jump by the time it spent saved
-(kvmclock, restored with KVM_SET_CLOCK, does not jump).  The LAPIC timer
-goes on from its saved current count (KVM_SET_LAPIC re-arms it from TMCCT:
-the first tick after a restore comes after the remaining count, then one
-every period).  See tests/test_kvm_state_guest.py and the notes on each
-function.
+accepted, and a save -> restore -> save gives back the same state, except:
+
+* the guest TSC: KVM_SET_MSRS takes MSR_IA32_TSC but the guest goes on reading
+  the host's TSC, so a restored guest sees its TSC jump by the time it spent
+  saved (kvmclock, restored with KVM_SET_CLOCK, does not jump);
+* KVM_GET_FPU reports MXCSR as 0 whatever the guest set: the XSAVE area has
+  the guest's value, so the FPU state alone is not enough.
+
+The LAPIC timer goes on from its saved current count (KVM_SET_LAPIC re-arms it
+from TMCCT: the first tick after a restore comes after the remaining count,
+then one every period).  See tests/test_kvm_state_guest.py and the notes on
+each function.
 """
 
 from __future__ import annotations
@@ -250,7 +254,8 @@ def restore_vcpu(vcpu: kvm.Vcpu, state: VcpuState) -> None:
        interrupt of its interrupt_bitmap: both come before KVM_SET_VCPU_EVENTS,
        which holds the complete event state.
     5. KVM_SET_FPU, then KVM_SET_XSAVE (a superset of the FPU state, so it has the
-       last word), then KVM_SET_XCRS.
+       last word), then KVM_SET_XCRS.  Measured on PVM: KVM_GET_FPU reports MXCSR
+       as 0 whatever the guest set; only the XSAVE area carries it.
     6. KVM_SET_DEBUGREGS.
     7. KVM_SET_LAPIC: after SET_SREGS (APIC base), before the MSRs: KVM only
        accepts MSR_IA32_TSC_DEADLINE while the LAPIC timer is in TSC-deadline
@@ -349,10 +354,16 @@ def _restore_tsc_khz(vcpu: kvm.Vcpu, khz: int | None) -> None:
     tolerance of the host's, or a higher one that it then emulates by catch-up."""
     if khz is None or vcpu.vm.check_extension(kvm.KVM_CAP_GET_TSC_KHZ) <= 0:
         return
-    if vcpu.get_tsc_khz() != khz:
-        log.info("vcpu%d: TSC %d kHz in the snapshot, %d kHz here: setting it",
-                 vcpu.index, khz, vcpu.get_tsc_khz())
+    here = vcpu.get_tsc_khz()
+    if here == khz:
+        return
+    log.info("vcpu%d: TSC %d kHz in the snapshot, %d kHz here: setting it", vcpu.index, khz, here)
+    try:
         vcpu.set_tsc_khz(khz)
+    except kvm.KvmError as e:
+        raise kvm.KvmError(e.errno, f"vcpu{vcpu.index}: KVM_SET_TSC_KHZ {khz} refused ({e.strerror}): "
+                                    f"this host's TSC runs at {here} kHz and KVM cannot scale "
+                                    "it down (KVM_CAP_TSC_CONTROL)") from None
 
 
 # --- VM: save, restore ------------------------------------------------------------------
