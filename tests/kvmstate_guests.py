@@ -479,6 +479,9 @@ def main(argv: list[str]) -> int:
                   resaved=saved_again, times=machine.times,
                   first_event_after_ms=((machine.times[0] - restored) * 1e3 if machine.times else None))
     (directory / "result.json").write_text(json.dumps(result))
+    log.info("restored in %.1f ms (%s), then %s after %d events", result["restore_total_ms"],
+             ", ".join(f"{k} {v:.2f}" for k, v in timings.items() if isinstance(v, float)),
+             outcome, len(machine.events))
     machine.close()
     return 0
 
