@@ -241,6 +241,106 @@ class kvm_vcpu_events(ctypes.Structure):
 KVM_VCPUEVENT_VALID_NMI_PENDING = 0x1
 KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x2
 KVM_VCPUEVENT_VALID_SHADOW = 0x4
+KVM_VCPUEVENT_VALID_SMM = 0x8
+KVM_VCPUEVENT_VALID_PAYLOAD = 0x10
+KVM_VCPUEVENT_VALID_TRIPLE_FAULT = 0x20
+
+# api.rst 4.38/4.39 KVM_GET/SET_MP_STATE
+KVM_MP_STATE_INIT_RECEIVED = 2
+KVM_MP_STATE_HALTED = 3
+KVM_MP_STATE_SIPI_RECEIVED = 4
+
+
+# api.rst 4.42/4.43 KVM_GET/SET_XSAVE, 4.134 KVM_GET_XSAVE2: the XSAVE area in the
+# standard (non-compacted) format; ``extra`` is a flexible array member in kvm.h,
+# so a larger area (KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) bytes) is a plain byte buffer.
+class kvm_xsave(ctypes.Structure):
+    _fields_ = [("region", c_uint32 * 1024)]
+
+
+XSAVE_LEGACY_SIZE = 4096  # sizeof(struct kvm_xsave), the least KVM_CAP_XSAVE2 reports
+
+
+# api.rst 4.44/4.45 KVM_GET/SET_XCRS
+KVM_MAX_XCRS = 16
+
+
+class kvm_xcr(ctypes.Structure):
+    _fields_ = [("xcr", c_uint32), ("reserved", c_uint32), ("value", c_uint64)]
+
+
+class kvm_xcrs(ctypes.Structure):
+    _fields_ = [("nr_xcrs", c_uint32), ("flags", c_uint32), ("xcrs", kvm_xcr * KVM_MAX_XCRS),
+                ("padding", c_uint64 * 16)]
+
+
+# api.rst 4.33/4.34 KVM_GET/SET_DEBUGREGS
+class kvm_debugregs(ctypes.Structure):
+    _fields_ = [("db", c_uint64 * 4), ("dr6", c_uint64), ("dr7", c_uint64), ("flags", c_uint64),
+                ("reserved", c_uint64 * 9)]
+
+
+# api.rst 4.26/4.27 KVM_GET/SET_IRQCHIP (asm/kvm.h)
+class kvm_pic_state(ctypes.Structure):
+    _fields_ = [(n, c_uint8) for n in (
+        "last_irr", "irr", "imr", "isr", "priority_add", "irq_base", "read_reg_select", "poll",
+        "special_mask", "init_state", "auto_eoi", "rotate_on_auto_eoi",
+        "special_fully_nested_mode", "init4", "elcr", "elcr_mask")]
+
+
+KVM_IOAPIC_NUM_PINS = 24
+
+
+class _kvm_ioapic_redirtbl(ctypes.Union):
+    """One redirection table entry; kvm.h also names its bit fields (``fields``),
+    which ctypes cannot give C's exact layout for, so only ``bits`` is mirrored."""
+    _fields_ = [("bits", c_uint64)]
+
+
+class kvm_ioapic_state(ctypes.Structure):
+    _fields_ = [("base_address", c_uint64), ("ioregsel", c_uint32), ("id", c_uint32),
+                ("irr", c_uint32), ("pad", c_uint32),
+                ("redirtbl", _kvm_ioapic_redirtbl * KVM_IOAPIC_NUM_PINS)]
+
+
+class _kvm_irqchip_chip(ctypes.Union):
+    _fields_ = [("dummy", ctypes.c_char * 512), ("pic", kvm_pic_state), ("ioapic", kvm_ioapic_state)]
+
+
+class kvm_irqchip(ctypes.Structure):
+    _fields_ = [("chip_id", c_uint32), ("pad", c_uint32), ("chip", _kvm_irqchip_chip)]
+
+
+KVM_NR_IRQCHIPS = 3
+
+
+# api.rst 4.72/4.73 KVM_GET/SET_PIT2
+class kvm_pit_channel_state(ctypes.Structure):
+    _fields_ = [("count", c_uint32), ("latched_count", c_uint16), ("count_latched", c_uint8),
+                ("status_latched", c_uint8), ("status", c_uint8), ("read_state", c_uint8),
+                ("write_state", c_uint8), ("write_latch", c_uint8), ("rw_mode", c_uint8),
+                ("mode", c_uint8), ("bcd", c_uint8), ("gate", c_uint8),
+                ("count_load_time", ctypes.c_int64)]
+
+
+class kvm_pit_state2(ctypes.Structure):
+    _fields_ = [("channels", kvm_pit_channel_state * 3), ("flags", c_uint32),
+                ("reserved", c_uint32 * 9)]
+
+
+KVM_PIT_FLAGS_HPET_LEGACY = 0x1
+KVM_PIT_FLAGS_SPEAKER_DATA_ON = 0x2
+
+
+# api.rst 4.29/4.30 KVM_GET/SET_CLOCK
+class kvm_clock_data(ctypes.Structure):
+    _fields_ = [("clock", c_uint64), ("flags", c_uint32), ("pad0", c_uint32),
+                ("realtime", c_uint64), ("host_tsc", c_uint64), ("pad", c_uint32 * 4)]
+
+
+KVM_CLOCK_TSC_STABLE = 2
+KVM_CLOCK_REALTIME = 1 << 2
+KVM_CLOCK_HOST_TSC = 1 << 3
 
 
 # kvm_run and the parts of its exit union we use -------------------------
@@ -328,7 +428,10 @@ for _s, _n in ((kvm_userspace_memory_region, 32), (kvm_regs, 144), (kvm_segment,
                (kvm_lapic_state, 1024), (kvm_pit_config, 64), (kvm_irq_level, 8),
                (kvm_irqfd, 32), (kvm_ioeventfd, 64), (kvm_irq_routing_entry, 48),
                (kvm_irq_routing, 8), (kvm_msi, 32), (kvm_enable_cap, 104),
-               (kvm_vcpu_events, 64), (kvm_run_io, 16), (kvm_run_mmio, 24),
+               (kvm_vcpu_events, 64), (kvm_xsave, 4096), (kvm_xcr, 16), (kvm_xcrs, 392),
+               (kvm_debugregs, 128), (kvm_pic_state, 16), (kvm_ioapic_state, 216),
+               (kvm_irqchip, 520), (kvm_pit_channel_state, 24), (kvm_pit_state2, 112),
+               (kvm_clock_data, 48), (kvm_run_io, 16), (kvm_run_mmio, 24),
                (kvm_run_emulation_failure, 32), (_kvm_run_exit, 256), (kvm_run, 2352)):
     _check_size(_s, _n)
 assert kvm_run.exit.offset == 32 and kvm_run.s.offset == 304
@@ -348,10 +451,16 @@ KVM_SET_TSS_ADDR = _IO(0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _IOW(0x48, 8)
 KVM_CREATE_IRQCHIP = _IO(0x60)
 KVM_IRQ_LINE = _IOW(0x61, kvm_irq_level)
+KVM_GET_IRQCHIP = _IOWR(0x62, kvm_irqchip)      # api.rst 4.26
+KVM_SET_IRQCHIP = _IOR(0x63, kvm_irqchip)       # api.rst 4.27 (sic: _IOR in kvm.h)
 KVM_SET_GSI_ROUTING = _IOW(0x6A, kvm_irq_routing)
 KVM_IRQFD = _IOW(0x76, kvm_irqfd)
 KVM_CREATE_PIT2 = _IOW(0x77, kvm_pit_config)
 KVM_IOEVENTFD = _IOW(0x79, kvm_ioeventfd)
+KVM_SET_CLOCK = _IOW(0x7B, kvm_clock_data)      # api.rst 4.30
+KVM_GET_CLOCK = _IOR(0x7C, kvm_clock_data)      # api.rst 4.29
+KVM_GET_PIT2 = _IOR(0x9F, kvm_pit_state2)       # api.rst 4.72
+KVM_SET_PIT2 = _IOW(0xA0, kvm_pit_state2)       # api.rst 4.73
 KVM_ENABLE_CAP = _IOW(0xA3, kvm_enable_cap)
 KVM_SIGNAL_MSI = _IOW(0xA5, kvm_msi)
 # vCPU ioctls
@@ -367,10 +476,21 @@ KVM_SET_FPU = _IOW(0x8D, kvm_fpu)
 KVM_GET_LAPIC = _IOR(0x8E, kvm_lapic_state)
 KVM_SET_LAPIC = _IOW(0x8F, kvm_lapic_state)
 KVM_SET_CPUID2 = _IOW(0x90, kvm_cpuid2)
+KVM_GET_CPUID2 = _IOWR(0x91, kvm_cpuid2)        # the counterpart of api.rst 4.20's SET
 KVM_GET_MP_STATE = _IOR(0x98, kvm_mp_state)
 KVM_SET_MP_STATE = _IOW(0x99, kvm_mp_state)
 KVM_GET_VCPU_EVENTS = _IOR(0x9F, kvm_vcpu_events)
 KVM_SET_VCPU_EVENTS = _IOW(0xA0, kvm_vcpu_events)
+KVM_GET_DEBUGREGS = _IOR(0xA1, kvm_debugregs)   # api.rst 4.33
+KVM_SET_DEBUGREGS = _IOW(0xA2, kvm_debugregs)   # api.rst 4.34
+KVM_SET_TSC_KHZ = _IO(0xA2)                     # api.rst 4.55 (same nr as SET_DEBUGREGS, no size)
+KVM_GET_TSC_KHZ = _IO(0xA3)                     # api.rst 4.56
+KVM_GET_XSAVE = _IOR(0xA4, kvm_xsave)           # api.rst 4.42
+KVM_SET_XSAVE = _IOW(0xA5, kvm_xsave)           # api.rst 4.43
+KVM_GET_XCRS = _IOR(0xA6, kvm_xcrs)             # api.rst 4.44
+KVM_SET_XCRS = _IOW(0xA7, kvm_xcrs)             # api.rst 4.45
+KVM_KVMCLOCK_CTRL = _IO(0xAD)                   # api.rst 4.70
+KVM_GET_XSAVE2 = _IOR(0xCF, kvm_xsave)          # api.rst 4.134
 
 # Capabilities (kvm.h KVM_CAP_*)
 KVM_CAP_IRQCHIP = 0
@@ -386,12 +506,21 @@ KVM_CAP_IRQFD = 32
 KVM_CAP_PIT2 = 33
 KVM_CAP_IOEVENTFD = 36
 KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
+KVM_CAP_PIT_STATE2 = 35
+KVM_CAP_ADJUST_CLOCK = 39
 KVM_CAP_VCPU_EVENTS = 41
+KVM_CAP_DEBUGREGS = 50
+KVM_CAP_XSAVE = 55
+KVM_CAP_XCRS = 56
+KVM_CAP_TSC_CONTROL = 60
+KVM_CAP_GET_TSC_KHZ = 61
+KVM_CAP_KVMCLOCK_CTRL = 76
 KVM_CAP_IOEVENTFD_ANY_LENGTH = 122
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_SIGNAL_MSI = 77
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_EXIT_ON_EMULATION_FAILURE = 204
+KVM_CAP_XSAVE2 = 208
 
 # What pyvmm cannot work without; checked once when the VM is created.
 REQUIRED_CAPS = {
@@ -493,6 +622,23 @@ class Kvm:
             return [kvm_cpuid_entry2.from_buffer_copy(buf.entries[i]) for i in range(buf.hdr.nent)]
         raise KvmError(errno.E2BIG, "KVM_GET_SUPPORTED_CPUID: too many entries")
 
+    def msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST (api.rst 4.3): the MSRs KVM saves and restores for a
+        vCPU (some may still fail on a given host: see pyvmm.snapshot.kvm_state)."""
+        count = 64
+        while True:
+            buf = variable_buffer(kvm_msr_list, c_uint32, count)()
+            buf.hdr.nmsrs = count
+            try:
+                ioctl(self.fd, KVM_GET_MSR_INDEX_LIST, buf)
+            except KvmError as e:
+                # E2BIG: KVM wrote the count it needs into nmsrs
+                if e.errno != errno.E2BIG or buf.hdr.nmsrs <= count:
+                    raise
+                count = buf.hdr.nmsrs
+                continue
+            return list(buf.entries[:buf.hdr.nmsrs])
+
     def create_vm(self) -> "Vm":
         return Vm(self, ioctl(self.fd, KVM_CREATE_VM, 0))
 
@@ -562,6 +708,37 @@ class Vm:
     def signal_msi(self, address: int, data: int) -> int:
         req = kvm_msi(address_lo=address & 0xFFFFFFFF, address_hi=address >> 32, data=data)
         return ioctl(self.fd, KVM_SIGNAL_MSI, req)
+
+    def get_irqchip(self, chip_id: int) -> kvm_irqchip:
+        """KVM_GET_IRQCHIP (api.rst 4.26) of KVM_IRQCHIP_PIC_MASTER/_SLAVE/_IOAPIC."""
+        chip = kvm_irqchip(chip_id=chip_id)
+        ioctl(self.fd, KVM_GET_IRQCHIP, chip)
+        return chip
+
+    def set_irqchip(self, chip: kvm_irqchip) -> None:
+        """KVM_SET_IRQCHIP (api.rst 4.27); ``chip.chip_id`` says which one."""
+        ioctl(self.fd, KVM_SET_IRQCHIP, chip)
+
+    def get_pit2(self) -> kvm_pit_state2:
+        state = kvm_pit_state2()
+        ioctl(self.fd, KVM_GET_PIT2, state)
+        return state
+
+    def set_pit2(self, state: kvm_pit_state2) -> None:
+        ioctl(self.fd, KVM_SET_PIT2, state)
+
+    def get_clock(self) -> kvm_clock_data:
+        data = kvm_clock_data()
+        ioctl(self.fd, KVM_GET_CLOCK, data)
+        return data
+
+    def set_clock(self, data: kvm_clock_data) -> None:
+        ioctl(self.fd, KVM_SET_CLOCK, data)
+
+    def xsave_size(self) -> int:
+        """Bytes KVM_GET_XSAVE2/KVM_SET_XSAVE transfer on this VM (api.rst 4.134):
+        KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2), or 4096 where that is not supported."""
+        return max(self.check_extension(KVM_CAP_XSAVE2), XSAVE_LEGACY_SIZE)
 
     def create_vcpu(self, index: int) -> "Vcpu":
         return Vcpu(self, index, ioctl(self.fd, KVM_CREATE_VCPU, index))
@@ -667,6 +844,64 @@ class Vcpu:
         s = kvm_mp_state()
         ioctl(self.fd, KVM_GET_MP_STATE, s)
         return s.mp_state
+
+    def set_mp_state(self, mp_state: int) -> None:
+        ioctl(self.fd, KVM_SET_MP_STATE, kvm_mp_state(mp_state=mp_state))
+
+    def get_cpuid2(self, max_entries: int = 256) -> list[kvm_cpuid_entry2]:
+        """KVM_GET_CPUID2: the CPUID entries this vCPU was given with KVM_SET_CPUID2."""
+        buf = variable_buffer(kvm_cpuid2, kvm_cpuid_entry2, max_entries)()
+        buf.hdr.nent = max_entries
+        ioctl(self.fd, KVM_GET_CPUID2, buf)
+        return [kvm_cpuid_entry2.from_buffer_copy(buf.entries[i]) for i in range(buf.hdr.nent)]
+
+    def get_xsave(self) -> kvm_xsave:
+        """KVM_GET_XSAVE (api.rst 4.42): the first 4096 bytes of the XSAVE area."""
+        x = kvm_xsave()
+        ioctl(self.fd, KVM_GET_XSAVE, x)
+        return x
+
+    def get_xsave2(self, size: int) -> bytes:
+        """KVM_GET_XSAVE2 (api.rst 4.134): ``size`` = ``Vm.xsave_size()`` bytes."""
+        buf = (c_uint8 * size)()
+        ioctl(self.fd, KVM_GET_XSAVE2, buf)
+        return bytes(buf)
+
+    def set_xsave(self, area: bytes) -> None:
+        """KVM_SET_XSAVE (api.rst 4.43).  KVM reads as many bytes as
+        KVM_CAP_XSAVE2 reports (at least 4096): a shorter area is zero-padded."""
+        size = max(len(area), self.vm.xsave_size())
+        buf = (c_uint8 * size).from_buffer_copy(area.ljust(size, b"\0"))
+        ioctl(self.fd, KVM_SET_XSAVE, buf)
+
+    def get_xcrs(self) -> kvm_xcrs:
+        x = kvm_xcrs()
+        ioctl(self.fd, KVM_GET_XCRS, x)
+        return x
+
+    def set_xcrs(self, x: kvm_xcrs) -> None:
+        ioctl(self.fd, KVM_SET_XCRS, x)
+
+    def get_debugregs(self) -> kvm_debugregs:
+        d = kvm_debugregs()
+        ioctl(self.fd, KVM_GET_DEBUGREGS, d)
+        return d
+
+    def set_debugregs(self, d: kvm_debugregs) -> None:
+        ioctl(self.fd, KVM_SET_DEBUGREGS, d)
+
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ (api.rst 4.56): the guest TSC frequency (the ioctl's return value)."""
+        return ioctl(self.fd, KVM_GET_TSC_KHZ)
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """KVM_SET_TSC_KHZ (api.rst 4.55): the argument is the value itself."""
+        ioctl(self.fd, KVM_SET_TSC_KHZ, khz)
+
+    def kvmclock_ctrl(self) -> None:
+        """KVM_KVMCLOCK_CTRL (api.rst 4.70): tell the guest (pvclock flag) that the host
+        paused this vCPU; EINVAL when the guest has not enabled kvmclock."""
+        ioctl(self.fd, KVM_KVMCLOCK_CTRL)
 
     def close(self) -> None:
         del self.run_struct

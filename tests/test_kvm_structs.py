@@ -59,6 +59,25 @@ KNOWN_IOCTLS = {
     "KVM_SET_MP_STATE": 0x4004AE99,
     "KVM_GET_VCPU_EVENTS": 0x8040AE9F,
     "KVM_SET_VCPU_EVENTS": 0x4040AEA0,
+    # snapshot/restore state (pyvmm.snapshot.kvm_state)
+    "KVM_GET_MSR_INDEX_LIST": 0xC004AE02,
+    "KVM_GET_IRQCHIP": 0xC208AE62,
+    "KVM_SET_IRQCHIP": 0x8208AE63,
+    "KVM_SET_CLOCK": 0x4030AE7B,
+    "KVM_GET_CLOCK": 0x8030AE7C,
+    "KVM_GET_CPUID2": 0xC008AE91,
+    "KVM_GET_PIT2": 0x8070AE9F,
+    "KVM_SET_PIT2": 0x4070AEA0,
+    "KVM_GET_DEBUGREGS": 0x8080AEA1,
+    "KVM_SET_DEBUGREGS": 0x4080AEA2,
+    "KVM_SET_TSC_KHZ": 0xAEA2,
+    "KVM_GET_TSC_KHZ": 0xAEA3,
+    "KVM_GET_XSAVE": 0x9000AEA4,
+    "KVM_SET_XSAVE": 0x5000AEA5,
+    "KVM_GET_XCRS": 0x8188AEA6,
+    "KVM_SET_XCRS": 0x4188AEA7,
+    "KVM_KVMCLOCK_CTRL": 0xAEAD,
+    "KVM_GET_XSAVE2": 0x9000AECF,
 }
 
 
@@ -87,6 +106,17 @@ def _ioc_by_hand(direction: int, nr: int, size: int) -> int:
     ("KVM_SET_VCPU_EVENTS", 1, 0xA0, 64),
     ("KVM_ENABLE_CAP", 1, 0xA3, 104),
     ("KVM_GET_SREGS", 2, 0x83, 312),
+    ("KVM_GET_XSAVE", 2, 0xA4, 4096),
+    ("KVM_SET_XSAVE", 1, 0xA5, 4096),
+    ("KVM_GET_XSAVE2", 2, 0xCF, 4096),
+    ("KVM_GET_XCRS", 2, 0xA6, 392),
+    ("KVM_GET_DEBUGREGS", 2, 0xA1, 128),
+    ("KVM_GET_IRQCHIP", 3, 0x62, 520),
+    ("KVM_SET_IRQCHIP", 2, 0x63, 520),      # _IOR in kvm.h although it writes
+    ("KVM_GET_PIT2", 2, 0x9F, 112),
+    ("KVM_SET_CLOCK", 1, 0x7B, 48),
+    ("KVM_SET_TSC_KHZ", 0, 0xA2, 0),
+    ("KVM_KVMCLOCK_CTRL", 0, 0xAD, 0),
 ])
 def test_ioctl_number_computed_by_hand(name, direction, nr, size):
     assert getattr(kvm, name) == _ioc_by_hand(direction, nr, size) == KNOWN_IOCTLS[name]
@@ -96,7 +126,10 @@ def test_known_struct_sizes_and_offsets():
     sizes = {kvm.kvm_run: 2352, kvm.kvm_regs: 144, kvm.kvm_sregs: 312, kvm.kvm_segment: 24,
              kvm.kvm_fpu: 416, kvm.kvm_vcpu_events: 64, kvm.kvm_cpuid_entry2: 40,
              kvm.kvm_userspace_memory_region: 32, kvm.kvm_ioeventfd: 64, kvm.kvm_irqfd: 32,
-             kvm.kvm_irq_routing_entry: 48, kvm.kvm_enable_cap: 104, kvm.kvm_lapic_state: 1024}
+             kvm.kvm_irq_routing_entry: 48, kvm.kvm_enable_cap: 104, kvm.kvm_lapic_state: 1024,
+             kvm.kvm_xsave: 4096, kvm.kvm_xcr: 16, kvm.kvm_xcrs: 392, kvm.kvm_debugregs: 128,
+             kvm.kvm_pic_state: 16, kvm.kvm_ioapic_state: 216, kvm.kvm_irqchip: 520,
+             kvm.kvm_pit_channel_state: 24, kvm.kvm_pit_state2: 112, kvm.kvm_clock_data: 48}
     assert {t: ctypes.sizeof(t) for t in sizes} == sizes
     assert kvm.kvm_run.exit_reason.offset == 8
     assert kvm.kvm_run.exit.offset == 32
@@ -108,6 +141,13 @@ def test_known_struct_sizes_and_offsets():
     assert kvm.kvm_vcpu_events.exception_payload.offset == 56
     assert kvm.kvm_vcpu_events.sipi_vector.offset == 16
     assert kvm.kvm_vcpu_events.flags.offset == 20
+    assert kvm.kvm_xcrs.xcrs.offset == 8 and kvm.kvm_xcrs.padding.offset == 264
+    assert kvm.kvm_debugregs.dr7.offset == 40 and kvm.kvm_debugregs.flags.offset == 48
+    assert kvm.kvm_irqchip.chip.offset == 8
+    assert kvm.kvm_ioapic_state.redirtbl.offset == 24
+    assert kvm.kvm_pit_channel_state.count_load_time.offset == 16
+    assert kvm.kvm_pit_state2.flags.offset == 72
+    assert kvm.kvm_clock_data.realtime.offset == 16 and kvm.kvm_clock_data.host_tsc.offset == 24
 
 
 # --- 2. against the C header -----------------------------------------------------------
@@ -119,6 +159,8 @@ C_STRUCTS = [
     "kvm_irq_routing_irqchip", "kvm_irq_routing_msi", "kvm_irq_routing_entry",
     "kvm_irq_routing", "kvm_msi", "kvm_enable_cap", "kvm_mp_state", "kvm_vcpu_events",
     "kvm_run",
+    "kvm_xsave", "kvm_xcr", "kvm_xcrs", "kvm_debugregs", "kvm_pic_state", "kvm_ioapic_state",
+    "kvm_irqchip", "kvm_pit_channel_state", "kvm_pit_state2", "kvm_clock_data",
 ]
 # pyvmm field path -> C member designator, where they differ (None: skip the node itself
 # but compare its members, which C reaches through an anonymous union)
@@ -229,6 +271,12 @@ def test_header_checks_cover_what_the_brief_names(header):
     assert header["offsetof kvm_vcpu_events exception_payload"] == 56
     assert header["const KVM_SET_USER_MEMORY_REGION"] == 0x4020AE46
     assert header["const KVM_ENABLE_CAP"] == 0x4068AEA3
+    assert header["sizeof kvm_irqchip"] == 520 and header["offsetof kvm_irqchip chip.ioapic.redirtbl"] == 32
+    assert header["offsetof kvm_pit_state2 flags"] == 72
+    assert header["const KVM_GET_XSAVE2"] == 0x9000AECF
+    assert {"KVM_GET_XSAVE", "KVM_GET_XCRS", "KVM_GET_DEBUGREGS", "KVM_GET_IRQCHIP", "KVM_GET_PIT2",
+            "KVM_GET_CLOCK", "KVM_GET_TSC_KHZ", "KVM_KVMCLOCK_CTRL", "KVM_CAP_XSAVE2",
+            "KVM_MAX_XCRS", "KVM_IOAPIC_NUM_PINS", "KVM_CLOCK_TSC_STABLE"} <= set(CONSTANTS)
     assert {"KVM_RUN", "KVM_IRQFD", "KVM_SET_VCPU_EVENTS", "KVM_CAP_IRQFD",
             "KVM_EXIT_INTERNAL_ERROR"} <= set(CONSTANTS)
     assert len(FIELD_CASES) > 150
@@ -252,6 +300,7 @@ def test_exit_reason_names():
     (kvm.kvm_irq_routing, kvm.kvm_irq_routing_entry, 2, 8, 8 + 2 * 48),
     (kvm.kvm_cpuid2, kvm.kvm_cpuid_entry2, 0, 8, 8),
     (kvm.kvm_cpuid2, kvm.kvm_cpuid_entry2, 256, 8, 8 + 256 * 40),
+    (kvm.kvm_msr_list, ctypes.c_uint32, 40, 4, 4 + 40 * 4),   # __u32 indices[0] after nmsrs
 ])
 def test_variable_buffer_layout(header_type, entry_type, count, entries_offset, size):
     t = kvm.variable_buffer(header_type, entry_type, count)
