@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import kvm
+from . import __version__, guest_build, kvm
 from .boot.errors import KernelFormatError
 from .cmdline import default_cmdline
 from .console import Console, SerialSpecError
@@ -38,10 +38,8 @@ class UsageError(Exception):
 
 
 def default_guest_dir() -> Path:
-    env = os.environ.get(GUEST_DIR_ENV)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "guest" / "build"
+    """$PYVMM_GUEST_DIR, a clone's guest/build/ or <cache>/guest/ (pyvmm.guest_build)."""
+    return guest_build.default_guest_dir()
 
 
 def parse_size(text: str) -> int:
@@ -62,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pyvmm", description="A minimal KVM virtual machine monitor in Python.")
     p.add_argument("--log-level", default=os.environ.get("PYVMM_LOG", "warning"),
                    choices=["debug", "info", "warning", "error"])
+    p.add_argument("--version", action="version", version=f"pyvmm {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     run = sub.add_parser("run", help="boot a guest")
     run.add_argument("--kernel", help="ELF vmlinux (PVH) or bzImage; default: guest/build/vmlinux")
@@ -82,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--console", metavar="socket=PATH|file=PATH|null",
                      help="a virtio-console (hvc0) with this host side")
     sub.add_parser("info", help="say what this host's KVM is and what follows from it")
+    guest_build.add_parser(sub)
     return p
 
 
@@ -120,8 +120,7 @@ def machine_config(args: argparse.Namespace, flavour) -> "MachineConfig":
     initramfs_path = args.initramfs
     if args.kernel is None:
         if not Path(kernel_path).exists():
-            raise UsageError(f"no default guest in {guest_dir}: run `make guest` first "
-                             "(or give --kernel)")
+            raise UsageError(guest_build.no_guest_message())
         if initramfs_path is None and (guest_dir / "initramfs.cpio").exists():
             initramfs_path = str(guest_dir / "initramfs.cpio")
     kernel = _read_file(kernel_path, "kernel")
@@ -247,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                             format="pyvmm: %(levelname)s: %(name)s: %(message)s")
         if args.command == "info":
             return cmd_info()
+        if args.command == "guest":
+            return guest_build.run(args)
         if args.command is None:  # plain `pyvmm`: boot the default guest
             args = parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "run"])
         if args.command == "run":
