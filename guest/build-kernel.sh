@@ -16,6 +16,8 @@
 #            exit 0 when a build could run (or the kernel is cached already)
 #        guest/build-kernel.sh [--source DIR|TARBALL] --print-key
 # Exit status: 0, 1 (the build failed), 2 (bad --source), 3 (missing tools).
+# Environment: PYTHON (default python3), PYVMM_T0 (guest/common.sh), PYVMM_TICK
+# (seconds between the progress lines of the compile, default 30).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/common.sh"
@@ -114,14 +116,23 @@ configure() {
     [ "$missing" = 0 ] || exit 1
 }
 
-# Prints a line every 30 s while the compiler runs: how many objects are built.
+# How many objects the last kernel build in this cache made ("" if none did).
+expected_objects() {
+    local f
+    f=$(ls -t "$cache"/kernel-*/objects 2>/dev/null | head -n1)
+    [ -n "$f" ] && cat "$f" || true
+}
+
+# Prints a line every $PYVMM_TICK (30) s while the compiler runs: how many objects are built
+# (of how many the last build here made, when one did).
 ticker() {
-    local sleeper=""
+    local sleeper="" of=""
     trap '[ -z "$sleeper" ] || kill "$sleeper" 2>/dev/null; exit 0' TERM
+    [ -z "$1" ] || of=" of ~$1"
     while :; do
-        sleep 30 & sleeper=$!
+        sleep "${PYVMM_TICK:-30}" & sleeper=$!
         wait "$sleeper" || true
-        progress "compiling the kernel: $(find "$src" -name '*.o' | wc -l) objects built"
+        progress "compiling the kernel: $(find "$src" -name '*.o' | wc -l)$of objects built"
     done
 }
 
@@ -129,7 +140,7 @@ compile() {
     local jobs status=0
     jobs=$(nproc)
     progress "compiling the kernel (make -j$jobs vmlinux; about 3 minutes on 2 cores)"
-    ticker &
+    ticker "$(expected_objects)" &
     ticker_pid=$!
     make -C "$src" -s ARCH=x86_64 -j"$jobs" vmlinux || status=$?
     kill "$ticker_pid" 2>/dev/null || true
@@ -153,6 +164,7 @@ build() {
     progress "stripping vmlinux"
     mkdir -p "$cache/kernel-$key"
     cp "$src/.config" "$cache/kernel-$key/config"
+    find "$src" -name '*.o' | wc -l > "$cache/kernel-$key/objects"
     cp "$src/vmlinux" "$cached.tmp"
     strip --strip-debug "$cached.tmp"
     mv "$cached.tmp" "$cached"

@@ -181,7 +181,7 @@ def plan_build(args: argparse.Namespace, sources: Path,
     if args.source is not None and args.kernel != "default":
         raise BuildInputError("--source builds the default kernel: not with --kernel debian")
     source = None if args.source is None else check_source(args.source, sources)
-    cache = cache_dir(environ)
+    cache = cache_dir(environ).absolute()
     out = Path(args.out).absolute() if args.out else cache / "guest"
     if out.exists() and not out.is_dir():
         raise BuildInputError(f"--out {args.out} is not a directory")
@@ -215,14 +215,14 @@ def boot_hint(out: Path, environ: Mapping[str, str]) -> str:
     return f"{GUEST_DIR_ENV}={out} pyvmm run"
 
 
-def progress(t0: float, message: str) -> None:
+def progress(t0: int, message: str) -> None:
     """A user-facing progress line in the scripts' format (guest/common.sh)."""
     elapsed = int(time.time() - t0)
     print(f"guest: [{elapsed // 60}:{elapsed % 60:02d}] {message}", flush=True)
 
 
-def script_env(plan: BuildPlan, t0: float, environ: Mapping[str, str]) -> dict[str, str]:
-    return {**environ, CACHE_ENV: str(plan.cache), "PYVMM_T0": str(int(t0)),
+def script_env(plan: BuildPlan, t0: int, environ: Mapping[str, str]) -> dict[str, str]:
+    return {**environ, CACHE_ENV: str(plan.cache), "PYVMM_T0": str(t0),
             "PYTHON": sys.executable}
 
 
@@ -245,7 +245,7 @@ def step_failure(step: Step, status: int) -> int:
 
 
 def execute(plan: BuildPlan, sources: Path, environ: Mapping[str, str]) -> int:
-    t0 = time.time()
+    t0 = int(time.time())   # whole seconds, as the scripts see it
     env = script_env(plan, t0, environ)
     for step in plan.checks:
         status = run_step(sources, step, env)
