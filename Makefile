@@ -8,26 +8,38 @@ KERNEL ?= default
 GUEST := guest/build
 export PYVMM_CACHE ?= /var/cache/pyvmm
 
-APT_PACKAGES := python3-venv gcc libc6-dev make patch flex bison bc libelf-dev libssl-dev \
-	xz-utils cpio kmod musl-tools busybox-static linux-source-6.1 \
-	qemu-system-common qemu-system-x86
+# What `make demo` needs: the venv, the kernel build (guest/build-kernel.sh) and the
+# initramfs build (guest/build-initramfs.sh; kmod for KERNEL=debian).
+APT_PACKAGES := python3-venv gcc libc6-dev make patch flex bison bc libelf-dev \
+	xz-utils kmod musl-tools busybox-static linux-source-6.1
+# What only `make test` and the benchmarks add: QEMU (the interop tests and the
+# peer in bench/; qemu-system-common has Debian's C virtiofsd) and cpio (a test
+# reads the initramfs back with it).
+APT_TEST_PACKAGES := cpio qemu-system-x86 qemu-system-common
 
-# Install those of the Debian packages $(1) that are missing (as root).
+# Install those of the Debian packages $(1) that are missing (as root), without
+# their recommends (QEMU's alone would bring GTK, Mesa, SDL and Ceph).
 define apt_ensure
 	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "setup: installing $$missing"; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 endef
 
-.PHONY: setup guest demo test test-fast bench bench-deps bench-boot bench-blk bench-fs clean
+.PHONY: setup setup-test guest demo test test-fast bench bench-deps bench-boot bench-blk bench-fs clean
 
 # --- set-up ---------------------------------------------------------------------
 setup: $(VENV)/.installed
 
 .apt-stamp: Makefile
 	$(call apt_ensure,$(APT_PACKAGES))
+	@touch $@
+
+setup-test: setup .apt-test-stamp
+
+.apt-test-stamp: Makefile
+	$(call apt_ensure,$(APT_TEST_PACKAGES))
 	@touch $@
 
 $(VENV)/.installed: pyproject.toml .apt-stamp
@@ -51,16 +63,16 @@ demo: guest
 	guest/demo.sh
 
 # --- tests and benchmarks ---------------------------------------------------------
-test: guest
+test: guest setup-test
 	$(PY) -m pytest -q -ra tests
 
-test-fast: setup
+test-fast: setup-test
 	$(PY) -m pytest -q -ra -m "not boot" tests
 
 bench: bench-boot bench-blk bench-fs
 
-# The peer: QEMU from Debian (in APT_PACKAGES: the interop test needs it too).
-bench-deps: guest
+# The peer: QEMU from Debian (in APT_TEST_PACKAGES: the interop tests need it too).
+bench-deps: guest setup-test
 
 bench-boot: bench-deps
 	$(PY) -m bench.boot
@@ -72,4 +84,4 @@ bench-fs: bench-deps
 	$(PY) -m bench.fs
 
 clean:
-	rm -rf $(GUEST) $(VENV) .apt-stamp .pytest_cache
+	rm -rf $(GUEST) $(VENV) .apt-stamp .apt-test-stamp .pytest_cache

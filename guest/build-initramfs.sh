@@ -10,21 +10,26 @@
 #   /lib/modules/*.ko + load-order   with --modules DIR (Debian stock kernel)
 #
 # Usage: guest/build-initramfs.sh OUT.cpio [--modules DIR]
+#        guest/build-initramfs.sh --check     (exit 0 when the tools are there)
+# Exit status: 0, 1 (the build failed), 2 (bad arguments), 3 (missing tools).
 #
 # Reproducible: guest/mkcpio.py sorts the entries and fixes owners and mtimes.
 # Incremental: a hash of every input is kept in OUT.inputs; when it matches,
 # nothing is built, and a rebuild whose archive equals OUT leaves OUT alone.
 # The static binaries stay in OUT's directory under <OUT without .cpio>.root/
 # (e.g. guest/build/initramfs.root/bin/pattern); they run on the host too.
-# Environment: CC (default musl-gcc, else gcc), BUSYBOX (default /bin/busybox).
+# Environment: CC (default musl-gcc, else gcc), BUSYBOX (default /bin/busybox),
+# PYTHON (default python3), PYVMM_T0 (see guest/common.sh).
 # musl matters: a static glibc binary is ~690 KB, a musl one ~30 KB, and on PVM
 # hosts the kernel unpacks the initramfs at ~0.5 MB/s (measured: 3.4 MB of
 # extra initramfs cost 7.3 s of boot).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
+. "$here/common.sh"
 CC=${CC:-$(command -v musl-gcc || echo gcc)}
 BUSYBOX=${BUSYBOX:-/bin/busybox}
+PYTHON=${PYTHON:-python3}
 CFLAGS_STATIC="-static -Os -s -Wall -Wextra -Werror"
 
 # Applets the guest contract and the boot tests rely on: the build fails without them.
@@ -40,30 +45,34 @@ extra_applets="[[ awk basename blockdev chmod chown clear cut date devmem df dif
 
 die() { echo "build-initramfs: $*" >&2; exit 1; }
 
-usage() { die "usage: $0 OUT.cpio [--modules DIR]"; }
+usage() { echo "usage: $0 OUT.cpio [--modules DIR] | --check" >&2; exit 2; }
 
 parse_args() {
     out=""
     modules=""
+    check_only=""
     while [ $# -gt 0 ]; do
         case "$1" in
+            --check) check_only=1; shift ;;
             --modules) [ $# -ge 2 ] || usage; modules=$2; shift 2 ;;
             --modules=*) modules=${1#--modules=}; shift ;;
             -*) usage ;;
             *) [ -z "$out" ] || usage; out=$1; shift ;;
         esac
     done
-    [ -n "$out" ] || usage
+    [ -n "$out" ] || [ -n "$check_only" ] || usage
 }
 
 check_tools() {
-    command -v "$CC" >/dev/null || die "$CC not found (apt-get install gcc libc6-dev)"
-    [ -x "$BUSYBOX" ] || die "$BUSYBOX not found (apt-get install busybox-static)"
+    local cc_package=gcc
+    case "$CC" in *musl-gcc) cc_package=musl-tools ;; esac
+    need_tools "$CC:$cc_package" /usr/include/stdio.h:libc6-dev "$BUSYBOX:busybox-static" \
+        readelf:binutils "$PYTHON:python3"
     # Debian's dynamic 'busybox' package also installs /bin/busybox: insist on static.
     if LC_ALL=C readelf -l "$BUSYBOX" 2>/dev/null | grep -q 'INTERP'; then
-        die "$BUSYBOX is dynamically linked (apt-get install busybox-static)"
+        echo "guest: $BUSYBOX is dynamically linked: apt-get install --no-install-recommends busybox-static" >&2
+        exit 3
     fi
-    command -v python3 >/dev/null || die "python3 not found"
 }
 
 # Module files named by DIR/load-order, one per line ('#' comments allowed).
@@ -105,6 +114,7 @@ compile_static() {  # OUTPUT SOURCE...
 }
 
 build_binaries() {
+    progress "compiling /init and $(ls "$here"/helpers/*.c | wc -l) helpers with $(basename "$CC")"
     rm -rf "$root"
     mkdir -p "$root/bin"
     compile_static "$root/init" "$here/init.c" "$here/agent.c"
@@ -176,6 +186,7 @@ write_etc() {
 main() {
     parse_args "$@"
     check_tools
+    [ -z "$check_only" ] || return 0
     check_modules
     if [ -n "$modules" ]; then modules=$(cd "$modules" && pwd); fi
     mkdir -p "$(dirname "$out")"
@@ -183,19 +194,20 @@ main() {
     local stamp="$out.inputs" key
     key=$(input_hash)
     if [ -f "$out" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$key" ]; then
-        echo "guest: initramfs up to date: $out"
+        progress "initramfs up to date: $out"
         return 0
     fi
     build_binaries
     write_etc
     write_list > "$root.list"
-    python3 "$here/mkcpio.py" --mtime 0 "$root.list" "$out.new"
+    progress "writing the archive"
+    "$PYTHON" "$here/mkcpio.py" --mtime 0 "$root.list" "$out.new"
     if cmp -s "$out.new" "$out"; then
         rm -f "$out.new"
-        echo "guest: initramfs unchanged: $out"
+        progress "initramfs unchanged: $out"
     else
         mv -f "$out.new" "$out"
-        echo "guest: initramfs $(stat -c %s "$out") bytes -> $out"
+        progress "initramfs $(stat -c %s "$out") bytes -> $out"
     fi
     echo "$key" > "$stamp"
 }

@@ -11,16 +11,21 @@
 #                             fuse, virtiofs and their dependencies, decompressed
 #   OUTDIR/modules/load-order the order /init loads them in
 # for `guest/build-initramfs.sh OUT.cpio --modules OUTDIR/modules`.
-# The .deb is cached in ${PYVMM_CACHE:-/var/cache/pyvmm}/debian-kernel/.
+# The .deb is cached in <cache>/debian-kernel/ (<cache>: default_cache in
+# guest/common.sh: $PYVMM_CACHE, else /var/cache/pyvmm for root, else
+# ~/.cache/pyvmm).
 # Unchanged outputs are not rewritten (make sees no change); OUTDIR/.source
 # names the .deb they came from, and nothing is unpacked while it is current.
 #
 # Usage: guest/fetch-debian-kernel.sh OUTDIR
 # Needs: apt-get, dpkg-deb, depmod (kmod), python3; root for apt-get update.
+# Exit status: 0, 1 (failed), 2 (bad arguments), 3 (missing tools).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-cache=${PYVMM_CACHE:-/var/cache/pyvmm}/debian-kernel
+. "$here/common.sh"
+PYTHON=${PYTHON:-python3}
+cache=$(default_cache)/debian-kernel
 meta=linux-image-amd64
 wanted_modules="virtio_pci virtio_blk virtio_console virtio_rng fuse virtiofs"
 
@@ -52,7 +57,7 @@ fetch_deb() {
     tmp=$(mktemp -d)
     # apt downloads as user _apt: let it write there (no "unsandboxed" warning).
     if id _apt >/dev/null 2>&1; then chown _apt "$tmp"; else chmod 777 "$tmp"; fi
-    echo "fetch-debian-kernel: downloading $file" >&2
+    progress "downloading $file" >&2
     (cd "$tmp" && apt-get download -q "$pkg" >&2)
     echo "$sum  $tmp/$file" | sha256sum -c --status || die "$file: checksum mismatch"
     rm -f "$cache"/linux-image-*.deb  # older kernels: ~70 MB each
@@ -66,8 +71,11 @@ copy_if_changed() {  # SRC DST
 }
 
 main() {
-    [ $# -eq 1 ] || die "usage: $0 OUTDIR"
+    [ $# -eq 1 ] || { echo "usage: $0 OUTDIR" >&2; exit 2; }
     local outdir=$1 pkg deb kver
+    need_tools apt-get:apt apt-cache:apt dpkg-deb:dpkg depmod:kmod sha256sum:coreutils \
+        "$PYTHON:python3"
+    progress "resolving $meta"
     pkg=$(resolve_package)
     if [ -z "$pkg" ]; then
         echo "fetch-debian-kernel: no candidate for $meta, running apt-get update" >&2
@@ -79,25 +87,26 @@ main() {
     local stamp="$outdir/.source"
     if [ "$(cat "$stamp" 2>/dev/null)" = "$(basename "$deb") $wanted_modules" ] &&
         [ -f "$outdir/bzImage" ] && [ -f "$outdir/modules/load-order" ]; then
-        echo "guest: Debian kernel up to date in $outdir ($(cat "$outdir/kernel-release"))"
+        progress "Debian kernel up to date in $outdir ($(cat "$outdir/kernel-release"))"
         return 0
     fi
     work=$(mktemp -d)  # global: the EXIT trap runs after main returns
     trap 'rm -rf "$work"' EXIT
+    progress "unpacking $(basename "$deb")"
     dpkg-deb -x "$deb" "$work/root"
     kver=$(ls "$work/root/lib/modules")
     [ -f "$work/root/boot/vmlinuz-$kver" ] || die "no boot/vmlinuz-$kver in $deb"
     # Debian ships modules.order and modules.builtin but no modules.dep: make it.
     depmod -b "$work/root" "$kver"
     mkdir -p "$outdir/modules"
-    python3 "$here/modules_order.py" "$work/root/lib/modules/$kver" "$outdir/modules" \
+    "$PYTHON" "$here/modules_order.py" "$work/root/lib/modules/$kver" "$outdir/modules" \
         $wanted_modules
     copy_if_changed "$work/root/boot/vmlinuz-$kver" "$outdir/bzImage"
     copy_if_changed "$work/root/boot/config-$kver" "$outdir/config"
     echo "$kver" > "$work/kernel-release"
     copy_if_changed "$work/kernel-release" "$outdir/kernel-release"
     echo "$(basename "$deb") $wanted_modules" > "$stamp"
-    echo "guest: Debian kernel $kver ($pkg) -> $outdir/bzImage, $outdir/modules"
+    progress "Debian kernel $kver ($pkg) -> $outdir/bzImage, $outdir/modules"
 }
 
 main "$@"

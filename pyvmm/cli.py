@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import kvm
+from . import __version__, guest_build, kvm
 from .boot.errors import KernelFormatError
 from .cmdline import default_cmdline
 from .console import Console, SerialSpecError
@@ -45,10 +45,8 @@ class UsageError(Exception):
 
 
 def default_guest_dir() -> Path:
-    env = os.environ.get(GUEST_DIR_ENV)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "guest" / "build"
+    """$PYVMM_GUEST_DIR, a clone's guest/build/ or <cache>/guest/ (pyvmm.guest_build)."""
+    return guest_build.default_guest_dir()
 
 
 def parse_size(text: str) -> int:
@@ -69,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pyvmm", description="A minimal KVM virtual machine monitor in Python.")
     p.add_argument("--log-level", default=os.environ.get("PYVMM_LOG", "warning"),
                    choices=["debug", "info", "warning", "error"])
+    p.add_argument("--version", action="version", version=f"pyvmm {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     run = sub.add_parser("run", help="boot a guest", epilog=EXIT_STATUS_TABLE,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", metavar="SECONDS",
                      help="stop the guest after this long: exit 124, console tail and registers")
     sub.add_parser("info", help="say what this host's KVM is and what follows from it")
+    guest_build.add_parser(sub)
     return p
 
 
@@ -154,8 +154,7 @@ def guest_files(args: argparse.Namespace) -> tuple[bytes, bytes | None]:
     default_initramfs = guest_dir / "initramfs.cpio"
     kernel_path = args.kernel or str(guest_dir / "vmlinux")
     if args.kernel is None and not Path(kernel_path).exists():
-        raise UsageError(f"no default guest in {guest_dir}: run `make guest` first "
-                         "(or give --kernel)")
+        raise UsageError(guest_build.no_guest_message())
     initramfs_path = args.initramfs
     if initramfs_path is None and default_initramfs.exists():
         initramfs_path = str(default_initramfs)
@@ -402,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                             format="pyvmm: %(levelname)s: %(name)s: %(message)s")
         if args.command == "info":
             return cmd_info()
+        if args.command == "guest":
+            return guest_build.run(args)
         if args.command is None:  # plain `pyvmm`: boot the default guest
             args = parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "run"])
         if args.command == "run":

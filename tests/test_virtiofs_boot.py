@@ -27,7 +27,7 @@ MiB = 1 << 20
 
 def start_virtiofsd(socket_path: str, shared: str) -> subprocess.Popen:
     if not os.path.exists(VIRTIOFSD):
-        pytest.fail(f"{VIRTIOFSD} is missing: `make setup` installs qemu-system-common")
+        pytest.fail(f"{VIRTIOFSD} is missing: `make setup-test` installs qemu-system-common")
     proc = subprocess.Popen([VIRTIOFSD, f"--socket-path={socket_path}", "-o", f"source={shared}",
                              "-o", "cache=auto", "-o", "sandbox=chroot"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

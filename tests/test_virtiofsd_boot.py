@@ -140,7 +140,7 @@ def test_qemu_frontend_on_pyvmm_virtiofsd(guest_image, tmp_path):
     interop check runs QEMU's JIT: the subject is the vhost-user conversation.
     """
     if QEMU is None:
-        pytest.fail("qemu-system-x86_64 is missing: `make setup` installs qemu-system-x86")
+        pytest.fail("qemu-system-x86_64 is missing: `make setup-test` installs qemu-system-x86")
     from bench.boot import GuestConfig, qemu_argv
     from pyvmm.cmdline import default_cmdline
     from pyvmm.platform import detect_flavour

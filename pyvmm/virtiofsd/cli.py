@@ -20,6 +20,7 @@ import socket
 import stat
 import sys
 
+from .. import __version__
 from .passthrough import Passthrough
 from .sandbox import SANDBOX_MODES, enter_sandbox, open_proc_self_fd
 from .server import FuseServer
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readonly", action="store_true", help="refuse every write with EROFS")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warn", "warning", "error", "off"])
+    p.add_argument("--version", action="version", version=f"pyvmm {__version__}")
     return p
 
 
