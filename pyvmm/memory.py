@@ -41,19 +41,28 @@ class RamRange:
 
 
 class GuestMemory:
-    """Guest RAM: a memfd of ``size`` bytes mapped at ``host_addr``."""
+    """Guest RAM: a memfd of ``size`` bytes mapped at ``host_addr``.
 
-    def __init__(self, size: int, name: str = "pyvmm-ram") -> None:
+    ``from_snapshot`` makes it from a snapshot's RAM file instead: either that
+    file mapped MAP_PRIVATE (the file is never written, and every restore of
+    it shares its unchanged pages through the page cache), or, when a
+    vhost-user back-end must map the same pages (``shared=True``), a new memfd
+    holding a copy of the file's data."""
+
+    def __init__(self, size: int, name: str = "pyvmm-ram", *, fd: int | None = None,
+                 private: bool = False) -> None:
         if size <= 0 or size % PAGE_SIZE:
             raise ValueError(f"guest RAM size {size} is not a positive multiple of {PAGE_SIZE}")
         self.size = size
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        self.private = private
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING) if fd is None else fd
         try:
-            os.ftruncate(self.fd, size)
-            # The fd goes to vhost-user back-ends: sealed, nobody can shrink the file
-            # under a mapping of it (which would make accesses SIGBUS).
-            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
-            self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED,
+            if fd is None:
+                os.ftruncate(self.fd, size)
+                # The fd goes to vhost-user back-ends: sealed, nobody can shrink the file
+                # under a mapping of it (which would make accesses SIGBUS).
+                fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+            self._map = mmap.mmap(self.fd, size, mmap.MAP_PRIVATE if private else mmap.MAP_SHARED,
                                   mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError:
             os.close(self.fd)
@@ -61,6 +70,30 @@ class GuestMemory:
         self._anchor = ctypes.c_char.from_buffer(self._map)
         self.host_addr = ctypes.addressof(self._anchor)
         self.ranges = [RamRange(gpa, sz, off) for gpa, sz, off in ram_ranges(size)]
+
+    @classmethod
+    def from_snapshot(cls, path: str, size: int, shared: bool) -> "GuestMemory":
+        """RAM from a snapshot file of exactly ``size`` bytes (see the class docstring)."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_size != size:
+                raise ValueError(f"{path} is not {size} bytes")
+            if not shared:
+                return cls(size, fd=fd, private=True)
+            mem = cls(size)
+            try:
+                copy_data(fd, mem._map, size)
+            except BaseException:
+                mem.close()
+                raise
+            return mem
+        finally:
+            if shared:
+                os.close(fd)
+
+    def view_all(self) -> memoryview:
+        """All of guest RAM, for a snapshot (release it before close())."""
+        return memoryview(self._map)
 
     def translate(self, gpa: int, size: int) -> int:
         """Offset into the RAM mapping of [gpa, gpa+size), or GuestMemoryError."""
@@ -88,6 +121,23 @@ class GuestMemory:
         del self._anchor
         self._map.close()
         os.close(self.fd)
+
+
+def copy_data(fd: int, dest: mmap.mmap, size: int) -> int:
+    """Copy the data extents of the (sparse) file ``fd`` into ``dest``; holes stay
+    zero.  Returns the bytes copied."""
+    copied, offset = 0, 0
+    with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as src:
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:   # ENXIO: no data after offset
+                break
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            dest[start:end] = src[start:end]
+            copied += end - start
+            offset = end
+    return copied
 
 
 class MemorySlots:

@@ -147,6 +147,10 @@ class VcpuThread:
         self.on_guest_end = on_guest_end or (lambda reason: on_exit(ExitStatus.OK, reason))
         self.stopping = stopping
         self.dump_requested = threading.Event()
+        # Pausing (snapshots): request_pause() -> the thread finishes the exit in hand and
+        # any pending I/O, sets `paused`, and waits until resume() or the VM stops.
+        self.pause_requested = threading.Event()
+        self.paused = threading.Event()
         self.fixups: dict[str, int] = {}
         self.exits = 0
         self.memory_faults = 0
@@ -171,6 +175,26 @@ class VcpuThread:
         self.dump_requested.set()
         self.kick()
 
+    def request_pause(self) -> None:
+        """Ask the thread to park out of KVM_RUN with its vCPU state complete (see ``paused``)."""
+        self.pause_requested.set()
+        self.kick()
+
+    def resume(self) -> None:
+        self.pause_requested.clear()
+
+    def _park(self) -> None:
+        """Paused: KVM finishes the instruction whose I/O we served (api.rst: the next
+        KVM_RUN completes it; immediate_exit makes that run return at once), then wait."""
+        from .snapshot.kvm_state import complete_pending_io
+
+        complete_pending_io(self.vcpu, handle_exit=self._dispatch)
+        self.vcpu.run_struct.immediate_exit = 0
+        self.paused.set()
+        while self.pause_requested.is_set() and not self.stopping.is_set():
+            self.stopping.wait(0.05)
+        self.paused.clear()
+
     def _main(self) -> None:
         try:
             self._loop()
@@ -185,6 +209,9 @@ class VcpuThread:
     def _loop(self) -> None:
         run = self.vcpu.run_struct
         while not self.stopping.is_set():
+            if self.pause_requested.is_set():
+                self._park()
+                continue
             try:
                 self.vcpu.run()
             except kvm.KvmError as e:
@@ -194,6 +221,11 @@ class VcpuThread:
                 continue
             self._fault_rip = None
             self.exits += 1
+            self._dispatch(run)
+
+    def _dispatch(self, run: kvm.kvm_run) -> None:
+        """Serve one exit of KVM_RUN."""
+        if True:
             reason = run.exit_reason
             if reason == kvm.KVM_EXIT_IO:
                 self._io(run.exit.io)
