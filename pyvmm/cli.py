@@ -28,6 +28,7 @@ from .shares import TAG_RE, ShareConfig
 from .status import EXIT_STATUS_TABLE, ExitStatus
 
 if TYPE_CHECKING:
+    from .snapshot.image import Snapshot
     from .vm import DiskConfig, FsConfig, MachineConfig
 
 log = logging.getLogger("pyvmm")
@@ -80,30 +81,49 @@ def build_parser() -> argparse.ArgumentParser:
                      help="add words to the kernel command line")
     run.add_argument("--memory", default=DEFAULT_MEMORY, help="guest RAM, e.g. 512M or 1G")
     run.add_argument("--cpus", default="1", help=f"vCPUs, 1 to {MAX_CPUS}")
-    run.add_argument("--serial", help="stdio, file=PATH or null; default stdio (null with --exec, "
-                     "whose output is the command's)")
     run.add_argument("--disk", action="append", default=[], metavar="path=FILE[,readonly=on]",
                      help="a virtio-blk disk on a raw image (repeatable)")
     run.add_argument("--fs", action="append", default=[],
                      metavar="tag=TAG,socket=PATH[,num_queues=N][,queue_size=N][,dax=on][,cache_size=SIZE]",
                      help="a virtio-fs share served by a vhost-user backend (repeatable)")
-    run.add_argument("--share", action="append", default=[],
-                     metavar="DIR[,tag=TAG][,dax=on][,cache_size=SIZE][,readonly=on]",
-                     help="share a host directory at /mnt/TAG (default tag: the directory's name); "
-                     "pyvmm starts pyvmm-virtiofsd for it (repeatable)")
     run.add_argument("--rng", action="store_true", help="a virtio-rng device fed by os.urandom")
     run.add_argument("--console", metavar="socket=PATH|file=PATH|null",
                      help="a virtio-console (hvc0, or hvc1 with the agent) with this host side")
-    run.add_argument("--exec", metavar="CMD",
-                     help="run CMD with /bin/sh -c in the guest: its stdout and stderr are "
-                     "pyvmm's, its status is pyvmm's exit status")
-    run.add_argument("--agent", metavar="socket=PATH",
-                     help="serve the guest agent's protocol on a Unix socket (pyvmm.testing uses it)")
-    run.add_argument("--timeout", metavar="SECONDS",
-                     help="stop the guest after this long: exit 124, console tail and registers")
+    run.add_argument("--snapshot", metavar="DIR",
+                     help="at the guest's snapshot point (its boot done, nothing mounted or run "
+                     "yet) write the machine to DIR and exit 0")
+    run.add_argument("--snapshot-and-continue", action="store_true",
+                     help="with --snapshot: go on running after writing it")
+    add_host_side_args(run)
+    restore = sub.add_parser("restore", help="resume a guest from a snapshot directory",
+                             epilog=EXIT_STATUS_TABLE,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    restore.add_argument("dir", metavar="DIR", help="a directory written by pyvmm run --snapshot")
+    restore.add_argument("--fs", action="append", default=[], metavar="tag=TAG,socket=PATH",
+                         help="the vhost-user back-end for the snapshot's virtio-fs device TAG")
+    restore.add_argument("--console", metavar="socket=PATH|file=PATH|null",
+                         help="the host side of the snapshot's virtio-console (default null)")
+    add_host_side_args(restore)
     sub.add_parser("info", help="say what this host's KVM is and what follows from it")
     guest_build.add_parser(sub)
     return p
+
+
+def add_host_side_args(p: argparse.ArgumentParser) -> None:
+    """Options that choose the host side of a guest: for a boot and for a restore alike."""
+    p.add_argument("--serial", help="stdio, file=PATH or null; default stdio (null with --exec, "
+                   "whose output is the command's)")
+    p.add_argument("--share", action="append", default=[],
+                   metavar="DIR[,tag=TAG][,dax=on][,cache_size=SIZE][,readonly=on]",
+                   help="share a host directory at /mnt/TAG (default tag: the directory's name); "
+                   "pyvmm starts pyvmm-virtiofsd for it (repeatable)")
+    p.add_argument("--exec", metavar="CMD",
+                   help="run CMD with /bin/sh -c in the guest: its stdout and stderr are "
+                   "pyvmm's, its status is pyvmm's exit status")
+    p.add_argument("--agent", metavar="socket=PATH",
+                   help="serve the guest agent's protocol on a Unix socket (pyvmm.testing uses it)")
+    p.add_argument("--timeout", metavar="SECONDS",
+                   help="stop the guest after this long: exit 124, console tail and registers")
 
 
 def _read_file(path: str, what: str) -> bytes:
@@ -176,6 +196,38 @@ def parse_timeout(text: str | None) -> float | None:
     return value
 
 
+def parse_agent(args: argparse.Namespace) -> str | None:
+    if args.agent is None:
+        return None
+    kind, _, path = args.agent.partition("=")
+    if kind != "socket" or not path:
+        raise UsageError(f"--agent must be socket=PATH, not {args.agent!r}")
+    return path
+
+
+def check_console(spec: str | None) -> None:
+    if spec is None:
+        return
+    kind, _, path = spec.partition("=")
+    if not (kind in ("socket", "file") and path or spec == "null"):
+        raise UsageError(f"--console must be socket=PATH, file=PATH or null, not {spec!r}")
+
+
+def snapshot_target(path: str) -> str:
+    """--snapshot DIR: a path that does not exist yet (or an empty directory)."""
+    path = os.path.abspath(path)
+    if os.path.lexists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+        raise UsageError(f"--snapshot {path}: exists and is not an empty directory")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise UsageError(f"--snapshot {path}: directory {os.path.dirname(path)} does not exist")
+    return path
+
+
+def share_placeholder(share: ShareConfig) -> "FsConfig":
+    """The virtio-fs device of a --share; its socket is known once the back-end runs."""
+    return share.fs_config(socket_path="")
+
+
 def run_plan(args: argparse.Namespace, flavour) -> RunPlan:
     from .vm import MachineConfig
 
@@ -187,39 +239,73 @@ def run_plan(args: argparse.Namespace, flavour) -> RunPlan:
     tags = [s.tag for s in fs] + [s.tag for s in shares]
     if len(set(tags)) != len(tags):
         raise UsageError("--fs and --share tags must be different")
-    if args.console is not None:
-        kind, _, path = args.console.partition("=")
-        if not (kind in ("socket", "file") and path or args.console == "null"):
-            raise UsageError(f"--console must be socket=PATH, file=PATH or null, not {args.console!r}")
-    agent_socket = None
-    if args.agent is not None:
-        kind, _, agent_socket = args.agent.partition("=")
-        if kind != "socket" or not agent_socket:
-            raise UsageError(f"--agent must be socket=PATH, not {args.agent!r}")
+    check_console(args.console)
+    agent_socket = parse_agent(args)
+    snapshot = snapshot_target(args.snapshot) if args.snapshot else None
+    if args.snapshot_and_continue and snapshot is None:
+        raise UsageError("--snapshot-and-continue needs --snapshot DIR")
+    if snapshot and args.exec is not None and not args.snapshot_and_continue:
+        raise UsageError("--snapshot ends the run at the snapshot point, before --exec could run: "
+                         "add --snapshot-and-continue, or give --exec to `pyvmm restore`")
     cmdline = args.cmdline if args.cmdline is not None else default_cmdline(flavour)
     words = list(args.append)
     if args.exec is not None and any(w.startswith("pyvmm.run=") for a in words for w in a.split()):
         raise UsageError("--exec and pyvmm.run= both name a program to run: give one")
-    agent = args.exec is not None or agent_socket is not None
+    # The agent: for --exec, for a client on --agent, and in every snapshot (after a
+    # restore it is how the guest learns its shares, the time and fresh entropy).
+    agent = args.exec is not None or agent_socket is not None or snapshot is not None
     share_words = [s.guest_word() for s in shares]
     if agent:
         words.append(f"pyvmm.agent={AGENT_DEVICE}")   # the shares come with the agent's CONFIG
     else:
         words += share_words
+    if snapshot:
+        words.append("pyvmm.snapshot=1")
     if words:
         cmdline = " ".join([cmdline, *words])
     run_mode = args.exec is not None or any(w.startswith("pyvmm.run=") for w in cmdline.split())
     serial = args.serial or ("null" if args.exec is not None else "stdio")
     config = MachineConfig(kernel=kernel, initramfs=initramfs, cmdline=cmdline,
                            memory=memory, cpus=cpus, serial=serial, disks=disks,
-                           rng=args.rng, console=args.console, shares=fs, run_mode=run_mode,
+                           rng=args.rng, console=args.console,
+                           shares=fs + [share_placeholder(s) for s in shares], run_mode=run_mode,
                            agent_words=" ".join(share_words) if agent else None,
-                           agent_socket=agent_socket)
+                           agent_socket=agent_socket, snapshot_path=snapshot,
+                           snapshot_continue=args.snapshot_and_continue)
     return RunPlan(config, shares, args.exec, parse_timeout(args.timeout))
 
 
+def restore_plan(args: argparse.Namespace, flavour) -> tuple[RunPlan, "Snapshot"]:
+    """``pyvmm restore DIR``: the machine the snapshot describes, with this run's host side."""
+    from .snapshot import image
+    from .snapshot.machine import check_host, machine_config
+
+    try:
+        snap = image.load(args.dir)
+        check_host(snap, flavour, kvm.Kvm().supported_cpuid())
+    except image.SnapshotError as e:
+        raise UsageError(str(e)) from None
+    check_console(args.console)
+    shares = [parse_share(spec) for spec in args.share]
+    fs = {}
+    for spec in args.fs:
+        o = parse_options(spec, "--fs", {"tag", "socket"})
+        if not o.get("tag") or not o.get("socket"):
+            raise UsageError(f"--fs {spec!r} needs tag=TAG and socket=PATH")
+        fs[o["tag"]] = o["socket"]
+    try:
+        config = machine_config(snap, shares, fs)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    config.serial = args.serial or ("null" if args.exec is not None else "stdio")
+    config.console = args.console or ("null" if config.console else None)
+    config.agent_socket = parse_agent(args)
+    config.run_mode = args.exec is not None
+    return RunPlan(config, shares, args.exec, parse_timeout(args.timeout)), snap
+
+
 def parse_options(spec: str, what: str, known: set[str]) -> dict[str, str]:
-    """``key=value,key=value`` (DESIGN.md CLI contract); unknown keys are errors."""
+    """``key=value,key=value`` (docs/cli.md); unknown keys are errors."""
     options = {}
     for item in spec.split(","):
         key, sep, value = item.partition("=")
@@ -312,12 +398,27 @@ def cmd_info() -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    flavour = detect_flavour()
+    log.info("%s", flavour.summary)
+    return launch(run_plan(args, flavour), flavour)
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    flavour = detect_flavour()
+    log.info("%s", flavour.summary)
+    plan, snap = restore_plan(args, flavour)
+    log.info("restoring %s (taken %s)", snap.path, snap.state.get("created"))
+    return launch(plan, flavour, snap)
+
+
+def launch(plan: RunPlan, flavour, snapshot: "Snapshot | None" = None) -> int:
+    """Start the shares' back-ends, build the machine (from ``snapshot`` if given),
+    run it, and clean everything up whatever happens."""
+    import dataclasses
+
     from .shares import start_backend, stop_backends
     from .vm import Machine
 
-    flavour = detect_flavour()
-    log.info("%s", flavour.summary)
-    plan = run_plan(args, flavour)
     config = plan.config
     try:
         console = Console(config.serial)
@@ -326,13 +427,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     log.info("kernel command line: %s", config.cmdline)
     backends = []
     try:
+        sockets = {}
         for share in plan.shares:
             backend = start_backend(share)
             backends.append(backend)
-            config.shares.append(share.fs_config(backend.socket_path))
+            sockets[share.tag] = backend.socket_path
+        config.shares = [dataclasses.replace(f, socket=sockets[f.tag]) if not f.socket else f
+                         for f in config.shares]
         try:
-            machine = Machine(config, flavour, console)
-        except (KernelFormatError, ValueError) as e:  # a kernel or disk image we cannot use
+            machine = Machine(config, flavour, console, restore_from=snapshot)
+        except (KernelFormatError, ValueError) as e:  # a kernel, disk or snapshot we cannot use
             raise UsageError(str(e)) from None
         try:
             if plan.exec_command is not None:
@@ -407,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "run"])
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "restore":
+            return cmd_restore(args)
         raise UsageError(f"unknown command {args.command}")
     except UsageError as e:
         sys.stderr.write(f"pyvmm: {e}\n")

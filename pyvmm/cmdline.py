@@ -1,7 +1,7 @@
 """The default guest kernel command line, tuned for a fast boot.
 
 Each word is here because it was measured to matter on our hosts
-(shared/reference/pvm.md "Boot-time savers measured") or because the guest
+(docs/pvm.md "Boot-time savers") or because the guest
 contract needs it.
 """
 

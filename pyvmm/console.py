@@ -28,7 +28,7 @@ class SerialSpecError(ValueError):
 class Console:
     """Host end of the guest's serial port.
 
-    ``spec`` is ``stdio``, ``file=PATH`` or ``null`` (DESIGN.md CLI contract).
+    ``spec`` is ``stdio``, ``file=PATH`` or ``null`` (docs/cli.md).
     """
 
     def __init__(self, spec: str) -> None:

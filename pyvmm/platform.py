@@ -4,7 +4,7 @@
 * pvm: kvm_pvm: guest user mode runs natively, guest kernel mode runs in KVM's
   instruction emulator (~2 M instructions/s), some instructions must be
   finished by the VMM, and the guest kernel needs our syscall fix-up patch
-  (DESIGN.md "Platforms", shared/reference/pvm.md).
+  (docs/pvm.md).
 """
 
 from __future__ import annotations

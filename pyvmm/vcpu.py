@@ -46,7 +46,7 @@ def install_kick_handler() -> None:
     itself when it runs in the main thread)."""
     signal.signal(KICK_SIGNAL, lambda *_: None)
 
-# Instruction bytes the VMM knows how to finish (PVM: shared/reference/pvm.md).
+# Instruction bytes the VMM knows how to finish (PVM: docs/pvm.md).
 OPCODE_INT3 = 0xCC
 OPCODE_INT1 = 0xF1   # ICEBP
 OPCODE_INT_N = 0xCD

@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import kvm
 from .agent import AgentPort
@@ -31,6 +32,7 @@ from .devices.i8042 import I8042
 from .devices.pvpanic import PVPANIC_CRASH_LOADED, PvPanic
 from .devices.rtc import CmosRtc
 from .devices.serial import Serial16550A
+from .devices.snapshot_point import SnapshotPoint
 from .devices.virtio.blk import VirtioBlock
 from .devices.virtio.console import VirtioConsole
 from .devices.virtio.fs import VirtioFs
@@ -42,6 +44,9 @@ from .pci.root import PCI_CONFIG_ADDRESS, PCI_CONFIG_IO_LEN, PciRoot
 from .platform import Flavour
 from .status import ExitStatus
 from .vcpu import KICK_SIGNAL, VcpuThread, format_regs, install_kick_handler
+
+if TYPE_CHECKING:
+    from .snapshot.image import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,10 @@ class MachineConfig:
     # The guest agent (pyvmm.agent): its console's CONFIG words, and a socket for a client.
     agent_words: str | None = None
     agent_socket: str | None = None
+    # --snapshot DIR: at the guest's snapshot point, write the machine to DIR, then
+    # stop (or go on with snapshot_continue).
+    snapshot_path: str | None = None
+    snapshot_continue: bool = False
 
 
 def pci_windows(ram_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -97,7 +106,12 @@ def pci_windows(ram_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 class Machine:
-    def __init__(self, config: MachineConfig, flavour: Flavour, console: Console) -> None:
+    """``restore_from``: build the machine a snapshot describes (``config`` must come
+    from it, see pyvmm.snapshot.machine) and put it back where it was, instead of
+    loading a kernel."""
+
+    def __init__(self, config: MachineConfig, flavour: Flavour, console: Console,
+                 restore_from: "Snapshot | None" = None) -> None:
         self.config = config
         self.flavour = flavour
         self.console = console
@@ -108,6 +122,9 @@ class Machine:
         self.exit_reason = ""
         self.exit_from_program = False
         self._exit_lock = threading.Lock()
+        self._wake = threading.Event()                 # the run loop has work
+        self._snapshot_requested = threading.Event()
+        self.snapshot_seconds: float | None = None
 
         self.kvm = kvm.Kvm()
         self.kvm.require(kvm.REQUIRED_CAPS)
@@ -120,7 +137,11 @@ class Machine:
         self.vm.create_irqchip()
         self.vm.create_pit2(kvm.KVM_PIT_SPEAKER_DUMMY)
 
-        self.memory = GuestMemory(config.memory)
+        if restore_from is None:
+            self.memory = GuestMemory(config.memory)
+        else:   # a vhost-user back-end maps guest RAM too: then it must be a shared memfd
+            self.memory = GuestMemory.from_snapshot(restore_from.memory_path, config.memory,
+                                                    shared=bool(config.shares))
         self.slots = MemorySlots(self.vm, self.kvm.check_extension(kvm.KVM_CAP_NR_MEMSLOTS))
         for r in self.memory.ranges:
             self.slots.add(r.gpa, r.size, self.memory.host_addr + r.offset)
@@ -133,14 +154,25 @@ class Machine:
         self.pio.register(PCI_CONFIG_ADDRESS, PCI_CONFIG_IO_LEN, self.pci)
         self.console_port = None
         self.agent: AgentPort | None = None
+        self.virtio: list[VirtioPciDevice] = []
         self._add_virtio_devices()
         self.pvpanic = PvPanic(self._guest_panicked)
         self.pci.add(self.pvpanic)
 
-        entry = load_kernel(self.memory, config.kernel, config.cmdline.encode(),
-                            config.initramfs, config.memory)
-        write_mptable(self.memory, config.cpus)
-        self.vcpus = self._create_vcpus(entry)
+        if restore_from is None:
+            entry = load_kernel(self.memory, config.kernel, config.cmdline.encode(),
+                                config.initramfs, config.memory)
+            write_mptable(self.memory, config.cpus)
+            self.vcpus = self._create_vcpus(entry)
+        else:
+            from .snapshot.machine import restore
+
+            self.vcpus = self._create_vcpus(None)
+            try:
+                restore(self, restore_from)
+            except BaseException:
+                self.close()
+                raise
 
     # --- construction ------------------------------------------------------------
     def _add_legacy_devices(self) -> None:
@@ -155,10 +187,14 @@ class Machine:
         self.pio.register(RTC_PORT, 2, self.rtc)
         self.debug_exit = DebugExit(on_exit=self.program_exited)
         self.pio.register(layout.DEBUG_EXIT_PORT, 1, self.debug_exit)
+        self.snapshot_point = SnapshotPoint(self._snapshot_point_reached)
+        self.pio.register(layout.SNAPSHOT_PORT, 1, self.snapshot_point)
 
     def _add_virtio_devices(self) -> None:
         def plug(device) -> None:
-            self.pci.add(VirtioPciDevice(device, self.memory, self.vm, self.router))
+            transport = VirtioPciDevice(device, self.memory, self.vm, self.router)
+            self.pci.add(transport)
+            self.virtio.append(transport)
 
         for disk in self.config.disks:
             plug(VirtioBlock(disk.path, readonly=disk.readonly))
@@ -187,17 +223,54 @@ class Machine:
     def _serial_irq(self, level: bool) -> None:
         self.vm.irq_line(COM1_IRQ, level)
 
-    def _create_vcpus(self, entry: BootEntry) -> list[VcpuThread]:
+    def _create_vcpus(self, entry: BootEntry | None) -> list[VcpuThread]:
+        """The vCPUs, set up for ``entry`` (None: their state comes from a snapshot)."""
         supported = self.kvm.supported_cpuid()
         threads = []
         for index in range(self.config.cpus):
             vcpu = self.vm.create_vcpu(index)
-            cpu.configure_vcpu(vcpu, cpu.filter_cpuid(supported, index, self.config.cpus))
-            if index == 0:
+            if entry is not None:
+                cpu.configure_vcpu(vcpu, cpu.filter_cpuid(supported, index, self.config.cpus))
+            if index == 0 and entry is not None:
                 cpu.set_boot_regs(vcpu, self.memory, entry.mode, entry.rip, rbx=entry.rbx, rsi=entry.rsi)
             threads.append(VcpuThread(vcpu, self.pio, self.mmio, self.request_exit, self.stopping,
                                       on_guest_end=self.guest_ended))
         return threads
+
+    # --- snapshots ------------------------------------------------------------------
+    def _snapshot_point_reached(self) -> None:
+        """The guest wrote the snapshot port (vCPU thread): pause every vCPU; the run
+        loop writes the snapshot once they are all parked."""
+        if self.config.snapshot_path is None:
+            log.info("the guest passed its snapshot point (no --snapshot: going on)")
+            return
+        if self._snapshot_requested.is_set() or self.snapshot_seconds is not None:
+            return   # one snapshot per run
+        for t in self.vcpus:
+            t.request_pause()
+        self._snapshot_requested.set()
+        self._wake.set()
+
+    def _take_snapshot(self) -> None:
+        from .snapshot.machine import take
+
+        t0 = time.monotonic()
+        path = self.config.snapshot_path
+        try:
+            take(self, path)
+        except Exception as e:
+            log.debug("snapshot failed", exc_info=True)
+            self.request_exit(ExitStatus.VMM_ERROR, f"snapshot to {path} failed: {e}")
+            return
+        self.snapshot_seconds = time.monotonic() - t0
+        log.info("snapshot written to %s in %.3f s", path, self.snapshot_seconds)
+        if not self.config.snapshot_continue:
+            self.request_exit(ExitStatus.OK, f"snapshot written to {path}")
+            return
+        for d in self.virtio:
+            d.resume()
+        for t in self.vcpus:
+            t.resume()
 
     # --- lifecycle ------------------------------------------------------------------
     def program_exited(self, status: int) -> None:
@@ -229,6 +302,7 @@ class Machine:
             self.exit_reason = reason
             self.exit_from_program = from_program
             self.stopping.set()
+            self._wake.set()
         (log.error if status and "\n" in reason else log.info)("stopping: %s", reason)
         current = threading.current_thread()
         for t in self.vcpus:
@@ -275,7 +349,12 @@ class Machine:
             for t in self.vcpus:
                 t.start()
             deadline = None if timeout is None else self.t_first_run + timeout
-            while not self.stopping.wait(0.25):
+            while not self.stopping.is_set():
+                self._wake.wait(0.25)
+                self._wake.clear()
+                if self._snapshot_requested.is_set() and not self.stopping.is_set():
+                    self._take_snapshot()
+                    self._snapshot_requested.clear()
                 if deadline is not None and time.monotonic() > deadline:
                     self._timed_out(timeout)
             for t in self.vcpus:

@@ -1,4 +1,4 @@
-"""The command line (pyvmm.cli), DESIGN.md "CLI contract".
+"""The command line (pyvmm.cli), docs/cli.md.
 
 Bad input: exit status 2 and exactly one line on stderr, "pyvmm: ...", never a
 traceback.  Most cases run ``main([...])`` in this process (no /dev/kvm: they

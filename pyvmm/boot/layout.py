@@ -41,5 +41,7 @@ LAPIC_ADDR = 0xFEE00000
 KVM_TSS_ADDR = 0xFFFBD000
 KVM_IDENTITY_MAP_ADDR = 0xFFFBC000
 
-# Port I/O: the guest contract's debug-exit port (cf. QEMU's isa-debug-exit).
+# Port I/O: the guest contract's debug-exit port (cf. QEMU's isa-debug-exit)
+# and its snapshot point (docs/guest-contract.md).
 DEBUG_EXIT_PORT = 0x501
+SNAPSHOT_PORT = 0x502

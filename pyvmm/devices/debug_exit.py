@@ -4,7 +4,7 @@ There is no real hardware behind this; it is pyvmm's version of QEMU's
 ``isa-debug-exit`` device.  It sits at I/O port 0x501 (DEBUG_EXIT_PORT in
 pyvmm/boot/layout.py, length 1).  The guest's /init runs the test program
 and writes its exit status N there as one byte (``/dev/port``); the VMM
-then exits with status N (the guest contract in DESIGN.md).
+then exits with status N (docs/guest-contract.md).
 
 Unlike QEMU's device, whose process exits with ``(N << 1) | 1`` so that a
 status can never look like a clean 0, the status here is the byte itself:

@@ -70,7 +70,9 @@ class Guest:
                  shares: Mapping[str, str | os.PathLike | Share] | None = None,
                  append: Sequence[str] = (), args: Sequence[str] = (),
                  boot_timeout: float = BOOT_TIMEOUT, env: Mapping[str, str] | None = None,
-                 python: str | None = None, log_level: str = "info") -> None:
+                 python: str | None = None, log_level: str = "info",
+                 restore_from: str | os.PathLike | None = None) -> None:
+        self.restore_from = os.fspath(restore_from) if restore_from is not None else None
         self.kernel, self.initramfs = kernel, initramfs
         self.memory, self.cpus = memory, cpus
         self.shares = {tag: s if isinstance(s, Share) else Share(os.fspath(s))
@@ -89,16 +91,42 @@ class Guest:
         self._lock = threading.Lock()
 
     # --- life cycle ------------------------------------------------------------------------
-    def pyvmm_args(self, agent_socket: str) -> list[str]:
-        """The ``pyvmm run`` options for this guest."""
-        argv = ["--memory", str(self.memory), "--cpus", str(self.cpus),
-                "--agent", f"socket={agent_socket}"]
+    @classmethod
+    def restore(cls, snapshot: str | os.PathLike, **kwargs) -> "Guest":
+        """A guest resumed from ``snapshot`` (see ``Guest.snapshot``); ``shares`` must
+        name the snapshot's virtio-fs tags.  Call ``start()`` or use ``with``."""
+        return cls(restore_from=snapshot, **kwargs)
+
+    @classmethod
+    def snapshot(cls, path: str | os.PathLike, **kwargs) -> float:
+        """Boot a guest (``Guest`` keyword arguments) to its snapshot point and write the
+        snapshot to ``path``; returns the seconds it took.  Its shares' tags (and DAX
+        windows) are fixed there: restores give them directories of their own."""
+        guest = cls(**kwargs)
+        path = os.fspath(path)
+        argv = [*guest.pyvmm_args(None), "--snapshot", path]
+        vmm = VmmProcess.pyvmm_run(*argv, log_level=guest.log_level, python=guest.python,
+                                   env=guest.env, stdin=False)
+        try:
+            status = vmm.wait_exit(guest.boot_timeout)
+        finally:
+            vmm.stop()
+        if status != 0 or not os.path.isdir(path):
+            vmm.fail(f"pyvmm run --snapshot {path} did not write the snapshot")
+        return time.monotonic() - vmm.t0
+
+    def pyvmm_args(self, agent_socket: str | None) -> list[str]:
+        """The ``pyvmm run`` (or ``pyvmm restore DIR``) options for this guest."""
+        argv = ["--agent", f"socket={agent_socket}"] if agent_socket else []
+        for tag, share in self.shares.items():
+            argv += ["--share", share.option(tag)]
+        if self.restore_from is not None:
+            return [self.restore_from, *argv, *self.args]
+        argv += ["--memory", str(self.memory), "--cpus", str(self.cpus)]
         if self.kernel:
             argv += ["--kernel", os.fspath(self.kernel)]
         if self.initramfs:
             argv += ["--initramfs", os.fspath(self.initramfs)]
-        for tag, share in self.shares.items():
-            argv += ["--share", share.option(tag)]
         for word in self.append:
             argv += ["--append", word]
         return argv + self.args
@@ -108,7 +136,8 @@ class Guest:
         self._dir = tempfile.mkdtemp(prefix="pyvmm-guest-")
         sock = os.path.join(self._dir, "agent.sock")
         self.vmm = VmmProcess.pyvmm_run(*self.pyvmm_args(sock), log_level=self.log_level,
-                                        python=self.python, env=self.env)
+                                        python=self.python, env=self.env,
+                                        command="run" if self.restore_from is None else "restore")
         self._connect(sock)
         return self
 

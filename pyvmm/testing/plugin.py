@@ -7,7 +7,11 @@ Fixtures:
 * ``pyvmm_session_guest``: one guest for the whole session (a boot takes tens
   of seconds on PVM hosts): tests share it, so they should not break it;
 * ``pyvmm_guest_options``: the ``Guest`` keyword arguments of the session
-  guest; override it in your conftest.py to give it shares or kernel words.
+  guest; override it in your conftest.py to give it shares or kernel words;
+* ``pyvmm_snapshot``: a snapshot of a guest booted with those options, taken
+  once per session (shared by xdist workers);
+* ``pyvmm_fresh_guest``: a guest restored from that snapshot for each test:
+  a clean guest per test for a fraction of a boot.
 
 Options (also for your own fixtures through ``guest_options(config)``):
 ``--pyvmm-kernel``, ``--pyvmm-initramfs``, ``--pyvmm-memory``, ``--pyvmm-cpus``,
@@ -22,7 +26,11 @@ guest per worker).
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import os
+from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
@@ -102,6 +110,37 @@ def pyvmm_session_guest(request: pytest.FixtureRequest, pyvmm_guest_options: dic
     require_kvm()
     guest = Guest(**pyvmm_guest_options)
     request.config.stash[SESSION_GUEST] = guest
+    try:
+        yield guest.start()
+    finally:
+        guest.close()
+
+
+@pytest.fixture(scope="session")
+def pyvmm_snapshot(tmp_path_factory: pytest.TempPathFactory, pyvmm_guest_options: dict) -> Path:
+    """A snapshot of a guest booted with ``pyvmm_guest_options``, taken once: xdist
+    workers share it (the first one takes it, under a lock)."""
+    require_kvm()
+    key = hashlib.sha256(json.dumps(pyvmm_guest_options, sort_keys=True, default=str).encode())
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent   # the directory all workers of this run share
+    path = root / f"pyvmm-snapshot-{key.hexdigest()[:12]}"
+    with open(root / f"{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "snapshot.json").exists():
+            Guest.snapshot(path, **pyvmm_guest_options)
+    return path
+
+
+@pytest.fixture
+def pyvmm_fresh_guest(request: pytest.FixtureRequest, pyvmm_snapshot: Path,
+                      pyvmm_guest_options: dict) -> Iterator[Guest]:
+    """A guest restored from ``pyvmm_snapshot`` for this test alone."""
+    options = {k: v for k, v in pyvmm_guest_options.items()
+               if k in ("shares", "boot_timeout", "env", "python", "log_level")}
+    guest = Guest.restore(pyvmm_snapshot, **options)
+    request.node.stash.setdefault(GUESTS, []).append(guest)
     try:
         yield guest.start()
     finally:

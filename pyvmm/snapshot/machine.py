@@ -1,0 +1,251 @@
+"""Snapshot and restore of a whole ``Machine``: the order of things.
+
+Taking a snapshot (``take``), at the guest's snapshot point:
+
+1. every vCPU thread parks out of KVM_RUN, its pending I/O completed
+   (``VcpuThread.request_pause``; kvm_state.complete_pending_io);
+2. every virtio device is quiesced: its worker stops, a vhost-user back-end's
+   rings are stopped and their bases read back (GET_VRING_BASE);
+3. the state is collected: KVM (``save_vm``, ``save_vcpu`` for each vCPU),
+   each device's ``save_state()``, the machine's shape (what the guest
+   enumerated: memory, vCPUs, disks, virtio-fs devices, rng, consoles), the
+   host (KVM flavour, CPU);
+4. ``image.write``: RAM and state into a temporary sibling directory, renamed
+   to its name at the end.
+
+Restoring (``restore``) into a ``Machine`` built from ``config_for`` (same
+shape, new host side: back-ends, consoles): every part of the state is parsed
+and checked first, so a bad snapshot is refused before anything is changed;
+then the legacy devices, the PCI configuration (BAR mappings, ioeventfds and
+the DAX window's memory slot follow), the virtio devices (MSI-X routes,
+queues, re-activation with the new back-ends' rings at their saved bases),
+the vCPUs (kvm_state's order), and the VM-wide KVM state last: the in-kernel
+PICs, IOAPIC, PIT and kvmclock, right before the vCPUs run again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from typing import TYPE_CHECKING, Any
+
+from .. import __version__
+from . import image
+from .image import SnapshotError
+from .kvm_state import VcpuState, VmState, msr_indices, restore_vcpu, restore_vm, save_vcpu, save_vm
+
+if TYPE_CHECKING:
+    from ..platform import Flavour
+    from ..vm import Machine, MachineConfig
+
+log = logging.getLogger(__name__)
+
+PAUSE_TIMEOUT = 10.0     # seconds for every vCPU to park
+MAX_CPUS = 64
+LEGACY_DEVICES = ("serial", "rtc", "i8042", "pvpanic")
+# CPUID feature words a guest may have been told about: (leaf, subleaf, register).
+FEATURE_WORDS = ((0x1, 0, "ecx"), (0x1, 0, "edx"), (0x7, 0, "ebx"), (0x7, 0, "ecx"),
+                 (0x7, 0, "edx"), (0x80000001, 0, "ecx"), (0x80000001, 0, "edx"))
+
+
+# --- the machine as data ---------------------------------------------------------------
+def machine_shape(config: "MachineConfig") -> dict[str, Any]:
+    """What the guest enumerated: it must be the same after a restore."""
+    return {
+        "memory": config.memory,
+        "cpus": config.cpus,
+        "cmdline": config.cmdline,
+        "disks": [{"path": d.path, "readonly": d.readonly} for d in config.disks],
+        "fs": [{"tag": f.tag, "num_queues": f.num_queues, "queue_size": f.queue_size,
+                "dax": f.dax, "cache_size": f.cache_size} for f in config.shares],
+        "rng": config.rng,
+        "console": config.console is not None,
+        "agent": config.agent_words is not None,
+    }
+
+
+def host_facts(flavour: "Flavour") -> dict[str, str]:
+    return {"flavour": flavour.name, "kvm_module": flavour.module, "cpu": _cpu_model(),
+            "machine": platform.machine()}
+
+
+def _cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+# --- taking one -----------------------------------------------------------------------------
+def take(machine: "Machine", path: str) -> None:
+    """Write ``machine`` to ``path`` at a moment when its guest is at the snapshot
+    point (see the module docstring).  The vCPUs stay parked and the devices
+    quiesced: the caller ends the VM or resumes them."""
+    for t in machine.vcpus:
+        t.request_pause()
+    for t in machine.vcpus:
+        if not t.paused.wait(PAUSE_TIMEOUT):
+            raise SnapshotError(f"vcpu{t.vcpu.index} did not pause within {PAUSE_TIMEOUT:.0f} s")
+    for device in machine.virtio:
+        device.quiesce()
+    indices = msr_indices(machine.kvm)
+    state = {
+        "format": image.FORMAT,
+        "version": image.FORMAT_VERSION,
+        "pyvmm_version": __version__,
+        "created": image.now_iso(),
+        "host": host_facts(machine.flavour),
+        "machine": machine_shape(machine.config),
+        "kvm": {"vm": save_vm(machine.vm).to_json(),
+                "vcpus": [save_vcpu(t.vcpu, indices).to_json() for t in machine.vcpus]},
+        "devices": {**{name: getattr(machine, name).save_state() for name in LEGACY_DEVICES},
+                    "pci": machine.pci.save_state(),
+                    "virtio": [d.save_state() for d in machine.virtio]},
+    }
+    ram = machine.memory.view_all()
+    try:
+        image.write(path, state, ram)
+    finally:
+        ram.release()
+
+
+# --- restoring ---------------------------------------------------------------------------
+def machine_config(snap: image.Snapshot, shares: list, fs_sockets: dict[str, str]) -> "MachineConfig":
+    """The MachineConfig of ``snap``'s machine, with this run's host side: each saved
+    virtio-fs device gets the back-end of the ``--share`` (a ShareConfig) or the
+    ``--fs`` socket with its tag.  ValueError (one line) when they do not fit."""
+    from ..vm import DiskConfig, FsConfig, MachineConfig
+
+    m = snap.machine
+    _expect(m, {"memory": int, "cpus": int, "cmdline": str, "disks": list, "fs": list,
+                "rng": bool, "console": bool, "agent": bool}, "machine")
+    if not m["agent"]:
+        raise SnapshotError(f"{snap.path}: the guest had no agent, so it cannot be resumed")
+    if not 1 <= m["cpus"] <= MAX_CPUS:
+        raise SnapshotError(f"{snap.path}: {m['cpus']} vCPUs (1 to {MAX_CPUS})")
+    disks = []
+    for i, d in enumerate(m["disks"]):
+        _expect(d, {"path": str, "readonly": bool}, f"machine.disks[{i}]")
+        if not os.path.isfile(d["path"]):
+            raise SnapshotError(f"the snapshot's disk {d['path']} does not exist")
+        disks.append(DiskConfig(d["path"], d["readonly"]))
+    by_tag = {s.tag: s for s in shares}
+    saved_tags = []
+    devices = []
+    for i, f in enumerate(m["fs"]):
+        _expect(f, {"tag": str, "num_queues": int, "queue_size": int, "dax": bool,
+                    "cache_size": int}, f"machine.fs[{i}]")
+        tag = f["tag"]
+        saved_tags.append(tag)
+        share = by_tag.get(tag)
+        if share is not None and tag in fs_sockets:
+            raise ValueError(f"virtio-fs {tag}: give --share or --fs, not both")
+        if share is None and tag not in fs_sockets:
+            raise ValueError(f"the snapshot has a virtio-fs device {tag!r}: give it a back-end with "
+                             f"--share DIR,tag={tag} or --fs tag={tag},socket=PATH")
+        if share is not None and share.dax and not f["dax"]:
+            raise ValueError(f"virtio-fs {tag}: dax=on, but the snapshot's device has no DAX window")
+        devices.append(FsConfig(tag, fs_sockets.get(tag, ""), f["num_queues"], f["queue_size"],
+                                f["dax"], f["cache_size"]))
+    extra = sorted((set(by_tag) | set(fs_sockets)) - set(saved_tags))
+    if extra:
+        raise ValueError(f"the snapshot has no virtio-fs device {', '.join(map(repr, extra))} "
+                         f"(it has {', '.join(map(repr, saved_tags)) or 'none'}): devices are fixed "
+                         "when the snapshot is taken")
+    return MachineConfig(kernel=b"", cmdline=m["cmdline"], memory=m["memory"], cpus=m["cpus"],
+                         disks=disks, rng=m["rng"], console="null" if m["console"] else None,
+                         shares=devices, agent_words=" ".join(s.guest_word() for s in shares))
+
+
+def _expect(d: object, fields: dict[str, type], where: str) -> None:
+    if not isinstance(d, dict) or set(d) != set(fields):
+        raise SnapshotError(f"snapshot {where}: expected the keys {', '.join(fields)}")
+    for key, kind in fields.items():
+        value = d[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise SnapshotError(f"snapshot {where}.{key}: expected {kind.__name__}, got {value!r:.40}")
+        if kind is int and not 0 < value < (1 << 48):
+            raise SnapshotError(f"snapshot {where}.{key}: {value} is out of range")
+
+
+# Bits the guest itself turns on (CR4.OSXSAVE, CR4.PKE): not host features.
+DYNAMIC_BITS = {(0x1, 0, "ecx"): 1 << 27, (0x7, 0, "ecx"): 1 << 4}
+
+
+def check_host(snap: image.Snapshot, flavour: "Flavour", supported_cpuid: list) -> None:
+    """Refuse a snapshot from another kind of host (SnapshotError, one line): another
+    KVM flavour or architecture, or vCPUs that were told of CPU features this
+    host's vCPUs would not have."""
+    from ..boot.cpu import filter_cpuid
+
+    host = snap.state["host"]
+    if not isinstance(host, dict) or host.get("flavour") != flavour.name:
+        raise SnapshotError(f"{snap.path} was taken on a {_get(host, 'flavour')} KVM host; "
+                            f"this host's KVM is {flavour.name}")
+    if host.get("machine") != platform.machine():
+        raise SnapshotError(f"{snap.path} was taken on {_get(host, 'machine')}, this is {platform.machine()}")
+    vcpus = snap.state["kvm"].get("vcpus") if isinstance(snap.state["kvm"], dict) else None
+    if not isinstance(vcpus, list):
+        raise SnapshotError(f"{snap.path}: no saved vCPUs")
+    for index, vs in enumerate(vcpus):
+        here = {(e.function, e.index): e for e in filter_cpuid(supported_cpuid, index, len(vcpus))}
+        for entry in (vs.get("cpuid") if isinstance(vs, dict) else None) or []:
+            missing = _missing_features(entry, here)
+            if missing:
+                raise SnapshotError(f"{snap.path} needs CPU features this host does not offer "
+                                    f"({missing}; taken on {_get(host, 'cpu')})")
+
+
+def _get(d: object, key: str) -> str:
+    return str(d.get(key, "?")) if isinstance(d, dict) else "?"
+
+
+def _missing_features(entry: Any, here: dict) -> str:
+    """Feature bits a saved CPUID entry sets that this host's vCPU would not have."""
+    if not isinstance(entry, dict):
+        return ""
+    try:
+        leaf, sub = int(entry["function"], 16), int(entry["index"], 16)
+    except (KeyError, TypeError, ValueError):
+        return ""
+    for word in FEATURE_WORDS:
+        word_leaf, word_sub, reg = word
+        if (leaf, sub) != (word_leaf, word_sub):
+            continue
+        try:
+            saved = int(entry[reg], 16)
+        except (KeyError, TypeError, ValueError):
+            return ""
+        ours = here.get((leaf, sub))
+        extra = saved & ~(getattr(ours, reg) if ours is not None else 0) & ~DYNAMIC_BITS.get(word, 0)
+        if extra:
+            return f"CPUID {leaf:#x}.{sub} {reg} bits {extra:#x}"
+    return ""
+
+
+def restore(machine: "Machine", snap: image.Snapshot) -> None:
+    """Put a freshly built ``machine`` (see ``config_for``) back into ``snap``'s state."""
+    state = snap.state
+    devices = state["devices"]
+    vm_state = VmState.from_json(state["kvm"]["vm"])
+    vcpus = state["kvm"]["vcpus"]
+    if not isinstance(vcpus, list) or len(vcpus) != len(machine.vcpus):
+        raise SnapshotError(f"{snap.path}: {len(vcpus) if isinstance(vcpus, list) else '?'} saved "
+                            f"vCPUs for a machine of {len(machine.vcpus)}")
+    vcpu_states = [VcpuState.from_json(v) for v in vcpus]
+    if not isinstance(devices, dict) or not isinstance(devices.get("virtio"), list) \
+            or len(devices["virtio"]) != len(machine.virtio):
+        raise SnapshotError(f"{snap.path}: the saved virtio devices are not this machine's")
+    for name in LEGACY_DEVICES:
+        getattr(machine, name).restore_state(devices.get(name))
+    machine.pci.restore_state(devices.get("pci"))
+    for device, saved in zip(machine.virtio, devices["virtio"]):
+        device.restore_state(saved)
+    for t, vs in zip(machine.vcpus, vcpu_states):
+        restore_vcpu(t.vcpu, vs)
+    restore_vm(machine.vm, vm_state)   # kvmclock last, just before the vCPUs run
