@@ -48,6 +48,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,6 +64,9 @@ RESULTS_DIR = REPO / "bench" / "results"
 
 GUEST_APPEND = "pyvmm.run=/pyvmm-tests/boot-checks.sh"
 READY_RE = re.compile(rb"pyvmm-guest: ready")
+# The first output of a guest command: boot-checks.sh's first line, or FIRST_COMMAND's.
+FIRST_COMMAND = "echo first-output"
+FIRST_RE = re.compile(rb"check: cpus=|first-output")
 FIRST_RUN_RE = re.compile(rb"VMM start to first KVM_RUN: ([0-9.]+) s")
 # QEMU pauses the VM after these and never exits by itself.
 QEMU_FATAL_RE = re.compile(rb"KVM internal error|emulation failure|KVM: entry failed")
@@ -82,8 +86,11 @@ QEMU_MACHINES = {
 # kernel's int3 self-test (QEMU pauses the VM on any emulation failure at CPL0,
 # where pyvmm finishes the instruction itself), whichever model is used.
 DEFAULT_QEMU_CPU = "host,-cx16,-arch-capabilities"
-DEFAULT_SETUPS = ("pyvmm", "qemu-microvm", "qemu-q35")
-OPTIONAL_SETUPS = ("qemu-microvm-tcg",)  # a reference without KVM: QEMU's JIT runs the kernel
+# pyvmm-exec: a cold boot to the output of `pyvmm run --exec`; pyvmm-restore: the same
+# command after `pyvmm restore` of a snapshot taken at the guest's snapshot point.
+DEFAULT_SETUPS = ("pyvmm", "pyvmm-exec", "pyvmm-restore", "qemu-microvm", "qemu-q35",
+                  "qemu-microvm-tcg")
+OPTIONAL_SETUPS = ()
 
 
 # --- configuration ----------------------------------------------------------------
@@ -115,12 +122,29 @@ def guest_config(args: argparse.Namespace, flavour: Flavour) -> GuestConfig:
 
 
 def pyvmm_setup(guest: GuestConfig) -> Setup:
-    argv = [sys.executable, "-m", "pyvmm", "--log-level", "debug", "run",
-            "--kernel", guest.kernel, "--initramfs", guest.initramfs,
+    argv = [*pyvmm_argv("run"), "--kernel", guest.kernel, "--initramfs", guest.initramfs,
             "--cpus", str(guest.cpus), "--memory", guest.memory]
     if guest.append:
         argv += ["--append", guest.append]
     return Setup("pyvmm", argv, expected_status=0)
+
+
+def pyvmm_argv(command: str) -> list[str]:
+    return [sys.executable, "-m", "pyvmm", "--log-level", "debug", command]
+
+
+def pyvmm_exec_setup(guest: GuestConfig) -> Setup:
+    """A cold boot to a command's output (the console on stdout too, for `ready`)."""
+    argv = [*pyvmm_argv("run"), "--kernel", guest.kernel, "--initramfs", guest.initramfs,
+            "--cpus", str(guest.cpus), "--memory", guest.memory, "--serial", "stdio",
+            "--exec", FIRST_COMMAND]
+    return Setup("pyvmm-exec", argv, expected_status=0)
+
+
+def pyvmm_restore_setup(snapshot: str) -> Setup:
+    """The same command in a guest restored from ``snapshot`` (taken by ``take_snapshot``)."""
+    argv = [*pyvmm_argv("restore"), snapshot, "--serial", "stdio", "--exec", FIRST_COMMAND]
+    return Setup("pyvmm-restore", argv, expected_status=0)
 
 
 def qemu_argv(qemu: str, accel: str, machine: str, cpu: str, guest: GuestConfig) -> list[str]:
@@ -141,8 +165,26 @@ def qemu_setup(name: str, qemu: str, cpu: str, guest: GuestConfig) -> Setup:
     return Setup(name, argv, expected_status=1, fatal_stderr=QEMU_FATAL_RE)
 
 
-def build_setups(names: list[str], guest: GuestConfig, qemu: str, cpu: str) -> list[Setup]:
-    return [pyvmm_setup(guest) if n == "pyvmm" else qemu_setup(n, qemu, cpu, guest) for n in names]
+def build_setups(names: list[str], guest: GuestConfig, qemu: str, cpu: str,
+                 snapshot: str | None = None) -> list[Setup]:
+    def one(name: str) -> Setup:
+        if name == "pyvmm":
+            return pyvmm_setup(guest)
+        if name == "pyvmm-exec":
+            return pyvmm_exec_setup(guest)
+        if name == "pyvmm-restore":
+            return pyvmm_restore_setup(snapshot)
+        return qemu_setup(name, qemu, cpu, guest)
+
+    return [one(n) for n in names]
+
+
+def take_snapshot(guest: GuestConfig, path: str) -> float:
+    """The snapshot pyvmm-restore resumes: the same guest stopped at its snapshot point."""
+    from pyvmm.testing import Guest
+
+    return Guest.snapshot(path, kernel=guest.kernel, initramfs=guest.initramfs,
+                          memory=guest.memory, cpus=guest.cpus)
 
 
 # --- one run ------------------------------------------------------------------------
@@ -151,6 +193,7 @@ class RunResult:
     setup: str
     run: int
     ready_s: float | None = None
+    first_s: float | None = None           # the first output of a guest command
     exit_s: float | None = None            # None: killed by us, not exited by itself
     status: int | None = None              # the exit status (also when we ended it)
     killed: bool = False                   # ended by us (timeout or fatal KVM error)
@@ -197,7 +240,7 @@ def run_watched(argv: list[str], setup, timeout: float,
     """Run ``argv`` in its own session (pyvmm.testing.VmmProcess) until it exits,
     reports a fatal KVM error (``setup.fatal_stderr``) or ``timeout`` passes; its
     process group never outlives this call.  Raises OSError when it cannot start."""
-    vmm = VmmProcess(argv, cwd=str(REPO), stdin=False, watch={"ready": READY_RE},
+    vmm = VmmProcess(argv, cwd=str(REPO), stdin=False, watch={"ready": READY_RE, "first": FIRST_RE},
                      watch_stderr=stderr_patterns)
     try:
         ended_by = wait_for_end(vmm, timeout)
@@ -229,6 +272,8 @@ def make_result(setup: Setup, index: int, t0: float, ended_by: str | None, proc:
                   console_tail=out.tail(), stderr_tail=err.tail())
     if (t := out.time_of("ready")) is not None:
         r.ready_s = t - t0
+    if (t := out.time_of("first")) is not None:
+        r.first_s = t - t0
     if ended_by is None and vmm.exited_at is not None:
         r.exit_s = vmm.exited_at - t0
     r.killed = ended_by is not None
@@ -330,6 +375,7 @@ def summarize(setup: Setup, results: list[RunResult]) -> dict:
         "runs": len(results),
         "ok": len(ok),
         "ready": stats([r.ready_s for r in ok]),
+        "first": stats([r.first_s for r in ok]),
         "exit": stats([r.exit_s for r in ok]),
         "failure": failures[0].failure if failures else None,
         "failure_console_tail": failures[0].console_tail if failures else [],
@@ -381,6 +427,58 @@ def table_row(s: dict, base: dict | None) -> str:
         row += f"\n{'':<17}   FAILED: {s['failure']}"
         row += "".join(f"\n{'':<17}   | {line}" for line in s["failure_console_tail"][-5:])
     return row.rstrip()
+
+
+def first_output_table(summaries: list[dict]) -> str:
+    """Time to a guest command's first output: cold boots against a restore."""
+    base = next((s for s in summaries if s["setup"] == "pyvmm-restore" and s["first"]), None)
+    header = f"{'setup':<17} {'first output median/min/max (s)':<32}  {'this / pyvmm-restore'}"
+    lines = ["time to a guest command's first output (boot-checks.sh's first line, or "
+             f"`{FIRST_COMMAND}` through the agent):", header, "-" * len(header)]
+    for s in summaries:
+        if not s["first"]:
+            continue
+        r = fmt_ratio(ratio(s["first"], base["first"])) if base and s is not base else ""
+        lines.append(f"{s['setup']:<17} {s['first'].cell():<32}  {r}")
+    return "\n".join(lines)
+
+
+SMAPS_FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty",
+                "Anonymous")
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """KiB per field of /proc/PID/smaps_rollup."""
+    out = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in SMAPS_FIELDS:
+                out[key] = int(rest.split()[0])
+    return out
+
+
+def restore_memory(snapshot: str, count: int, shares: dict | None = None) -> list[dict[str, int]]:
+    """Memory of ``count`` restores of one snapshot running side by side (each VMM's
+    smaps_rollup once every guest is ready and has run one command)."""
+    from pyvmm.testing import Guest
+
+    guests = [Guest.restore(snapshot, shares=shares or {}) for _ in range(count)]
+    try:
+        for g in guests:
+            g.start().run("true")
+        return [smaps_rollup(g.vmm.proc.pid) for g in guests]
+    finally:
+        for g in guests:
+            g.close()
+
+
+def memory_text(label: str, rows: list[dict[str, int]]) -> str:
+    lines = [f"{label}: " + ", ".join(f"{k} {sum(r[k] for r in rows) / 1024:.1f}"
+                                      for k in SMAPS_FIELDS) + " MiB in all"]
+    for i, r in enumerate(rows):
+        lines.append(f"  restore {i + 1}: " + ", ".join(f"{k} {r[k] / 1024:.1f}" for k in SMAPS_FIELDS) + " MiB")
+    return "\n".join(lines)
 
 
 def split_text(split: dict[str, Stats | None]) -> str:
@@ -518,18 +616,35 @@ def main(argv: list[str] | None = None) -> int:
     if missing := missing_guest_files(guest):
         sys.stderr.write(f"bench.boot: {', '.join(missing)} missing: run `make guest` first\n")
         return 2
-    setups = build_setups(args.setup_names, guest, args.qemu, args.qemu_cpu)
     facts = host_facts(flavour, args.qemu)
     print(flavour.summary)
     print(f"kernel {guest.kernel}, initramfs {guest.initramfs}, memory {guest.memory}, cpus {guest.cpus}")
     print(f"kernel command line: {guest.cmdline}")
-    load_before = os.getloadavg()
-    results = run_all(setups, args.runs, args.timeout, guest.kernel)
-    load_after = os.getloadavg()
+    work = tempfile.mkdtemp(prefix="bench-boot-")
+    snapshots: dict = {}
+    try:
+        snapshot = os.path.join(work, "snapshot")
+        if "pyvmm-restore" in args.setup_names:
+            snapshots["snapshot_s"] = take_snapshot(guest, snapshot)
+            print(f"snapshot of the guest at its snapshot point taken in {snapshots['snapshot_s']:.1f} s")
+        setups = build_setups(args.setup_names, guest, args.qemu, args.qemu_cpu, snapshot)
+        load_before = os.getloadavg()
+        results = run_all(setups, args.runs, args.timeout, guest.kernel)
+        load_after = os.getloadavg()
+        if "pyvmm-restore" in args.setup_names:
+            snapshots.update(snapshot_memory(guest, snapshot, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
     summaries = [summarize(s, results[s.name]) for s in setups]
     split = pyvmm_split(results.get("pyvmm", []))
     print_report(flavour, guest, setups, summaries, split, (load_before[0], load_after[0]))
+    if snapshots:
+        print(f"snapshot file sizes: {snapshots['files']}")
+        print(memory_text("4 restores at once, no share (RAM mapped MAP_PRIVATE from the snapshot)",
+                          snapshots["memory_private"]))
+        print(memory_text("4 restores at once, each with a share (RAM copied into a memfd a "
+                          "back-end can map)", snapshots["memory_shared"]))
     path = args.json or default_json_path()
     write_json(path, {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -541,10 +656,29 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_after": load_after,
         "summaries": summaries,
         "pyvmm_split": split,
+        "snapshots": snapshots,
         "runs": [asdict(r) for rs in results.values() for r in rs],
     })
     print(f"results written to {path}")
     return 0
+
+
+def snapshot_memory(guest: GuestConfig, snapshot: str, work: str) -> dict:
+    """RSS of 4 concurrent restores, without and with a share (another snapshot)."""
+    from pyvmm.testing import Guest, Share
+
+    share_dir = os.path.join(work, "share")
+    os.mkdir(share_dir)
+    shared_snapshot = os.path.join(work, "snapshot-share")
+    Guest.snapshot(shared_snapshot, kernel=guest.kernel, initramfs=guest.initramfs,
+                   memory=guest.memory, cpus=guest.cpus, shares={"data": share_dir})
+    sizes = {}
+    for name in ("snapshot.json", "memory.bin"):
+        st = os.stat(os.path.join(snapshot, name))
+        sizes[name] = f"{st.st_size >> 10} KiB ({st.st_blocks * 512 >> 10} KiB on disk)"
+    return {"files": sizes,
+            "memory_private": restore_memory(snapshot, 4),
+            "memory_shared": restore_memory(shared_snapshot, 4, {"data": Share(share_dir)})}
 
 
 def print_report(flavour: Flavour, guest: GuestConfig, setups: list[Setup], summaries: list[dict],
@@ -552,6 +686,9 @@ def print_report(flavour: Flavour, guest: GuestConfig, setups: list[Setup], summ
     print()
     print(table(summaries))
     print("ratios are of medians; QEMU/pyvmm > 1 (and pyvmm/QEMU < 1) means pyvmm is faster")
+    print()
+    print(first_output_table(summaries))
+    print()
     if any(s.name == "pyvmm" for s in setups):
         print(split_text(split))
     print(f"{flavour.summary}\nkernel {guest.kernel}, memory {guest.memory}, cpus {guest.cpus}; "
