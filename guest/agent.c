@@ -8,6 +8,15 @@
  * (vfork-like: on PVM hosts every page-table copy of a fork is emulated
  * kernel work).  One command runs at a time; it gets /dev/null as stdin and
  * a session of its own, so KILL reaches everything it started.
+ *
+ * The standby shell: starting /bin/sh (busybox) costs about 0.5 s of
+ * emulated kernel work on a PVM host, so a shell is started ahead of time,
+ * waiting on its stdin for the name of a file that holds the command (it
+ * then sources it: `exit N` and the status behave as with sh -c).  It is
+ * started before the snapshot point, so a restored guest runs its first
+ * command at once.  Later commands start their own shell: on one vCPU a
+ * standby started right after a command only delays the next one (measured:
+ * 0.48 -> 0.69 s to the first output of back-to-back commands).
  */
 #define _GNU_SOURCE
 #include "agent.h"
@@ -30,6 +39,9 @@
 
 #define OPEN_TRIES 50             /* x 100 ms: the hvc node may appear after init starts */
 #define CHUNK 16384               /* bytes of command output per frame */
+#define COMMAND_FILE "/tmp/.pyvmm-agent-command"
+/* The standby shell: reads a file name, makes /dev/null its stdin, sources the file. */
+#define STANDBY_SCRIPT "IFS= read -r f && exec </dev/null && . \"$f\""
 
 extern char **environ;
 
@@ -203,9 +215,12 @@ bool agent_start(const char *device, agent_word_fn on_word, agent_setup_fn setup
 struct command {
     pid_t pid;      /* -1: none running */
     int out, err;   /* read ends of its stdout/stderr pipes, -1 when closed */
+    int in;         /* standby shell only: write end of its stdin, -1 otherwise */
     int status;
     bool exited;
 };
+
+static struct command standby = {.pid = -1, .out = -1, .err = -1, .in = -1};
 
 static void on_sigchld(int sig)
 {
@@ -227,21 +242,26 @@ static void setup_sigchld(void)
     sigaction(SIGCHLD, &sa, NULL);
 }
 
-static void spawn_command(struct command *cmd, const char *text)
+/* posix_spawn /bin/sh with argv, stdin from `in_fd` (or /dev/null when < 0), stdout
+ * and stderr into new pipes; fills cmd (pid, out, err) and returns true on success. */
+static bool spawn_shell_with_pipes(struct command *cmd, char *const argv[], int in_fd)
 {
     int out[2], err[2];
     if (pipe2(out, O_CLOEXEC) != 0)
-        goto fail;
+        return false;
     if (pipe2(err, O_CLOEXEC) != 0) {
         close(out[0]);
         close(out[1]);
-        goto fail;
+        return false;
     }
     posix_spawn_file_actions_t fa;
     posix_spawnattr_t attr;
     sigset_t defaults, none;
     posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+    if (in_fd >= 0)
+        posix_spawn_file_actions_adddup2(&fa, in_fd, 0);
+    else
+        posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
     posix_spawn_file_actions_adddup2(&fa, out[1], 1);
     posix_spawn_file_actions_adddup2(&fa, err[1], 2);
     posix_spawnattr_init(&attr);
@@ -250,7 +270,6 @@ static void spawn_command(struct command *cmd, const char *text)
     posix_spawnattr_setsigdefault(&attr, &defaults); /* init's handlers are not the command's */
     posix_spawnattr_setsigmask(&attr, &none);
     posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK);
-    char *const argv[] = {"sh", "-c", (char *)text, NULL};
     pid_t pid;
     int rc = posix_spawn(&pid, "/bin/sh", &fa, &attr, argv, environ);
     posix_spawn_file_actions_destroy(&fa);
@@ -260,14 +279,54 @@ static void spawn_command(struct command *cmd, const char *text)
     if (rc != 0) {
         close(out[0]);
         close(err[0]);
-        errno = rc;
-        goto fail;
+        return false;
     }
     fcntl(out[0], F_SETFL, O_NONBLOCK);
     fcntl(err[0], F_SETFL, O_NONBLOCK);
-    *cmd = (struct command){.pid = pid, .out = out[0], .err = err[0]};
-    return;
-fail:
+    *cmd = (struct command){.pid = pid, .out = out[0], .err = err[0], .in = -1};
+    return true;
+}
+
+void agent_prepare(void)
+{
+    int in[2];
+    if (standby.pid >= 0 || pipe2(in, O_CLOEXEC) != 0)
+        return;
+    char *const argv[] = {"sh", "-c", STANDBY_SCRIPT, NULL};
+    if (spawn_shell_with_pipes(&standby, argv, in[0]))
+        standby.in = in[1];
+    else
+        close(in[1]);
+    close(in[0]);
+}
+
+/* Hand `text` to the standby shell; false when there is none or it cannot take it. */
+static bool use_standby(struct command *cmd, const char *text)
+{
+    if (standby.pid < 0 || standby.exited)
+        return false;
+    int fd = open(COMMAND_FILE, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return false;
+    bool ok = write_all_fd(fd, text, strlen(text)) && write_all_fd(fd, "\n", 1);
+    close(fd);
+    ok = ok && write_all_fd(standby.in, COMMAND_FILE "\n", sizeof(COMMAND_FILE));
+    close(standby.in);
+    standby.in = -1;
+    *cmd = standby;
+    standby = (struct command){.pid = -1, .out = -1, .err = -1, .in = -1};
+    if (!ok)  /* the shell reads EOF and exits: its status tells */
+        send_text(AGENT_STDERR, "pyvmm-agent: cannot hand the command to the shell\n");
+    return true;
+}
+
+static void spawn_command(struct command *cmd, const char *text)
+{
+    if (use_standby(cmd, text))
+        return;
+    char *const argv[] = {"sh", "-c", (char *)text, NULL};
+    if (spawn_shell_with_pipes(cmd, argv, -1))
+        return;
     send_text(AGENT_STDERR, "pyvmm-agent: cannot start /bin/sh\n");
     int32_t status = 127;
     send_frame(AGENT_EXIT, &status, sizeof(status));
@@ -306,6 +365,11 @@ static void reap(struct command *cmd, pid_t *shell)
         if (p == cmd->pid) {
             cmd->exited = true;
             cmd->status = WIFSIGNALED(st) ? 128 + WTERMSIG(st) : WEXITSTATUS(st);
+        } else if (p == standby.pid) {  /* it died waiting: drop it, a new one comes later */
+            close(standby.in);
+            close(standby.out);
+            close(standby.err);
+            standby = (struct command){.pid = -1, .out = -1, .err = -1, .in = -1};
         } else if (p == *shell) {
             *shell = -1;
         }
@@ -327,7 +391,8 @@ static void finish(struct command *cmd)
     sync(); /* what it wrote to a share is on the host before the host hears EXIT */
     int32_t status = cmd->status;
     send_frame(AGENT_EXIT, &status, sizeof(status));
-    *cmd = (struct command){.pid = -1, .out = -1, .err = -1};
+    *cmd = (struct command){.pid = -1, .out = -1, .err = -1, .in = -1};
+    unlink(COMMAND_FILE);
 }
 
 static void handle_frame(struct command *cmd, const struct agent_frame_header *h)
@@ -352,7 +417,7 @@ static void handle_frame(struct command *cmd, const struct agent_frame_header *h
 
 void agent_serve(int (*console_shell)(void))
 {
-    struct command cmd = {.pid = -1, .out = -1, .err = -1};
+    struct command cmd = {.pid = -1, .out = -1, .err = -1, .in = -1};
     pid_t shell = -1;
     setup_sigchld();
     if (console_shell)

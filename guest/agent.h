@@ -64,6 +64,9 @@ typedef void (*agent_word_fn)(char *word);
  * returns a text (static storage, may be "") of what failed. */
 typedef const char *(*agent_setup_fn)(void);
 
+/* Start the standby shell that will run the first command (before the snapshot
+ * point, so that a restored guest does not pay for starting it). */
+void agent_prepare(void);
 /* Open the agent port, say HELLO, apply CONFIG and run setup; false if the
  * port cannot be used (the caller goes on without an agent). */
 bool agent_start(const char *device, agent_word_fn on_word, agent_setup_fn setup);

@@ -485,6 +485,8 @@ int main(int argc, char **argv)
     debug_on = cfg.debug;
     debug("mounted /proc /sys /dev /tmp", NULL);
     load_modules();
+    if (cfg.agent)
+        agent_prepare();
     if (cfg.snapshot) {
         debug("snapshot point", NULL);
         port_write(SNAPSHOT_PORT, 1, "snapshot");
