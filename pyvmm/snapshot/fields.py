@@ -73,13 +73,18 @@ def hex_bits(value: object, path: str, allowed: int, size: int = 1) -> int:
     return n
 
 
-def uint(value: object, path: str, maximum: int, minimum: int = 0) -> int:
+def integer(value: object, path: str, minimum: int, maximum: int) -> int:
     """A plain JSON integer in [minimum, maximum] (a bool is not an integer here)."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"{path}: expected an integer, got {describe(value)}")
     if not minimum <= value <= maximum:
         raise ValueError(f"{path}: {value} is not in {minimum}..{maximum}")
     return value
+
+
+def uint(value: object, path: str, maximum: int) -> int:
+    """A plain JSON integer in [0, maximum]."""
+    return integer(value, path, 0, maximum)
 
 
 def boolean(value: object, path: str) -> bool:
