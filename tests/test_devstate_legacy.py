@@ -109,6 +109,18 @@ def test_serial_loopback_break_keeps_its_error_bit():
     assert b.rd(RBR) == 0
 
 
+def test_serial_quiesce_holds_host_input():
+    u = Uart()
+    u.wr(IER, IER_ERBFI)
+    u.dev.quiesce()
+    u.dev.receive(b"late")
+    assert u.irqs == [] and not u.rd(LSR) & LSR_DR
+    state = through_json(u.dev.save_state())
+    assert state["rx"] == [] and state["backlog"] == b"late".hex()
+    u.dev.resume()
+    assert u.irqs == [True] and u.rd(RBR) == ord("l")
+
+
 def test_serial_irq_driven_low_when_nothing_is_pending():
     b = Uart()
     b.dev.restore_state(through_json(Uart().dev.save_state()))

@@ -7,6 +7,7 @@ import os
 import socket
 import struct
 import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -27,7 +28,7 @@ from state_fakes import mutated, through_json
 from test_msix import FakeVm, readable
 from test_virtiofsd_vhost import EchoServer
 from test_virtqueue import DATA, Driver
-from virtio_guest import RAM, PciGuest, copy_ram
+from virtio_guest import PciGuest, copy_ram
 
 QRAM = 4 << 20
 
@@ -184,6 +185,44 @@ def test_quiesce_and_resume_for_snapshot_and_continue():
     g.wait_call(0)
     assert state["slots"][1]["state"]["queues"][0]["used_idx"] == 0
     g.pci.resume()                                   # idempotent
+    g.close()
+
+
+class SlowRng(VirtioRng):
+    """Its first request blocks until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def _fill(self, chain) -> int:
+        self.entered.set()
+        assert self.release.wait(5)
+        return super()._fill(chain)
+
+
+def test_quiesce_stops_after_the_chain_in_progress():
+    g = PciGuest(SlowRng())
+    g.init_driver([0])
+    d = g.rings[0]
+    for _ in range(3):
+        d.add(in_=[g.buffer(16)])
+    g.kick(0)
+    assert g.model.entered.wait(5)                   # the worker is inside chain 1
+    quiescing = threading.Thread(target=g.pci.quiesce)
+    quiescing.start()
+    deadline = time.monotonic() + 5
+    while not g.pci._stopping.is_set():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    g.model.release.set()
+    quiescing.join(5)
+    assert not quiescing.is_alive() and g.pci.quiesced
+    assert d.used_idx() == 1                         # chain 1 finished, 2 and 3 wait
+    state = g.pci.save_state()
+    assert (state["queues"][0]["last_avail_idx"], state["queues"][0]["used_idx"]) == (1, 1)
+    g.pci.resume()
+    g.wait_used(0, 3)
     g.close()
 
 
@@ -520,3 +559,81 @@ def test_fs_save_refuses_a_running_backend_and_requests_in_flight(tmp_path):
     with pytest.raises(SaveRefused, match="ring 1 stopped at 8 with its used index at 7"):
         g.model.save_state()
     g.close()
+
+
+# --- every model's checks against damaged input ------------------------------------------------------
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("models")
+    image = tmp / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    console = VirtioConsole(lambda data: None)
+    console.receive(b"pending")
+    out = [VirtioRng(), console, VirtioBlock(str(image)), fs(tmp, "m", dax_window=1 << 21, slots=FakeSlots())]
+    yield [(m, through_json(m.save_state())) for m in out]
+    for m in out[2:]:
+        m.close()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_models_damaged_state_only_value_errors(models, data):
+    model, state = data.draw(st.sampled_from(models))
+    try:
+        model.parse_state(mutated(data.draw, state), "m")
+    except ValueError:
+        pass
+
+
+# --- the whole device set, in the order the machine-level code uses ------------------------------------
+def test_every_device_round_trips_like_a_machine(tmp_path, image):
+    """Serial, RTC, i8042 and a PCI bus with rng (driven), blk, console, fs and pvpanic:
+    quiesce -> save everything -> JSON -> build anew -> restore -> resume -> the
+    same state again."""
+    from pyvmm.devices.i8042 import I8042
+    from pyvmm.devices.pvpanic import PvPanic
+    from pyvmm.devices.rtc import CmosRtc
+    from pyvmm.devices.serial import Serial16550A
+
+    def build(mem, sock_name):
+        lines = []
+        legacy = {"serial": Serial16550A(lambda data: None, lines.append), "rtc": CmosRtc(),
+                  "i8042": I8042(reset=lambda: None)}
+        g = PciGuest(VirtioRng(), mem=mem)
+        for model in (VirtioBlock(image), VirtioConsole(lambda data: None), fs(tmp_path, sock_name)):
+            g.root.add(vp.VirtioPciDevice(model, g.mem, g.vm, g.router))
+        g.root.add(PvPanic(lambda event: None))
+        return legacy, g, lines
+
+    legacy, a, _ = build(None, "a")
+    a.init_driver([0])
+    rng_request(a)
+    a.wait_used(0, 1)
+    legacy["serial"].write(1, b"\x01")               # IER: RX interrupts on
+    legacy["serial"].receive(b"x")
+    for dev in legacy.values():
+        getattr(dev, "quiesce", lambda: None)()
+    a.root.quiesce()
+    saved = through_json({**{name: dev.save_state() for name, dev in legacy.items()},
+                          "pci": a.root.save_state()})
+    assert [s["name"] for s in saved["pci"]["slots"]] == [
+        "host-bridge", "virtio-VirtioRng", "virtio-VirtioBlock", "virtio-VirtioConsole",
+        "virtio-VirtioFs", "pvpanic"]
+    mem = copy_ram(a.mem)
+    a.close()
+
+    legacy2, b, lines = build(mem, "b")
+    for name in ("serial", "rtc", "i8042"):          # the serial drives IRQ 4 here
+        legacy2[name].restore_state(saved[name])
+    b.root.restore_state(saved["pci"])
+    assert lines == [True]
+    b.root.quiesce()                                 # already quiesced by the restore
+    again = through_json({**{name: dev.save_state() for name, dev in legacy2.items()},
+                          "pci": b.root.save_state()})
+    assert again == saved
+    b.root.resume()
+    b.adopt(a.driver_snapshot())
+    rng_request(b)
+    b.wait_used(0, 2)
+    b.close()

@@ -18,7 +18,6 @@ import time
 from ctypes import sizeof
 from pathlib import Path
 
-import pytest
 
 from pyvmm.devices.virtio.fs import VirtioFs
 from pyvmm.virtiofsd import cli

@@ -185,6 +185,7 @@ class Serial16550A:
         self._irq_level = False
         self._callback_failed = False
         self._receiver_ready = False  # set once the guest enables IER.ERBFI
+        self._quiesced = False  # snapshot: host input stays on the wire
         self._reset_registers()
 
     # ---- public interface ---------------------------------------------------
@@ -209,8 +210,9 @@ class Serial16550A:
         """Queue host input (called by the input thread); never drops a byte."""
         with self._lock:
             self._backlog.extend(data)
-            self._refill_rx()
-            self._update_irq()
+            if not self._quiesced:
+                self._refill_rx()
+                self._update_irq()
 
     def reset(self) -> None:
         """Power-on/reset values (Table III).  Pending host input is kept."""
@@ -231,6 +233,20 @@ class Serial16550A:
             return self._dll | (self._dlm << 8)
 
     # ---- snapshot ---------------------------------------------------------------
+
+    def quiesce(self) -> None:
+        """Hold host input on the wire (``receive`` only queues it) so that neither
+        the registers nor the interrupt line change under a snapshot.  The guest
+        must not run until ``resume``."""
+        with self._lock:
+            self._quiesced = True
+
+    def resume(self) -> None:
+        """Let held host input into the FIFO (and raise the interrupt it asks for)."""
+        with self._lock:
+            self._quiesced = False
+            self._refill_rx()
+            self._update_irq()
 
     def save_state(self) -> dict:
         """Every register, the RX FIFO (each character with where it came from and

@@ -375,8 +375,8 @@ class VirtioBlock(VirtioDevice):
         if saved_path != self.path:
             raise ValueError(f"{path}.path: the snapshot's disk is {saved_path}, this one {self.path}")
         if readonly != self.readonly:
-            raise ValueError(f"{path}.readonly: disk {self.path} was {'read-only' if readonly else 'writable'} "
-                             "in the snapshot")
+            was = "read-only" if readonly else "writable"
+            raise ValueError(f"{path}.readonly: disk {self.path} was {was} in the snapshot")
         now = self.identity()
         if saved["size"] != now["size"]:
             self._changed(path, f"size {saved['size']} -> {now['size']} bytes")

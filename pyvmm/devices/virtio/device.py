@@ -68,6 +68,8 @@ class VirtioDevice:
         self._notify: Callable[[int], None] | None = None
         self.driver_features = 0
         self.needs_reset: Callable[[], None] = lambda: None  # set by the transport
+        # Set by the transport: a quiesce waits, so stop after the chain in progress.
+        self.stop_requested: Callable[[], bool] = lambda: False
 
     # --- what a subclass defines -------------------------------------------------------
     external_datapath = False  # True: a backend (vhost-user) serves the rings, see start_backend
@@ -163,8 +165,8 @@ class VirtioDevice:
     def serve_queue(self, index: int, handle: Callable[[DescriptorChain], int],
                     more: Callable[[], bool] = lambda: True) -> None:
         """The device side of queue ``index``: pop each available chain while
-        ``more()``, complete it with ``handle(chain)`` bytes written, and notify
-        the driver once at the end.  A bad chain (ChainError) is completed with
+        ``more()`` (and no quiesce waits), complete it with ``handle(chain)`` bytes
+        written, and notify the driver once at the end.  A bad chain (ChainError) is completed with
         0 bytes; a broken ring (VirtqueueError) stops the queue until reset and
         asks the transport for NEEDS_RESET."""
         if index >= len(self.queues) or index in self.broken_queues:
@@ -172,7 +174,7 @@ class VirtioDevice:
         q = self.queues[index]
         pushed = False
         try:
-            while more():
+            while more() and not self.stop_requested():
                 try:
                     chain = q.pop()
                 except ChainError as e:

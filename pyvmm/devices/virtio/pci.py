@@ -204,7 +204,9 @@ class VirtioPciDevice(PciDevice):
         self._quiesced = False
         self._resume_worker = False      # what quiesce stopped (or a restore left stopped)
         self._resume_backend = False
+        self._stopping = threading.Event()   # quiesce: the worker stops after its chain
         device.needs_reset = self._needs_reset
+        device.stop_requested = self._stopping.is_set
         self._reset_state()
 
     # --- state --------------------------------------------------------------------------------
@@ -519,7 +521,11 @@ class VirtioPciDevice(PciDevice):
             worker = self._worker
             if worker is not None:     # also the successor of a dead back-end
                 self._resume_worker = True
-                self._stop_worker()
+                self._stopping.set()
+                try:
+                    self._stop_worker()
+                finally:
+                    self._stopping.clear()
                 if worker.is_alive():
                     raise SaveRefused(f"{self.name}: the worker did not stop within "
                                       f"{WORKER_STOP_TIMEOUT:g} s")
@@ -597,17 +603,17 @@ class VirtioPciDevice(PciDevice):
         return TransportState(config, common, active, broken, queues, msix, device)
 
     def _parse_common(self, state: dict, path: str) -> dict:
-        common = {
+        common = {name: hex_int(state[name], f"{path}.{name}", 4)
+                  for name in ("device_feature_select", "driver_feature_select")}
+        common.update({
             "status": hex_int(state["status"], f"{path}.status", 1),
             "generation": uint(state["generation"], f"{path}.generation", 0xFFFFFFFF),
-            "device_feature_select": hex_int(state["device_feature_select"], f"{path}.device_feature_select", 4),
-            "driver_feature_select": hex_int(state["driver_feature_select"], f"{path}.driver_feature_select", 4),
             "config_msix_vector": self._check_vector(
                 uint(state["config_msix_vector"], f"{path}.config_msix_vector", VIRTIO_MSI_NO_VECTOR),
                 f"{path}.config_msix_vector"),
             "queue_select": uint(state["queue_select"], f"{path}.queue_select", 0xFFFF),
             "isr": hex_bits(state["isr"], f"{path}.isr", VIRTIO_PCI_ISR_QUEUE | VIRTIO_PCI_ISR_CONFIG),
-        }
+        })
         features = hex_int(state["driver_features"], f"{path}.driver_features", 8)
         extra = features & ~self.offered_features()
         if extra:

@@ -388,8 +388,8 @@ class Virtqueue:
         if in_flight > parsed.size:
             raise ValueError(f"{path}: {in_flight} chains popped and not used, queue size {parsed.size}")
         if (parsed.used_idx - parsed.signalled_used) % _U16 != parsed.pushed_since_check % _U16:
-            raise ValueError(f"{path}.pushed_since_check: {parsed.pushed_since_check} pushes do not "
-                             f"lead from signalled_used {parsed.signalled_used} to used_idx {parsed.used_idx}")
+            raise ValueError(f"{path}.pushed_since_check: {parsed.pushed_since_check} pushes do not lead "
+                             f"from signalled_used {parsed.signalled_used} to used_idx {parsed.used_idx}")
         return parsed
 
     def apply_state(self, parsed: VirtqueueState) -> None:
