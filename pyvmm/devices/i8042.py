@@ -39,6 +39,8 @@ import threading
 from collections import deque
 from typing import Callable
 
+from ..snapshot.fields import blob, boolean, expect_keys, hex_int, optional
+
 log = logging.getLogger(__name__)
 
 I8042_DATA_PORT = 0x60
@@ -92,6 +94,14 @@ OUTPUT_PORT_DEFAULT = OUTPUT_PORT_RESET | OUTPUT_PORT_A20
 
 RAM_SIZE = 32
 OUTPUT_QUEUE_MAX = 16
+_STATE_KEYS = ("ram", "output_port", "output_queue", "last_data", "last_write_was_command",
+               "pending_command")
+
+
+def _waits_for_data(cmd: int) -> bool:
+    """The commands whose data byte comes next on port 0x60."""
+    return (CMD_WRITE_RAM <= cmd < CMD_WRITE_RAM + RAM_SIZE
+            or cmd in (CMD_WRITE_OUTPUT_PORT, CMD_WRITE_KBD_OUTBUF, CMD_WRITE_AUX))
 
 
 class I8042:
@@ -130,6 +140,41 @@ class I8042:
     def command_byte(self) -> int:
         with self._lock:
             return self._ram[0]
+
+    # ---- snapshot -------------------------------------------------------------
+
+    def save_state(self) -> dict:
+        """Controller RAM (byte 0 is the command byte), the output port, the bytes
+        waiting for the CPU, and a command that waits for its data byte."""
+        with self._lock:
+            return {
+                "ram": bytes(self._ram).hex(),
+                "output_port": hex(self._output_port),
+                "output_queue": bytes(self._outbuf).hex(),
+                "last_data": hex(self._last_data),
+                "last_write_was_command": self._last_write_was_command,
+                "pending_command": None if self._pending is None else hex(self._pending),
+            }
+
+    def restore_state(self, state: dict, path: str = "i8042") -> None:
+        """Load ``save_state``'s dict; everything is checked first (ValueError)."""
+        expect_keys(state, _STATE_KEYS, path)
+        ram = bytearray(blob(state["ram"], f"{path}.ram", RAM_SIZE))
+        output_port = hex_int(state["output_port"], f"{path}.output_port", 1)
+        queue = blob(state["output_queue"], f"{path}.output_queue", max_size=OUTPUT_QUEUE_MAX)
+        last_data = hex_int(state["last_data"], f"{path}.last_data", 1)
+        last_command = boolean(state["last_write_was_command"], f"{path}.last_write_was_command")
+        pending = optional(lambda v, p: hex_int(v, p, 1), state["pending_command"],
+                           f"{path}.pending_command")
+        if pending is not None and not _waits_for_data(pending):
+            raise ValueError(f"{path}.pending_command: command {pending:#04x} takes no data byte")
+        with self._lock:
+            self._ram = ram
+            self._output_port = output_port
+            self._outbuf = deque(queue, maxlen=OUTPUT_QUEUE_MAX)
+            self._last_data = last_data
+            self._last_write_was_command = last_command
+            self._pending = pending
 
     # ---- ports ----------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from typing import Callable
 
 from ..pci.config import BarInfo, PciConfigSpace
 from ..pci.device import PciDevice
+from ..snapshot.fields import expect_keys, hex_bits
 
 log = logging.getLogger(__name__)
 
@@ -66,3 +67,17 @@ class PvPanic(PciDevice):
         self.events |= event
         log.debug("pvpanic: guest event %#x", event)
         self._on_panic(event)
+
+    # --- snapshot ---------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """The config space and the events seen (non-zero only after a panic)."""
+        return {"config": self.config.save_state(), "events": hex(self.events)}
+
+    def parse_state(self, state: object, path: str) -> tuple:
+        expect_keys(state, ("config", "events"), path)
+        return (self.config.parse_state(state["config"], f"{path}.config"),
+                hex_bits(state["events"], f"{path}.events", PVPANIC_EVENTS))
+
+    def apply_state(self, parsed: tuple) -> None:
+        config, self.events = parsed
+        self.config.apply_state(config)

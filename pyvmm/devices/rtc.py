@@ -36,6 +36,8 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
+from ..snapshot.fields import blob, boolean, expect_keys, hex_bits, integer, uint
+
 log = logging.getLogger(__name__)
 
 # Where the PC puts it (registered at 0x70 with length 2).
@@ -116,6 +118,18 @@ _MAX_TIME = (datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc) - _EPOCH).t
 
 KiB = 1024
 MiB = 1024 * KiB
+NS_PER_S = 1_000_000_000
+
+# Saved state.  The staged time fields (while SET is 1) by name; the values are
+# whatever the guest wrote, decoded (BCD garbage decodes to at most 165).
+STAGED_NAMES = {
+    "seconds": CMOS_RTC_SECONDS, "minutes": CMOS_RTC_MINUTES, "hours": CMOS_RTC_HOURS,
+    "day_of_week": CMOS_RTC_DAY_WEEK, "day_of_month": CMOS_RTC_DAY_MONTH,
+    "month": CMOS_RTC_MONTH, "year": CMOS_RTC_YEAR, "century": CMOS_CENTURY,
+}
+MAX_OFFSET_NS = math.ceil(_MAX_TIME - _MIN_TIME) * NS_PER_S   # beyond it the clock only clamps
+_STATE_KEYS = ("ram", "index", "nmi_disabled", "offset_ns", "staged", "reg_c")
+_REG_C_FLAGS = REG_C_IRQF | REG_C_PF | REG_C_AF | REG_C_UF
 
 
 def _to_bcd(value: int) -> int:
@@ -137,7 +151,7 @@ class CmosRtc:
         self._ram[CMOS_STATUS_B] = REG_B_DEFAULT
         self._index = 0
         self._nmi_disabled = False
-        self._offset = 0.0  # guest time = clock() + offset
+        self._offset_ns = 0  # guest time = clock() + offset (whole ns: saved exactly)
         self._staged: dict[int, int] | None = None  # time fields while SET is 1
         self._reg_c = 0
         now = self._clock()
@@ -180,6 +194,59 @@ class CmosRtc:
         """Bit 7 of the last index written (the PC's NMI mask); informational."""
         with self._lock:
             return self._nmi_disabled
+
+    # ---- snapshot -------------------------------------------------------------
+
+    def save_state(self) -> dict:
+        """CMOS RAM, the index and NMI bit, the guest time as an offset from the
+        host clock, the time fields the guest is setting (SET) and the Register C
+        flags not yet read.  After a restore the guest clock runs on from the host
+        clock plus that offset: time passes while a snapshot waits, as on a PC
+        whose battery kept the RTC going."""
+        with self._lock:
+            staged = None
+            if self._staged is not None:
+                staged = {name: self._staged[index] for name, index in STAGED_NAMES.items()}
+            return {
+                "ram": bytes(self._ram).hex(),
+                "index": self._index,
+                "nmi_disabled": self._nmi_disabled,
+                "offset_ns": self._offset_ns,
+                "staged": staged,
+                "reg_c": hex(self._reg_c),
+            }
+
+    def restore_state(self, state: dict, path: str = "rtc") -> None:
+        """Load ``save_state``'s dict; everything is checked first (ValueError)."""
+        expect_keys(state, _STATE_KEYS, path)
+        ram = bytearray(blob(state["ram"], f"{path}.ram", CMOS_SIZE))
+        if ram[CMOS_STATUS_A] & REG_A_UIP:
+            raise ValueError(f"{path}.ram: Register A has UIP set (this RTC never updates)")
+        index = uint(state["index"], f"{path}.index", INDEX_MASK)
+        nmi_disabled = boolean(state["nmi_disabled"], f"{path}.nmi_disabled")
+        offset_ns = integer(state["offset_ns"], f"{path}.offset_ns", -MAX_OFFSET_NS, MAX_OFFSET_NS)
+        staged = self._staged_from(state["staged"], f"{path}.staged")
+        if (staged is not None) != bool(ram[CMOS_STATUS_B] & REG_B_SET):
+            raise ValueError(f"{path}.staged: must be given exactly when Register B has SET")
+        reg_c = hex_bits(state["reg_c"], f"{path}.reg_c", _REG_C_FLAGS)
+        with self._lock:
+            self._ram = ram
+            self._index = index
+            self._nmi_disabled = nmi_disabled
+            self._offset_ns = offset_ns
+            self._staged = staged
+            self._reg_c = reg_c
+            now = self._clock()
+            self._last_poll = now
+            self._last_second = math.floor(self._guest_time(now))
+
+    @staticmethod
+    def _staged_from(value: object, path: str) -> dict[int, int] | None:
+        if value is None:
+            return None
+        expect_keys(value, STAGED_NAMES, path)
+        return {index: uint(value[name], f"{path}.{name}", 0xFF)
+                for name, index in STAGED_NAMES.items()}
 
     # ---- ports ----------------------------------------------------------------
 
@@ -243,11 +310,14 @@ class CmosRtc:
 
     # ---- time -----------------------------------------------------------------
 
+    def _guest_time(self, host_time: float) -> float:
+        return host_time + self._offset_ns / NS_PER_S
+
     def _time_fields(self) -> dict[int, int]:
         """The time registers' binary values (hours 0-23), frozen while SET."""
         if self._staged is not None:
             return dict(self._staged)
-        return self._fields_at(self._clock() + self._offset)
+        return self._fields_at(self._guest_time(self._clock()))
 
     @staticmethod
     def _fields_at(timestamp: float) -> dict[int, int]:
@@ -286,7 +356,7 @@ class CmosRtc:
         except ValueError:
             log.debug("rtc: guest set an invalid time %r; ignored", fields)
             return
-        self._offset = (new - _EPOCH).total_seconds() - self._clock()
+        self._offset_ns = round(((new - _EPOCH).total_seconds() - self._clock()) * NS_PER_S)
 
     # ---- data modes (Table 3) -------------------------------------------------
 
@@ -318,7 +388,7 @@ class CmosRtc:
     def _latch_flags(self) -> None:
         now = self._clock()
         reg_b = self._ram[CMOS_STATUS_B]
-        second = math.floor(now + self._offset)
+        second = math.floor(self._guest_time(now))
         if self._staged is None and second > self._last_second:
             self._reg_c |= REG_C_UF  # at least one update cycle ended
             if self._alarm_matches():

@@ -45,6 +45,8 @@ import threading
 from collections import deque
 from typing import Callable, NamedTuple
 
+from ..snapshot.fields import SaveRefused, blob, boolean, expect_keys, hex_bits, hex_int, items
+
 log = logging.getLogger(__name__)
 
 # Where the PC puts COM1 (registered with length 8).
@@ -137,6 +139,31 @@ MSR_DELTAS = 0x0F
 DEFAULT_DIVISOR = 12
 BAUD_BASE = 115200
 
+# Saved state: host input still on the wire is kept up to this much (a snapshot
+# with more is refused, on save and on restore).
+BACKLOG_SAVE_MAX = 64 * 1024
+_FCR_KEPT = FCR_FIFO_ENABLE | FCR_DMA_MODE | FCR_RCVR_TRIGGER   # the bits _write_fcr stores
+_STATE_KEYS = ("dll", "dlm", "ier", "fcr", "lcr", "mcr", "scr", "rbr", "lsr_errors", "msr",
+               "thre_pending", "receiver_ready", "rx", "backlog")
+_RX_KEYS = ("value", "from_host", "brk")
+
+
+def modem_inputs(mcr: int) -> int:
+    """The MSR line bits for ``mcr``: MCR outputs in loopback (8.8), else a cable
+    that asserts CTS, DSR and DCD (RI idle)."""
+    if not mcr & MCR_LOOP:
+        return MSR_CTS | MSR_DSR | MSR_DCD
+    lines = 0
+    if mcr & MCR_RTS:
+        lines |= MSR_CTS
+    if mcr & MCR_DTR:
+        lines |= MSR_DSR
+    if mcr & MCR_OUT1:
+        lines |= MSR_RI
+    if mcr & MCR_OUT2:
+        lines |= MSR_DCD
+    return lines
+
 
 class _RxChar(NamedTuple):
     """One character in the RX FIFO, with where it came from."""
@@ -158,6 +185,7 @@ class Serial16550A:
         self._irq_level = False
         self._callback_failed = False
         self._receiver_ready = False  # set once the guest enables IER.ERBFI
+        self._quiesced = False  # snapshot: host input stays on the wire
         self._reset_registers()
 
     # ---- public interface ---------------------------------------------------
@@ -182,8 +210,9 @@ class Serial16550A:
         """Queue host input (called by the input thread); never drops a byte."""
         with self._lock:
             self._backlog.extend(data)
-            self._refill_rx()
-            self._update_irq()
+            if not self._quiesced:
+                self._refill_rx()
+                self._update_irq()
 
     def reset(self) -> None:
         """Power-on/reset values (Table III).  Pending host input is kept."""
@@ -202,6 +231,78 @@ class Serial16550A:
         """The baud rate divisor (baud = 115200 / divisor); informational."""
         with self._lock:
             return self._dll | (self._dlm << 8)
+
+    # ---- snapshot ---------------------------------------------------------------
+
+    def quiesce(self) -> None:
+        """Hold host input on the wire (``receive`` only queues it) so that neither
+        the registers nor the interrupt line change under a snapshot.  The guest
+        must not run until ``resume``."""
+        with self._lock:
+            self._quiesced = True
+
+    def resume(self) -> None:
+        """Let held host input into the FIFO (and raise the interrupt it asks for)."""
+        with self._lock:
+            self._quiesced = False
+            self._refill_rx()
+            self._update_irq()
+
+    def save_state(self) -> dict:
+        """Every register, the RX FIFO (each character with where it came from and
+        its break flag) and the host input still on the wire.  The interrupt line
+        level is not saved: it follows from the registers."""
+        with self._lock:
+            if len(self._backlog) > BACKLOG_SAVE_MAX:
+                raise SaveRefused(f"serial: {len(self._backlog)} bytes of host input are waiting "
+                                  f"for the guest; at most {BACKLOG_SAVE_MAX} can be saved")
+            return {
+                "dll": hex(self._dll), "dlm": hex(self._dlm), "ier": hex(self._ier),
+                "fcr": hex(self._fcr), "lcr": hex(self._lcr), "mcr": hex(self._mcr),
+                "scr": hex(self._scr), "rbr": hex(self._rbr),
+                "lsr_errors": hex(self._lsr_errors), "msr": hex(self._msr),
+                "thre_pending": self._thre_pending,
+                "receiver_ready": self._receiver_ready,
+                "rx": [{"value": hex(ch.value), "from_host": ch.from_host, "brk": ch.brk}
+                       for ch in self._rx],
+                "backlog": bytes(self._backlog).hex(),
+            }
+
+    def restore_state(self, state: dict, path: str = "serial") -> None:
+        """Load ``save_state``'s dict (checked first: ValueError naming the field),
+        then drive the interrupt line to the level the registers give."""
+        expect_keys(state, _STATE_KEYS, path)
+        regs = {name: hex_int(state[name], f"{path}.{name}", 1)
+                for name in ("dll", "dlm", "lcr", "scr", "rbr", "msr")}
+        regs["ier"] = hex_bits(state["ier"], f"{path}.ier", IER_MASK)
+        regs["fcr"] = hex_bits(state["fcr"], f"{path}.fcr", _FCR_KEPT)
+        regs["mcr"] = hex_bits(state["mcr"], f"{path}.mcr", MCR_MASK)
+        regs["lsr_errors"] = hex_bits(state["lsr_errors"], f"{path}.lsr_errors", LSR_ERRORS)
+        thre_pending = boolean(state["thre_pending"], f"{path}.thre_pending")
+        receiver_ready = boolean(state["receiver_ready"], f"{path}.receiver_ready")
+        rx = [self._rx_char_from(v, f"{path}.rx[{i}]")
+              for i, v in enumerate(items(state["rx"], f"{path}.rx", FIFO_SIZE))]
+        backlog = blob(state["backlog"], f"{path}.backlog", max_size=BACKLOG_SAVE_MAX)
+        _check_consistent(regs, rx, receiver_ready, path)
+        with self._lock:
+            for name, value in regs.items():
+                setattr(self, f"_{name}", value)
+            self._thre_pending = thre_pending
+            self._receiver_ready = receiver_ready
+            self._rx = deque(rx)
+            self._backlog = deque(backlog)
+            self._irq_level = self._pending_interrupt() != IIR_NONE
+            self._call(self._irq, self._irq_level)
+
+    @staticmethod
+    def _rx_char_from(value: object, path: str) -> _RxChar:
+        expect_keys(value, _RX_KEYS, path)
+        ch = _RxChar(hex_int(value["value"], f"{path}.value", 1),
+                     boolean(value["from_host"], f"{path}.from_host"),
+                     boolean(value["brk"], f"{path}.brk"))
+        if ch.brk and ch.from_host:
+            raise ValueError(f"{path}: a break from the host (only loopback makes breaks)")
+        return ch
 
     # ---- register dispatch ----------------------------------------------------
 
@@ -382,20 +483,7 @@ class Serial16550A:
     # ---- modem lines ------------------------------------------------------------
 
     def _modem_inputs(self) -> int:
-        """The MSR line bits: MCR outputs in loopback (8.8), else a cable that
-        asserts CTS, DSR and DCD (RI idle)."""
-        if not self._mcr & MCR_LOOP:
-            return MSR_CTS | MSR_DSR | MSR_DCD
-        lines = 0
-        if self._mcr & MCR_RTS:
-            lines |= MSR_CTS
-        if self._mcr & MCR_DTR:
-            lines |= MSR_DSR
-        if self._mcr & MCR_OUT1:
-            lines |= MSR_RI
-        if self._mcr & MCR_OUT2:
-            lines |= MSR_DCD
-        return lines
+        return modem_inputs(self._mcr)
 
     def _set_modem_inputs(self, lines: int) -> None:
         """8.9: set the delta bits for lines that changed since MSR was read."""
@@ -459,3 +547,22 @@ class Serial16550A:
         self._msr = self._modem_inputs()  # lines as they are, no deltas
         self._thre_pending = False
         self._clear_rx_fifo()
+
+
+def _check_consistent(regs: dict[str, int], rx: list[_RxChar], receiver_ready: bool,
+                      path: str) -> None:
+    """What the register model never produces: a non-zero FCR without FIFO enable,
+    more characters than the receiver holds, host input before the receiver was
+    ready, MSR lines that do not follow MCR."""
+    fifo = bool(regs["fcr"] & FCR_FIFO_ENABLE)
+    if regs["fcr"] and not fifo:
+        raise ValueError(f"{path}.fcr: {regs['fcr']:#x} without FIFO enable (bit 0)")
+    capacity = FIFO_SIZE if fifo else 1
+    if len(rx) > capacity:
+        raise ValueError(f"{path}.rx: {len(rx)} characters, the receiver holds {capacity}")
+    if not receiver_ready and any(ch.from_host for ch in rx):
+        raise ValueError(f"{path}.rx: host input in the receiver before the guest enabled it")
+    lines = modem_inputs(regs["mcr"])
+    if regs["msr"] & ~MSR_DELTAS != lines:
+        raise ValueError(f"{path}.msr: lines {regs['msr'] & ~MSR_DELTAS:#x} do not follow "
+                         f"MCR {regs['mcr']:#x} (expected {lines:#x})")

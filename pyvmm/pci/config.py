@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..snapshot.fields import blob, expect_keys
+
 CONFIG_SPACE_SIZE = 256
 
 # Type 0 header offsets (6.1)
@@ -54,6 +56,13 @@ PCI_BASE_ADDRESS_MEM_PREFETCH = 0x8
 
 PCI_HEADER_TYPE_NORMAL = 0
 CAP_START = 0x40
+
+# What names a function; a snapshot of another function is refused by these first.
+IDENTITY_FIELDS = (("vendor id", PCI_VENDOR_ID, 2), ("device id", PCI_DEVICE_ID, 2),
+                   ("class code", PCI_CLASS_PROG, 3), ("revision", PCI_REVISION_ID, 1),
+                   ("header type", PCI_HEADER_TYPE, 1),
+                   ("subsystem vendor id", PCI_SUBSYSTEM_VENDOR_ID, 2),
+                   ("subsystem id", PCI_SUBSYSTEM_ID, 2))
 
 
 @dataclass(frozen=True)
@@ -213,3 +222,31 @@ class PciConfigSpace:
             wmask, cmask = self.writable[pos], self.w1c[pos]
             old = self.data[pos]
             self.data[pos] = ((old & ~wmask) | (value & wmask)) & ~(value & cmask) & 0xFF
+
+    # --- snapshot --------------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """The 256 bytes.  The masks, BARs and capability layout come from construction."""
+        return {"data": bytes(self.data).hex()}
+
+    def parse_state(self, state: object, path: str) -> bytes:
+        """The saved bytes, checked against this function: no read-only bit may differ
+        from what construction put there (ids, class, BAR flags, capabilities)."""
+        expect_keys(state, ("data",), path)
+        data = blob(state["data"], f"{path}.data", CONFIG_SPACE_SIZE)
+        for name, offset, size in IDENTITY_FIELDS:
+            saved, here = int.from_bytes(data[offset:offset + size], "little"), self.get(offset, size)
+            if saved != here:
+                raise ValueError(f"{path}.data: {name} {saved:#0{2 + 2 * size}x} in the snapshot, "
+                                 f"{here:#0{2 + 2 * size}x} here: not the same device")
+        for pos in range(CONFIG_SPACE_SIZE):
+            fixed = ~(self.writable[pos] | self.w1c[pos]) & 0xFF
+            if (data[pos] ^ self.data[pos]) & fixed:
+                raise ValueError(f"{path}.data: byte {pos:#04x} is {data[pos]:#04x}, its read-only "
+                                 f"bits {fixed:#04x} must be as in {self.data[pos]:#04x}")
+        return data
+
+    def apply_state(self, data: bytes) -> None:
+        self.data[:] = data
+
+    def restore_state(self, state: dict, path: str = "pci config") -> None:
+        self.apply_state(self.parse_state(state, path))

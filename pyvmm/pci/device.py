@@ -9,6 +9,9 @@ the bus: ioeventfds on notify addresses, a KVM memory slot behind a BAR.
 
 from __future__ import annotations
 
+from typing import Any
+
+from ..snapshot.fields import expect_keys
 from .config import PciConfigSpace
 
 
@@ -39,6 +42,30 @@ class PciDevice:
 
     def close(self) -> None:
         pass
+
+    # --- snapshot: see PciRoot.save_state / restore_state ------------------------------
+    def quiesce(self) -> None:
+        """Stop whatever works on the device's behalf outside vCPU exits, so that
+        ``save_state`` sees a still picture (threads, back-ends)."""
+
+    def resume(self) -> None:
+        """Restart what ``quiesce`` (or ``apply_state``) left stopped."""
+
+    def save_state(self) -> dict:
+        return {"config": self.config.save_state()}
+
+    def parse_state(self, state: object, path: str) -> Any:
+        """Check saved state (ValueError naming the field); nothing changes yet."""
+        expect_keys(state, ("config",), path)
+        return self.config.parse_state(state["config"], f"{path}.config")
+
+    def apply_state(self, parsed: Any) -> None:
+        """Load what ``parse_state`` returned.  BAR mappings are the root's job."""
+        self.config.apply_state(parsed)
+
+    def restore_state(self, state: dict, path: str | None = None) -> None:
+        """Check, then load (a device on its own; on a bus, PciRoot.restore_state)."""
+        self.apply_state(self.parse_state(state, path or self.name))
 
 
 class BarRegion:

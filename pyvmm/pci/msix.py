@@ -8,6 +8,10 @@ eventfd, with no Python on the way.  While the vector is masked the irqfd is
 detached, so writes latch in the eventfd's counter; that counter is the
 vector's pending bit, and re-attaching the irqfd delivers it (KVM polls the
 eventfd when an irqfd is assigned).
+
+Snapshot: the table, the enable and function-mask bits and the pending
+vectors (the PBA).  A restore latches each pending vector's eventfd again and
+refreshes every vector, which sets the GSI routes and irqfds of the live ones.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ import os
 import select
 import struct
 import threading
+from typing import NamedTuple
 
 from .. import kvm
 from ..irq import GsiRouter
+from ..snapshot.fields import blob, boolean, expect_keys, index_set
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,26 @@ PCI_MSIX_ENTRY_DATA = 8
 PCI_MSIX_ENTRY_VECTOR_CTRL = 12
 PCI_MSIX_ENTRY_CTRL_MASKBIT = 0x1
 MSI_ADDRESS_BASE = 0xFEE00000  # x86: messages go to the LAPICs' window
+
+
+def unpack_entry(table: bytes | bytearray, vector: int) -> tuple[int, int, bool]:
+    """(message address, data, masked) of ``vector`` in a vector table."""
+    lo, hi, data, ctrl = struct.unpack_from("<IIII", table, vector * PCI_MSIX_ENTRY_SIZE)
+    return (hi << 32) | lo, data, bool(ctrl & PCI_MSIX_ENTRY_CTRL_MASKBIT)
+
+
+def may_fire(enabled: bool, function_masked: bool, address: int, masked: bool) -> bool:
+    """Whether a vector is delivered (irqfd attached) rather than latched (6.8.2):
+    MSI-X on, the function and the vector unmasked, an address in the LAPIC window."""
+    return (enabled and not function_masked and not masked
+            and address >> 20 == MSI_ADDRESS_BASE >> 20)
+
+
+class MsixState(NamedTuple):
+    table: bytes
+    enabled: bool
+    function_masked: bool
+    pending: frozenset[int]
 
 
 class Msix:
@@ -121,8 +147,7 @@ class Msix:
 
     def entry(self, vector: int) -> tuple[int, int, bool]:
         """(message address, data, masked) of a vector."""
-        lo, hi, data, ctrl = struct.unpack_from("<IIII", self.table, vector * 16)
-        return (hi << 32) | lo, data, bool(ctrl & PCI_MSIX_ENTRY_CTRL_MASKBIT)
+        return unpack_entry(self.table, vector)
 
     def _latched(self, vector: int) -> bool:
         poller = select.poll()  # not select(): fds above 1023 are fine
@@ -131,10 +156,9 @@ class Msix:
 
     def _refresh(self, vector: int) -> None:
         address, data, masked = self.entry(vector)
-        live = self.enabled and not self.function_masked and not masked
-        if live and address >> 20 != MSI_ADDRESS_BASE >> 20:
+        live = may_fire(self.enabled, self.function_masked, address, masked)
+        if not live and self.enabled and not self.function_masked and not masked:
             log.debug("msix: vector %d has address %#x outside the LAPIC window: not routed", vector, address)
-            live = False
         gsi, fd = self.gsis[vector], self.eventfds[vector]
         if live:
             self._router.set_msi(gsi, address, data)
@@ -144,6 +168,49 @@ class Msix:
         elif self._attached[vector]:
             self._vm.irqfd(fd, gsi, deassign=True)
             self._attached[vector] = False
+
+    # --- snapshot ---------------------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """Table, enable and function-mask bits, and the pending vectors: those whose
+        eventfd holds a count while their irqfd is detached.  Whoever writes the
+        eventfds (device threads, a back-end) must be stopped."""
+        with self._lock:
+            pending = [v for v in range(self.num_vectors) if not self._attached[v] and self._latched(v)]
+            return {"table": self.table.hex(), "enabled": self.enabled,
+                    "function_masked": self.function_masked, "pending": pending}
+
+    def parse_state(self, state: object, path: str) -> MsixState:
+        expect_keys(state, ("table", "enabled", "function_masked", "pending"), path)
+        parsed = MsixState(blob(state["table"], f"{path}.table", self.table_size),
+                           boolean(state["enabled"], f"{path}.enabled"),
+                           boolean(state["function_masked"], f"{path}.function_masked"),
+                           index_set(state["pending"], f"{path}.pending", self.num_vectors))
+        for v in sorted(parsed.pending):
+            address, _, masked = unpack_entry(parsed.table, v)
+            if may_fire(parsed.enabled, parsed.function_masked, address, masked):
+                raise ValueError(f"{path}.pending: vector {v} is pending but not masked "
+                                 "(a vector that may fire is delivered, not latched)")
+        return parsed
+
+    def apply_state(self, parsed: MsixState) -> None:
+        """Load the table and bits, latch the pending vectors, then route and attach
+        every live vector (none of them has a count: no interrupt fires here)."""
+        with self._lock:
+            self.table[:] = parsed.table
+            self.enabled = parsed.enabled
+            self.function_masked = parsed.function_masked
+            for v, fd in enumerate(self.eventfds):
+                try:
+                    os.eventfd_read(fd)   # EFD_NONBLOCK: clears a count, if any
+                except BlockingIOError:
+                    pass
+                if v in parsed.pending:
+                    os.eventfd_write(fd, 1)
+            for v in range(self.num_vectors):
+                self._refresh(v)
+
+    def restore_state(self, state: dict, path: str = "msix") -> None:
+        self.apply_state(self.parse_state(state, path))
 
     def close(self) -> None:
         """Detach every irqfd, free the GSIs and close the eventfds (idempotent)."""

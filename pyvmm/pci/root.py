@@ -11,6 +11,12 @@ from the MMIO hole below 4 GiB, 64-bit ones from a window above RAM) and
 turns on memory decode, so Linux finds the devices ready.  Whenever the guest
 rewrites a BAR or toggles memory decode, ``_remap`` moves the BAR's bus
 registration and tells the device.
+
+Snapshot: ``save_state`` holds the 0xCF8 latch and every slot's device state;
+``restore_state`` loads them all, then maps each BAR where the saved config
+space says, from scratch, so every device's ``bar_moved`` runs again (KVM
+ioeventfds on the notify addresses, the DAX window's memory slot).
+``quiesce``/``resume`` pass on to every device.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import logging
 import threading
 
 from ..bus import Bus, BusError
+from ..snapshot.fields import expect_keys, hex_int, items, text, uint
 from . import config as cfg
 from .config import BarInfo, PciConfigSpace
 from .device import BarRegion, PciDevice
@@ -97,6 +104,64 @@ class PciRoot:
     def close(self) -> None:
         for device in self.devices.values():
             device.close()
+
+    # --- snapshot -------------------------------------------------------------------------------
+    def quiesce(self) -> None:
+        """Quiesce every device, by slot (see PciDevice.quiesce)."""
+        for _, device in sorted(self.devices.items()):
+            device.quiesce()
+
+    def resume(self) -> None:
+        """Resume every device, by slot (see PciDevice.resume)."""
+        for _, device in sorted(self.devices.items()):
+            device.resume()
+
+    def save_state(self) -> dict:
+        """The address latch and, by slot, each device's name and state (quiesce first)."""
+        with self._lock:
+            return {"address": hex(self._address),
+                    "slots": [{"slot": slot, "name": device.name, "state": device.save_state()}
+                              for slot, device in sorted(self.devices.items())]}
+
+    def restore_state(self, state: dict, path: str = "pci") -> None:
+        """Check every slot's state against the device plugged there (same slots, same
+        names, each device's own checks), then load them and map the BARs afresh."""
+        expect_keys(state, ("address", "slots"), path)
+        address = hex_int(state["address"], f"{path}.address", 4)
+        parsed = {}
+        for i, entry in enumerate(items(state["slots"], f"{path}.slots", PCI_MAX_DEVICES)):
+            where = f"{path}.slots[{i}]"
+            expect_keys(entry, ("slot", "name", "state"), where)
+            slot = uint(entry["slot"], f"{where}.slot", PCI_MAX_DEVICES - 1)
+            device = self.devices.get(slot)
+            if device is None or slot in parsed:
+                raise ValueError(f"{where}.slot: {'no device is' if device is None else 'twice'} "
+                                 f"in slot {slot}")
+            name = text(entry["name"], f"{where}.name", 64)
+            if name != device.name:
+                raise ValueError(f"{where}.name: slot {slot} holds {name!r} in the snapshot, "
+                                 f"{device.name!r} here")
+            parsed[slot] = device.parse_state(entry["state"], f"{where}.state")
+        missing = sorted(set(self.devices) - set(parsed))
+        if missing:
+            raise ValueError(f"{path}.slots: no state for slot(s) {', '.join(map(str, missing))}")
+        with self._lock:
+            self._unmap_all()
+            for slot, device_state in sorted(parsed.items()):
+                self.devices[slot].apply_state(device_state)
+            self._address = address
+            for slot in sorted(self.devices):
+                self._remap(slot)
+
+    def _unmap_all(self) -> None:
+        """Take every BAR off the bus (and tell its device), so that the restored
+        addresses can be mapped in any order without overlapping the old ones."""
+        for (slot, index), have in sorted(self._mapped.items()):
+            device = self.devices[slot]
+            if device.bar_is_mmio(index):
+                self.mmio.unregister(have)
+            device.bar_moved(index, have, None)
+        self._mapped.clear()
 
     # --- config mechanism #1: a port-I/O bus device at 0xCF8, 8 ports ---------------------------
     def read(self, offset: int, size: int) -> bytes:

@@ -39,11 +39,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
-import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from .. import kvm
+from .fields import HEX_RE, blob, describe, expect_keys, hex_int, optional
 
 log = logging.getLogger(__name__)
 
@@ -114,23 +114,23 @@ class VcpuState:
         """The state from ``to_json``'s dict; ValueError on anything missing,
         unknown, mistyped or of the wrong size."""
         path = "vcpu"
-        _expect_keys(data, ("version", "regs", "sregs", "fpu", "xsave", "xcrs", "debugregs",
+        expect_keys(data, ("version", "regs", "sregs", "fpu", "xsave", "xcrs", "debugregs",
                             "lapic", "msrs", "mp_state", "vcpu_events", "tsc_khz", "cpuid"), path)
         _expect_version(data["version"], path)
         return cls(
             regs=struct_from_json(kvm.kvm_regs, data["regs"], f"{path}.regs"),
             sregs=struct_from_json(kvm.kvm_sregs, data["sregs"], f"{path}.sregs"),
             fpu=struct_from_json(kvm.kvm_fpu, data["fpu"], f"{path}.fpu"),
-            xsave=_optional(_xsave_from_json, data["xsave"], f"{path}.xsave"),
-            xcrs=_optional(_xcrs_from_json, data["xcrs"], f"{path}.xcrs"),
-            debugregs=_optional(lambda d, p: struct_from_json(kvm.kvm_debugregs, d, p),
+            xsave=optional(_xsave_from_json, data["xsave"], f"{path}.xsave"),
+            xcrs=optional(_xcrs_from_json, data["xcrs"], f"{path}.xcrs"),
+            debugregs=optional(lambda d, p: struct_from_json(kvm.kvm_debugregs, d, p),
                                 data["debugregs"], f"{path}.debugregs"),
             lapic=struct_from_json(kvm.kvm_lapic_state, data["lapic"], f"{path}.lapic"),
             msrs=_msrs_from_json(data["msrs"], f"{path}.msrs"),
             mp_state=_mp_state_from_json(data["mp_state"], f"{path}.mp_state"),
             vcpu_events=struct_from_json(kvm.kvm_vcpu_events, data["vcpu_events"],
                                          f"{path}.vcpu_events"),
-            tsc_khz=_optional(_positive_int, data["tsc_khz"], f"{path}.tsc_khz"),
+            tsc_khz=optional(_positive_int, data["tsc_khz"], f"{path}.tsc_khz"),
             cpuid=_cpuid_from_json(data["cpuid"], f"{path}.cpuid"),
         )
 
@@ -159,13 +159,13 @@ class VmState:
     @classmethod
     def from_json(cls, data: object) -> "VmState":
         path = "vm"
-        _expect_keys(data, ("version", "pic_master", "pic_slave", "ioapic", "pit2", "clock"), path)
+        expect_keys(data, ("version", "pic_master", "pic_slave", "ioapic", "pit2", "clock"), path)
         _expect_version(data["version"], path)
         return cls(
             pic_master=struct_from_json(kvm.kvm_pic_state, data["pic_master"], f"{path}.pic_master"),
             pic_slave=struct_from_json(kvm.kvm_pic_state, data["pic_slave"], f"{path}.pic_slave"),
             ioapic=struct_from_json(kvm.kvm_ioapic_state, data["ioapic"], f"{path}.ioapic"),
-            pit2=_optional(lambda d, p: struct_from_json(kvm.kvm_pit_state2, d, p),
+            pit2=optional(lambda d, p: struct_from_json(kvm.kvm_pit_state2, d, p),
                            data["pit2"], f"{path}.pit2"),
             clock=struct_from_json(kvm.kvm_clock_data, data["clock"], f"{path}.clock"),
         )
@@ -464,8 +464,6 @@ def _msr_round_trips(vcpu: kvm.Vcpu, index: int) -> bool:
 # redirection entry) stands for that member.
 _SKIPPED_FIELDS = frozenset({"pad", "pad0", "pad1", "pad2", "padding", "padding1", "reserved"})
 _BYTE_TYPES = (ctypes.c_uint8, ctypes.c_char)
-_HEX_RE = re.compile(r"-?0x[0-9a-fA-F]+\Z")
-_BLOB_RE = re.compile(r"[0-9a-fA-F]*\Z")
 
 
 def _fields(cls: type) -> list[tuple[str, type]]:
@@ -507,7 +505,7 @@ def struct_from_json(cls: type, data: object, path: str) -> Any:
         setattr(obj, name, _value_from_json(ftype, data, path))
         return obj
     fields = _fields(cls)
-    _expect_keys(data, [name for name, _ in fields], path)
+    expect_keys(data, [name for name, _ in fields], path)
     for name, ftype in fields:
         setattr(obj, name, _value_from_json(ftype, data[name], f"{path}.{name}"))
     return obj
@@ -518,80 +516,47 @@ def _value_from_json(ftype: type, value: object, path: str) -> Any:
         return struct_from_json(ftype, value, path)
     if issubclass(ftype, ctypes.Array):
         if ftype._type_ in _BYTE_TYPES:
-            return ftype.from_buffer_copy(_blob(value, ftype._length_, path))
+            return ftype.from_buffer_copy(blob(value, path, ftype._length_))
         if not isinstance(value, list) or len(value) != ftype._length_:
             raise ValueError(f"{path}: expected a list of {ftype._length_} items, "
-                             f"got {_describe(value)}")
+                             f"got {describe(value)}")
         return ftype(*(_value_from_json(ftype._type_, v, f"{path}[{i}]") for i, v in enumerate(value)))
-    return _hex_int(value, ctypes.sizeof(ftype), ftype(-1).value < 0, path)
-
-
-def _hex_int(value: object, size: int, signed: bool, path: str) -> int:
-    if not isinstance(value, str) or not _HEX_RE.match(value):
-        raise ValueError(f"{path}: expected a hex string like \"0x1f\", got {_describe(value)}")
-    n = int(value, 16)
-    low, high = (-(1 << (8 * size - 1)), 1 << (8 * size - 1)) if signed else (0, 1 << (8 * size))
-    if not low <= n < high:
-        raise ValueError(f"{path}: {value} does not fit in {size} byte(s)")
-    return n
-
-
-def _blob(value: object, size: int, path: str) -> bytes:
-    if not isinstance(value, str) or not _BLOB_RE.match(value) or len(value) % 2:
-        raise ValueError(f"{path}: expected a string of hex bytes, got {_describe(value)}")
-    if len(value) != 2 * size:
-        raise ValueError(f"{path}: expected {size} bytes, got {len(value) // 2}")
-    return bytes.fromhex(value)
-
-
-def _expect_keys(data: object, keys: Any, path: str) -> None:
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected an object, got {_describe(data)}")
-    missing = [k for k in keys if k not in data]
-    if missing:
-        raise ValueError(f"{path}: missing {', '.join(missing)}")
-    unknown = sorted(str(k) for k in data if k not in keys)
-    if unknown:
-        raise ValueError(f"{path}: unknown {', '.join(unknown)}")
+    return hex_int(value, path, ctypes.sizeof(ftype), ftype(-1).value < 0)
 
 
 def _expect_version(value: object, path: str) -> None:
     if value != STATE_VERSION or isinstance(value, bool):
-        raise ValueError(f"{path}.version: expected {STATE_VERSION}, got {_describe(value)}")
-
-
-def _optional(parse: Callable[[object, str], Any], value: object, path: str) -> Any:
-    return None if value is None else parse(value, path)
+        raise ValueError(f"{path}.version: expected {STATE_VERSION}, got {describe(value)}")
 
 
 def _positive_int(value: object, path: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < (1 << 32):
-        raise ValueError(f"{path}: expected a positive 32-bit integer or null, got {_describe(value)}")
+        raise ValueError(f"{path}: expected a positive 32-bit integer or null, got {describe(value)}")
     return value
 
 
 def _xsave_from_json(value: object, path: str) -> bytes:
-    _expect_keys(value, ("bytes", "area"), path)
+    expect_keys(value, ("bytes", "area"), path)
     size = value["bytes"]
     if (not isinstance(size, int) or isinstance(size, bool) or size % 4
             or not kvm.XSAVE_LEGACY_SIZE <= size <= MAX_XSAVE_SIZE):
         raise ValueError(f"{path}.bytes: expected a multiple of 4 from {kvm.XSAVE_LEGACY_SIZE} "
-                         f"to {MAX_XSAVE_SIZE}, got {_describe(size)}")
-    return _blob(value["area"], size, f"{path}.area")
+                         f"to {MAX_XSAVE_SIZE}, got {describe(size)}")
+    return blob(value["area"], f"{path}.area", size)
 
 
 def _xcrs_from_json(value: object, path: str) -> dict[int, int]:
     if not isinstance(value, dict) or len(value) > kvm.KVM_MAX_XCRS:
         raise ValueError(f"{path}: expected an object of at most {kvm.KVM_MAX_XCRS} XCRs, "
-                         f"got {_describe(value)}")
-    return {_hex_int(n, 4, False, f"{path} key {n!r}"): _hex_int(v, 8, False, f"{path}[{n!r}]")
+                         f"got {describe(value)}")
+    return {hex_int(n, f"{path} key {n!r}", 4): hex_int(v, f"{path}[{n!r}]", 8)
             for n, v in value.items()}
 
 
 def _msrs_from_json(value: object, path: str) -> dict[int, int]:
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected an object of MSR index -> value, got {_describe(value)}")
-    return {_hex_int(i, 4, False, f"{path} key {i!r}"): _hex_int(v, 8, False, f"{path}[{i!r}]")
+        raise ValueError(f"{path}: expected an object of MSR index -> value, got {describe(value)}")
+    return {hex_int(i, f"{path} key {i!r}", 4): hex_int(v, f"{path}[{i!r}]", 8)
             for i, v in value.items()}
 
 
@@ -599,21 +564,14 @@ def _mp_state_from_json(value: object, path: str) -> int:
     by_name = {name: n for n, name in MP_STATE_NAMES.items()}
     if isinstance(value, str) and value in by_name:
         return by_name[value]
-    if isinstance(value, str) and _HEX_RE.match(value):
-        return _hex_int(value, 4, False, path)
+    if isinstance(value, str) and HEX_RE.match(value):
+        return hex_int(value, path, 4)
     raise ValueError(f"{path}: expected one of {', '.join(by_name)} or a hex number, "
-                     f"got {_describe(value)}")
+                     f"got {describe(value)}")
 
 
 def _cpuid_from_json(value: object, path: str) -> list[kvm.kvm_cpuid_entry2]:
     if not isinstance(value, list) or len(value) > MAX_CPUID_ENTRIES:
         raise ValueError(f"{path}: expected a list of at most {MAX_CPUID_ENTRIES} entries, "
-                         f"got {_describe(value)}")
+                         f"got {describe(value)}")
     return [struct_from_json(kvm.kvm_cpuid_entry2, e, f"{path}[{i}]") for i, e in enumerate(value)]
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, (list, dict)):
-        return f"{type(value).__name__} of {len(value)}"
-    text = repr(value)
-    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"

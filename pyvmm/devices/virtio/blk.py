@@ -18,6 +18,13 @@ beyond the capacity or a buffer outside guest RAM fail that request with
 VIRTIO_BLK_S_IOERR (or VIRTIO_BLK_S_UNSUPP where 5.2.6.2 says so) and the
 queue goes on.  A read-only device opens the image O_RDONLY, so no bug here
 can write it.
+
+Snapshot: no request is in flight at a snapshot point, so the device state is
+the image's identity: its path, the read-only flag, and size, mtime and a
+sampled SHA-256 (``sampled_digest``) that ``parse_state`` compares with the
+image opened now.  A disk written since the snapshot (by anything: the guest
+that went on running, another VM, the host) no longer matches the guest's page
+cache in the saved RAM, so the restore is refused.
 """
 
 from __future__ import annotations
@@ -26,11 +33,13 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import stat
 import threading
 
+from ...snapshot.fields import blob, boolean, expect_keys, integer, text, uint
 from .device import VIRTIO_ID_BLOCK, VirtioDevice
 
 log = logging.getLogger(__name__)
@@ -87,6 +96,14 @@ FALLOC_FL_ZERO_RANGE = 0x10
 MAX_USED_LEN = 0xFFFFFFFF                # used element len is a u32 (2.7.8); a lower bound may be given
 IOV_MAX = 1024                          # limits.h: iovecs per preadv/pwritev call
 ZERO_CHUNK = 1 << 20                    # bytes per pwrite when zeroes are written out
+
+# The sampled digest of an image (snapshot identity): its size, the first and the
+# last MiB, and SAMPLE_BLOCKS blocks of SAMPLE_BLOCK bytes evenly spaced in between.
+SAMPLE_EDGE = 1 << 20
+SAMPLE_BLOCK = 4096
+SAMPLE_BLOCKS = 16
+MAX_PATH = 4096                         # PATH_MAX
+_STATE_KEYS = ("path", "readonly", "size", "mtime_ns", "sampled_sha256")
 
 
 class virtio_blk_req(ctypes.LittleEndianStructure):
@@ -199,6 +216,32 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
             raise OSError(err, f"fallocate(mode={mode:#x}): {os.strerror(err)}")
 
 
+def _pread_exact(fd: int, size: int, offset: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = os.pread(fd, size - len(data), offset + len(data))
+        if not chunk:
+            raise OSError(errno.EIO, f"short read at byte {offset + len(data)} (image shrank?)")
+        data += chunk
+    return bytes(data)
+
+
+def sampled_digest(fd: int, size: int) -> bytes:
+    """SHA-256 over the image size, the first and last MiB and SAMPLE_BLOCKS evenly
+    spaced 4 KiB blocks: a few MiB read whatever the size, and any change of size
+    or of the parts a guest rewrites most (partition table, superblocks, the
+    journal at either end) shows."""
+    h = hashlib.sha256(size.to_bytes(8, "little"))
+    edge = min(SAMPLE_EDGE, size)
+    spans = [(0, edge), (size - edge, edge)]
+    if size >= SAMPLE_BLOCK:
+        step = (size - SAMPLE_BLOCK) // (SAMPLE_BLOCKS - 1)
+        spans += [(i * step, SAMPLE_BLOCK) for i in range(SAMPLE_BLOCKS)]
+    for offset, length in spans:
+        h.update(_pread_exact(fd, length, offset))
+    return h.digest()
+
+
 class RequestError(Exception):
     """A request fails with ``status``; the queue carries on."""
 
@@ -307,6 +350,45 @@ class VirtioBlock(VirtioDevice):
     def process_queue(self, index: int) -> None:
         if index == 0:
             self.serve_queue(0, self._handle)
+
+    # --- snapshot ----------------------------------------------------------------------------
+    def identity(self) -> dict:
+        """What the image is now: size, mtime (ns) and the sampled digest."""
+        st = os.fstat(self.fd)
+        return {"size": self._current_size(), "mtime_ns": st.st_mtime_ns,
+                "sampled_sha256": sampled_digest(self.fd, self._current_size()).hex()}
+
+    def _current_size(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_END)   # st_size is 0 for a block device
+
+    def save_state(self) -> dict:
+        return {"path": self.path, "readonly": self.readonly, **self.identity()}
+
+    def parse_state(self, state: object, path: str) -> None:
+        """The same image, unchanged since the snapshot, with the same access."""
+        expect_keys(state, _STATE_KEYS, path)
+        saved_path = text(state["path"], f"{path}.path", MAX_PATH)
+        readonly = boolean(state["readonly"], f"{path}.readonly")
+        saved = {"size": uint(state["size"], f"{path}.size", (1 << 63) - 1),
+                 "mtime_ns": integer(state["mtime_ns"], f"{path}.mtime_ns", -(1 << 63), (1 << 63) - 1),
+                 "sampled_sha256": blob(state["sampled_sha256"], f"{path}.sampled_sha256", 32).hex()}
+        if saved_path != self.path:
+            raise ValueError(f"{path}.path: the snapshot's disk is {saved_path}, this one {self.path}")
+        if readonly != self.readonly:
+            was = "read-only" if readonly else "writable"
+            raise ValueError(f"{path}.readonly: disk {self.path} was {was} in the snapshot")
+        now = self.identity()
+        if saved["size"] != now["size"]:
+            self._changed(path, f"size {saved['size']} -> {now['size']} bytes")
+        if saved["mtime_ns"] != now["mtime_ns"]:
+            self._changed(path, f"mtime {saved['mtime_ns']} -> {now['mtime_ns']} ns (written since?)")
+        if saved["sampled_sha256"] != now["sampled_sha256"]:
+            self._changed(path, "its sampled contents (sha256) differ")
+        return None
+
+    def _changed(self, path: str, how: str) -> None:
+        raise ValueError(f"{path}: disk {self.path} changed since the snapshot: {how}; the "
+                         "saved guest memory no longer matches it")
 
     def close(self) -> None:
         """Close the image (idempotent)."""

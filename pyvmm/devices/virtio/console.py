@@ -15,6 +15,9 @@ VIRTIO_CONSOLE_F_EMERG_WRITE (5.3.3) is offered: a driver may write a
 character to ``emerg_wr`` in the configuration space at any time, even before
 the queues are set up (the kernel's early console), and it goes to ``out``.
 VIRTIO_CONSOLE_F_SIZE is not offered: ``cols``/``rows`` read as 0.
+
+Snapshot: the backlog (at most ``BACKLOG_SAVE_MAX`` bytes).  While quiesced,
+host input only joins the backlog; the transport's worker delivers it on resume.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import logging
 import threading
 from typing import Callable
 
+from ...snapshot.fields import SaveRefused, blob, expect_keys
 from .device import VIRTIO_ID_CONSOLE, VirtioDevice
 
 log = logging.getLogger(__name__)
@@ -57,6 +61,7 @@ assert virtio_console_config.max_nr_ports.offset == 4
 assert virtio_console_config.emerg_wr.offset == 8
 
 EMERG_WR_OFFSET = virtio_console_config.emerg_wr.offset
+BACKLOG_SAVE_MAX = 1 << 20   # host input a snapshot may carry; more is refused
 
 
 class VirtioConsole(VirtioDevice):
@@ -70,6 +75,7 @@ class VirtioConsole(VirtioDevice):
         self.out = out
         self._lock = threading.Lock()      # receiveq0, the backlog, activation state
         self._backlog = bytearray()        # host bytes not yet in a guest buffer
+        self._paused = False               # quiesced: host input waits in the backlog
 
     # --- VirtioDevice ------------------------------------------------------------------------
     def device_features(self) -> int:
@@ -96,6 +102,30 @@ class VirtioConsole(VirtioDevice):
             super().reset()
         # The backlog is kept: bytes typed before the driver (re)starts arrive later.
 
+    def quiesce(self) -> None:
+        with self._lock:   # waits for a receive() that is delivering right now
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = False
+        # The transport's worker, restarted next, delivers what arrived meanwhile.
+
+    def save_state(self) -> dict:
+        with self._lock:
+            if len(self._backlog) > BACKLOG_SAVE_MAX:
+                raise SaveRefused(f"virtio-console: {len(self._backlog)} bytes of host input wait "
+                                  f"for the guest; at most {BACKLOG_SAVE_MAX} can be saved")
+            return {"backlog": bytes(self._backlog).hex()}
+
+    def parse_state(self, state: object, path: str) -> bytes:
+        expect_keys(state, ("backlog",), path)
+        return blob(state["backlog"], f"{path}.backlog", max_size=BACKLOG_SAVE_MAX)
+
+    def apply_state(self, parsed: bytes) -> None:
+        with self._lock:
+            self._backlog = bytearray(parsed)
+
     def process_queue(self, index: int) -> None:
         if index == RECEIVEQ0:
             with self._lock:
@@ -119,7 +149,7 @@ class VirtioConsole(VirtioDevice):
 
     def _deliver(self) -> None:
         """Move backlog bytes into receiveq0 chains (the lock is held)."""
-        if self._backlog and self.mem is not None:
+        if self._backlog and self.mem is not None and not self._paused:
             self.serve_queue(RECEIVEQ0, self._fill_from_backlog, more=lambda: bool(self._backlog))
 
     def _fill_from_backlog(self, chain) -> int:

@@ -9,7 +9,7 @@ memory slot wherever the guest places BAR 2.  When the vhost-user backend asks
 notifiers pick the new pages up under the existing slot, so guest loads and
 stores then reach the host page cache with no exit and no copy.
 
-Rules this module keeps (DESIGN.md "Rules that hold everywhere"):
+Rules this module keeps (the project's rules for untrusted input):
 
 * Every request is validated before any mmap: page-aligned offset and length,
   length > 0, inside the window, values that fit the wire's u64 (and off_t for
@@ -88,6 +88,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ...memory import PAGE_SIZE
+from ...snapshot.fields import SaveRefused, expect_keys, uint
 
 log = logging.getLogger(__name__)
 
@@ -680,6 +681,34 @@ class DaxShm:
     def reset(self) -> None:
         """Device reset: every mapping goes (the slot stays while the BAR decodes)."""
         self.window.unmap_all()
+
+    # --- snapshot ---------------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """The window's size; the memory slot follows BAR 2, which the PCI root maps.
+
+        Only an empty window can be saved.  A mapping is a file the back-end opened
+        and mmap'ed into the window on the guest's behalf (a DAX mount): a snapshot
+        cannot carry it (a new back-end has neither the fd nor the FUSE node and
+        handle behind it, and the guest's page tables point into the window), so a
+        window with mappings refuses the save (SaveRefused).  At a snapshot point
+        nothing is mounted yet and the window is empty."""
+        maps = self.window.mappings()
+        if maps:
+            raise SaveRefused(f"the DAX window has {len(maps)} file mapping(s), e.g. "
+                              f"{maps[0].offset:#x}+{maps[0].length:#x}: the share is mounted with "
+                              "DAX and a snapshot cannot carry file mappings (unmount it first)")
+        return {"window_size": self.window.size}
+
+    def parse_state(self, state: object, path: str) -> None:
+        expect_keys(state, ("window_size",), path)
+        size = uint(state["window_size"], f"{path}.window_size", U64_LIMIT)
+        if size != self.window.size:
+            raise ValueError(f"{path}.window_size: {size:#x} in the snapshot, {self.window.size:#x} here")
+        return None
+
+    def restore_state(self, state: dict, path: str = "dax") -> None:
+        """Check the window's size; the slot comes back with BAR 2 (PciRoot)."""
+        self.parse_state(state, path)
 
     def close(self) -> None:
         """Remove the slot, then unmap the window (in that order: a slot must never

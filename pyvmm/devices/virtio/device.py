@@ -12,13 +12,20 @@ interrupts, and calls into the device at these points:
 
 ``notify(index)`` (given at activation) tells the driver that used buffers are
 ready on queue ``index``; it honours VIRTIO_RING_F_EVENT_IDX and masking.
+
+Snapshots: the transport saves the queues, the negotiation and the interrupts;
+a model saves only what is its own (``save_state``/``parse_state``/
+``apply_state``; the identity of a disk, a console's pending input, ...).
+``quiesce``/``resume`` stop and restart what a model does outside the
+transport's worker, and ``stop_backend`` stops an external data path's rings.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable
 
+from ...snapshot.fields import expect_keys
 from .queue import ChainError, DescriptorChain, VirtqueueError
 
 log = logging.getLogger(__name__)
@@ -61,6 +68,8 @@ class VirtioDevice:
         self._notify: Callable[[int], None] | None = None
         self.driver_features = 0
         self.needs_reset: Callable[[], None] = lambda: None  # set by the transport
+        # Set by the transport: a quiesce waits, so stop after the chain in progress.
+        self.stop_requested: Callable[[], bool] = lambda: False
 
     # --- what a subclass defines -------------------------------------------------------
     external_datapath = False  # True: a backend (vhost-user) serves the rings, see start_backend
@@ -80,6 +89,35 @@ class VirtioDevice:
         ``take_over()`` starts the transport's own worker on the rings (from then on
         ``process_queue`` is called), for when the backend is gone."""
         raise NotImplementedError
+
+    def stop_backend(self) -> None:
+        """External data path only: stop every ring the backend serves and remember
+        where each stopped; the next ``start_backend`` resumes each ring there."""
+        raise NotImplementedError
+
+    # --- snapshot ---------------------------------------------------------------------
+    def quiesce(self) -> None:
+        """Stop touching the rings and interrupts from anywhere but the transport's
+        worker (which the transport stops itself), e.g. host input delivery."""
+
+    def resume(self) -> None:
+        """Undo ``quiesce``."""
+
+    def save_state(self) -> dict:
+        """The model's own state (the transport saves queues and negotiation)."""
+        return {}
+
+    def parse_state(self, state: object, path: str) -> Any:
+        """Check saved state against this model (ValueError); nothing changes yet."""
+        expect_keys(state, (), path)
+        return None
+
+    def apply_state(self, parsed: Any) -> None:
+        """Load what ``parse_state`` returned (before the transport re-activates)."""
+
+    def restore_state(self, state: dict, path: str | None = None) -> None:
+        """Check, then load (on a transport, VirtioPciDevice.restore_state does both)."""
+        self.apply_state(self.parse_state(state, path or type(self).__name__))
 
     def config_bytes(self) -> bytes:
         """The device configuration space, little-endian, as the driver reads it."""
@@ -127,8 +165,8 @@ class VirtioDevice:
     def serve_queue(self, index: int, handle: Callable[[DescriptorChain], int],
                     more: Callable[[], bool] = lambda: True) -> None:
         """The device side of queue ``index``: pop each available chain while
-        ``more()``, complete it with ``handle(chain)`` bytes written, and notify
-        the driver once at the end.  A bad chain (ChainError) is completed with
+        ``more()`` (and no quiesce waits), complete it with ``handle(chain)`` bytes
+        written, and notify the driver once at the end.  A bad chain (ChainError) is completed with
         0 bytes; a broken ring (VirtqueueError) stops the queue until reset and
         asks the transport for NEEDS_RESET."""
         if index >= len(self.queues) or index in self.broken_queues:
@@ -136,7 +174,7 @@ class VirtioDevice:
         q = self.queues[index]
         pushed = False
         try:
-            while more():
+            while more() and not self.stop_requested():
                 try:
                     chain = q.pop()
                 except ChainError as e:

@@ -9,6 +9,15 @@ irqfd eventfds (``pyvmm.pci.msix``).
 Queues: index 0 is the high-priority queue (FORGET, INTERRUPT), 1..N the
 request queues.  The backend is connected and its features read when the
 device is created, so a missing backend is an error at start-up.
+
+Snapshot: ``stop_backend`` (the transport's quiesce) stops each started ring
+with GET_VRING_BASE and keeps the base it answers; ``save_state`` records the
+device's configuration and those bases.  A restore builds the device anew
+against a NEW back-end (a fresh connection made by the constructor), and the
+transport's ``start_backend`` hands it each ring with SET_VRING_BASE at its
+saved base.  The back-end's FUSE session (INIT, nodes, open files) is not part
+of a snapshot: a guest that had mounted the share meets a back-end that knows
+none of its nodes.  A snapshot point comes before the mount.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import threading
 from ...vhost_user import protocol as vu
 from ...vhost_user.frontend import (DEFAULT_PROTOCOL_FEATURES, BackendError, VhostUserError,
                                     VhostUserFrontend, guest_memory_regions, serve_backend_requests)
+from ...snapshot.fields import SaveRefused, expect_keys, items, optional, text, uint
 from .dax import VIRTIO_FS_SHMCAP_ID_CACHE, DaxShm, DaxWindow
 from .device import VIRTIO_ID_FS, VirtioDevice
 
@@ -37,6 +47,7 @@ PROTOCOL_FEATURES = DEFAULT_PROTOCOL_FEATURES & ~(1 << vu.VHOST_USER_PROTOCOL_F_
 FS_UNMAP_ALL = (1 << 64) - 1    # legacy FS_UNMAP length meaning "the whole window"
 FUSE_IN_HEADER_SIZE = 40        # struct fuse_in_header (include/uapi/linux/fuse.h)
 FUSE_OUT_HEADER_SIZE = 16       # struct fuse_out_header: len u32, error s32, unique u64
+_STATE_KEYS = ("tag", "num_request_queues", "queue_size", "dax", "ring_bases")
 
 
 def handle_dax_request(window: DaxWindow, msg: vu.Message, shm: DaxShm | None = None) -> int:
@@ -154,7 +165,8 @@ class VirtioFs(VirtioDevice):
                             "expecting the legacy FS_MAP requests (a backend without DAX, such "
                             "as Debian's C virtiofsd, cannot serve a DAX mount)", tag)
             self.dax = DaxShm(DaxWindow(dax_window), slots, VIRTIO_FS_SHMCAP_ID_CACHE)
-        self._started = False
+        self._started = False      # this connection has the device's features and memory
+        self._ring_bases: dict[int, int] | None = None   # rings stopped by stop_backend
         self._backend_gone = False
         self._take_over = None
         self._closed = threading.Event()
@@ -172,7 +184,7 @@ class VirtioFs(VirtioDevice):
 
     def _answer_for_dead_backend(self) -> None:
         """Serve the rings ourselves, failing every request, so the guest sees errors
-        instead of waiting forever (DESIGN.md: a dead backend leaves the VM running)."""
+        instead of waiting forever (a dead backend leaves the VM running)."""
         self._backend_gone = True
         if not self._started or self._take_over is None:
             return
@@ -239,21 +251,93 @@ class VirtioFs(VirtioDevice):
                          name=f"virtio-fs-{self.tag.decode()}-dax", daemon=True).start()
 
     def start_backend(self, kick_fds: list[int], call_fds: list[int], take_over=None) -> None:
-        """DRIVER_OK: hand guest memory and every ready ring to the backend."""
+        """DRIVER_OK: hand guest memory and every ready ring to the backend.  After
+        ``stop_backend`` or a restore, each ring resumes at the base it stopped at."""
         self._take_over = take_over
         fe = self.frontend
-        fe.set_features(self.driver_features)
-        fe.set_mem_table(guest_memory_regions(self.mem))
+        if not self._started:   # a connection that has not seen the device yet
+            fe.set_features(self.driver_features)
+            fe.set_mem_table(guest_memory_regions(self.mem))
+        bases = self._ring_bases or {}
         for index, q in enumerate(self.queues):
             if not q.ready:
                 continue
             fe.setup_vring(index, size=q.size, desc=q.desc_addr, avail=q.driver_addr,
-                           used=q.device_addr, kick_fd=kick_fds[index], call_fd=call_fds[index])
+                           used=q.device_addr, kick_fd=kick_fds[index], call_fd=call_fds[index],
+                           base=bases.get(index, 0))
+        self._ring_bases = None
         if self.dax is not None:
             self._serve_dax_requests()
         self._started = True
-        log.info("virtio-fs %s: backend %s serves %d queues", self.tag.decode(), self.socket_path,
-                 sum(q.ready for q in self.queues))
+        log.info("virtio-fs %s: backend %s serves %d queues%s", self.tag.decode(), self.socket_path,
+                 sum(q.ready for q in self.queues),
+                 f" from bases {bases}" if bases else "")
+
+    def stop_backend(self) -> None:
+        """Stop every started ring (SET_VRING_ENABLE 0, GET_VRING_BASE); the back-end
+        finishes the requests it took first.  Keeps each ring's base for start_backend."""
+        if self._backend_gone:
+            return   # the transport's worker serves the rings; it stops that itself
+        bases = self._ring_bases or {}
+        try:
+            for index in sorted(self.frontend.started_vrings):
+                bases[index] = self.frontend.stop_vring(index)
+        except (VhostUserError, OSError) as e:
+            raise SaveRefused(f"virtio-fs {self.tag.decode()}: the back-end did not stop its "
+                              f"rings: {e}") from None
+        finally:
+            self._ring_bases = bases
+        log.info("virtio-fs %s: rings stopped at %s", self.tag.decode(), bases)
+
+    # --- snapshot -------------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """The configuration this device was built with (checked on restore), the
+        DAX window (refused when it has mappings) and the base of each stopped ring
+        (null: a ring the back-end was not serving)."""
+        tag = self.tag.decode()
+        if self._backend_gone:
+            raise SaveRefused(f"virtio-fs {tag}: its back-end {self.socket_path} went away; the "
+                              "device only fails requests now, a snapshot would carry that on")
+        if self._started and self._ring_bases is None:
+            raise SaveRefused(f"virtio-fs {tag}: the back-end still serves the rings (quiesce first)")
+        bases = self._ring_bases or {}
+        for index, base in sorted(bases.items()):
+            used = int.from_bytes(self.mem.read(self.queues[index].device_addr + 2, 2), "little")
+            if used != base:
+                raise SaveRefused(f"virtio-fs {tag}: ring {index} stopped at {base} with its used "
+                                  f"index at {used}: the back-end has requests in flight, which a "
+                                  "new back-end could not complete")
+        return {
+            "tag": tag,
+            "num_request_queues": self.num_request_queues,
+            "queue_size": self.queue_max_size,
+            "dax": None if self.dax is None else self.dax.save_state(),
+            "ring_bases": [bases.get(i) for i in range(self.num_queues)],
+        }
+
+    def parse_state(self, state: object, path: str) -> dict[int, int]:
+        """Same tag, queues, queue size and DAX window as this device; the bases."""
+        expect_keys(state, _STATE_KEYS, path)
+        for name, here in (("tag", self.tag.decode()), ("num_request_queues", self.num_request_queues),
+                           ("queue_size", self.queue_max_size)):
+            saved = (text(state[name], f"{path}.{name}", VIRTIO_FS_TAG_LEN) if name == "tag"
+                     else uint(state[name], f"{path}.{name}", 1 << 16))
+            if saved != here:
+                raise ValueError(f"{path}.{name}: {saved!r} in the snapshot, {here!r} here")
+        if (state["dax"] is None) != (self.dax is None):
+            saved, here = ("none", "one") if state["dax"] is None else ("one", "none")
+            raise ValueError(f"{path}.dax: {saved} DAX window in the snapshot, {here} here")
+        if self.dax is not None:
+            self.dax.parse_state(state["dax"], f"{path}.dax")
+        listed = items(state["ring_bases"], f"{path}.ring_bases", self.num_queues)
+        if len(listed) != self.num_queues:
+            raise ValueError(f"{path}.ring_bases: {len(listed)} rings, this device has {self.num_queues}")
+        bases = {i: optional(lambda v, p: uint(v, p, 0xFFFF), v, f"{path}.ring_bases[{i}]")
+                 for i, v in enumerate(listed)}
+        return {i: base for i, base in bases.items() if base is not None}
+
+    def apply_state(self, parsed: dict[int, int]) -> None:
+        self._ring_bases = dict(parsed)
 
     def reset(self) -> None:
         if self._started:
@@ -262,6 +346,7 @@ class VirtioFs(VirtioDevice):
             except (VhostUserError, OSError) as e:
                 log.warning("virtio-fs %s: backend reset failed: %s", self.tag.decode(), e)
             self._started = False
+        self._ring_bases = None
         if self.dax is not None:
             self.dax.reset()   # every mapping goes back to the reserved state
         super().reset()

@@ -13,6 +13,23 @@ capability (4.1.4):
 Kicks: each queue's notify address is a KVM ioeventfd, so a guest kick wakes
 the device's worker thread without a trip through the vCPU thread.
 Interrupts: MSI-X only (``pyvmm.pci.msix``: irqfd per vector).
+
+Snapshot and restore:
+
+* ``quiesce()`` stops the worker thread once the chains it is serving are
+  done (an external data path: its rings, ``VirtioDevice.stop_backend``) and
+  the model's own side channels; ``resume()`` restarts exactly what it
+  stopped.  Between the two the guest must not run.
+* ``save_state()`` (quiesced only) saves the PCI config space, the common
+  configuration (status, generation, feature selects, driver features, config
+  vector, queue select), ISR, whether the device was activated, the queues,
+  MSI-X and the model's own state.
+* ``restore_state()`` on a freshly built device checks all of it first, then
+  loads it; an activated device is activated again (``device.activate``) with
+  no guest action but left quiesced: ``resume()`` starts its worker or hands
+  the rings to the back-end at their saved bases.  KVM registrations follow:
+  MSI-X routes and irqfds from ``Msix.apply_state``, the ioeventfds from
+  ``bar_moved`` when the PCI root maps BAR 0 again.
 """
 
 from __future__ import annotations
@@ -28,11 +45,13 @@ from ... import kvm
 from ...irq import GsiRouter
 from ...pci.config import BarInfo, PciConfigSpace
 from ...pci.device import PciDevice
-from ...pci.msix import PCI_CAP_ID_MSIX, Msix
+from ...pci.msix import PCI_CAP_ID_MSIX, PCI_MSIX_FLAGS_ENABLE, PCI_MSIX_FLAGS_MASKALL, Msix, MsixState
+from ...snapshot.fields import (SaveRefused, boolean, expect_keys, hex_bits, hex_int, index_set, items,
+                                uint)
 from .device import (VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
                      VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_EVENT_IDX,
                      VIRTIO_F_VERSION_1, VirtioDevice)
-from .queue import Virtqueue, VirtqueueError
+from .queue import Virtqueue, VirtqueueError, VirtqueueState
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +107,10 @@ COMMON_FIELDS = [  # (offset, size) of every field, for splitting guest writes
     (26, 2), (28, 2), (30, 2), (32, 8), (40, 8), (48, 8)]
 
 CLASS_CODES = {2: 0x010000, 3: 0x078000, 4: 0x00FF00, 26: 0x018000}  # blk, console, rng, fs
+WORKER_STOP_TIMEOUT = 10.0
+_STATE_KEYS = ("config", "status", "generation", "device_feature_select", "driver_feature_select",
+               "driver_features", "config_msix_vector", "queue_select", "isr", "active",
+               "broken_queues", "queues", "msix", "device")
 
 
 def virtio_pci_cap(cfg_type: int, bar: int, offset: int, length: int, extra: bytes = b"",
@@ -112,6 +135,19 @@ def shm_layout(regions: list[tuple[int, int]]) -> tuple[list[tuple[int, int, int
         offset += size
     bar_size = 1 << max(offset - 1, 0xFFF).bit_length() if placed else 0
     return placed, bar_size
+
+
+@dataclass(frozen=True)
+class TransportState:
+    """A checked snapshot of a VirtioPciDevice (``parse_state``)."""
+
+    config: bytes
+    common: dict            # status, generation, selects, driver features, vectors, ISR
+    active: bool
+    broken_queues: frozenset[int]
+    queues: list[VirtqueueState]
+    msix: MsixState
+    device: object          # the model's own parsed state
 
 
 @dataclass
@@ -163,7 +199,14 @@ class VirtioPciDevice(PciDevice):
         self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._isr_lock = threading.Lock()  # ISR bits are set from several threads
         self._spare_call_fd = -1
+        self._active = False             # device.activate ran and no reset since
+        self._backend_running = False    # the external data path has the rings
+        self._quiesced = False
+        self._resume_worker = False      # what quiesce stopped (or a restore left stopped)
+        self._resume_backend = False
+        self._stopping = threading.Event()   # quiesce: the worker stops after its chain
         device.needs_reset = self._needs_reset
+        device.stop_requested = self._stopping.is_set
         self._reset_state()
 
     # --- state --------------------------------------------------------------------------------
@@ -352,7 +395,11 @@ class VirtioPciDevice(PciDevice):
 
     def _activate(self) -> None:
         self.device.activate(self.mem, self.queues, self._notify_queue, self.driver_features)
-        if self.device.external_datapath:
+        self._active = True
+        if self._quiesced:   # started by resume()
+            self._resume_backend = self.device.external_datapath
+            self._resume_worker = not self.device.external_datapath
+        elif self.device.external_datapath:
             self._start_backend()
         else:
             self._start_worker()
@@ -370,9 +417,14 @@ class VirtioPciDevice(PciDevice):
         except Exception as e:  # the backend failed or went away: the guest sees a device error
             log.error("%s: backend could not start the device: %s", self.name, e)
             self._needs_reset()
+            return
+        self._backend_running = True
 
     def _start_worker(self) -> None:
         """The device's worker thread: kicks -> process_queue (also a backend's successor)."""
+        if self._quiesced:   # e.g. a backend died while quiesced: resume() starts it
+            self._resume_worker = True
+            return
         self._stop_worker()
         self._worker = threading.Thread(target=self._work, name=f"{self.name}-worker", daemon=True)
         self._worker.start()
@@ -387,6 +439,8 @@ class VirtioPciDevice(PciDevice):
         self._stop_worker()
         self.device.reset()
         self._reset_state()
+        self._active = self._backend_running = False
+        self._resume_worker = self._resume_backend = False
         for kick in self.kicks:  # drop kicks that arrived before the reset
             try:
                 os.eventfd_read(kick.eventfd)
@@ -446,8 +500,149 @@ class VirtioPciDevice(PciDevice):
             return
         os.eventfd_write(self._stop, 1)
         if worker is not threading.current_thread():
-            worker.join(10)
+            worker.join(WORKER_STOP_TIMEOUT)
         self._worker = None
+
+    # --- snapshot ------------------------------------------------------------------------------------
+    @property
+    def quiesced(self) -> bool:
+        return self._quiesced
+
+    def quiesce(self) -> None:
+        """Stop everything that works on the rings outside vCPU exits: the model's side
+        channels, then the worker (after the chains it is serving) or the back-end's
+        rings (GET_VRING_BASE, bases kept).  SaveRefused when that fails; resume()
+        then restarts whatever was stopped."""
+        with self._lock:
+            if self._quiesced:
+                return
+            self._quiesced = True
+            self.device.quiesce()
+            worker = self._worker
+            if worker is not None:     # also the successor of a dead back-end
+                self._resume_worker = True
+                self._stopping.set()
+                try:
+                    self._stop_worker()
+                finally:
+                    self._stopping.clear()
+                if worker.is_alive():
+                    raise SaveRefused(f"{self.name}: the worker did not stop within "
+                                      f"{WORKER_STOP_TIMEOUT:g} s")
+            elif self._backend_running:
+                self._backend_running = False
+                self._resume_backend = True
+                self.device.stop_backend()
+            log.debug("%s: quiesced", self.name)
+
+    def resume(self) -> None:
+        """Restart what quiesce() stopped, or start a restored active device."""
+        with self._lock:
+            if not self._quiesced:
+                return
+            self._quiesced = False
+            self.device.resume()
+            if self._resume_backend:
+                self._start_backend()
+            if self._resume_worker:
+                self._start_worker()
+            self._resume_worker = self._resume_backend = False
+            log.debug("%s: resumed", self.name)
+
+    def save_state(self) -> dict:
+        with self._lock:
+            if not self._quiesced:
+                raise SaveRefused(f"{self.name}: quiesce() the device before save_state()")
+            return {
+                "config": self.config.save_state(),
+                "status": hex(self.status),
+                "generation": self.generation,
+                "device_feature_select": hex(self.device_feature_select),
+                "driver_feature_select": hex(self.driver_feature_select),
+                "driver_features": hex(self.driver_features),
+                "config_msix_vector": self.config_msix_vector,
+                "queue_select": self.queue_select,
+                "isr": hex(self.isr),
+                "active": self._active,
+                "broken_queues": sorted(self.device.broken_queues),
+                "queues": [q.save_state() for q in self.queues],
+                "msix": self.msix.save_state(),
+                "device": self.device.save_state(),
+            }
+
+    def parse_state(self, state: object, path: str) -> TransportState:
+        """Check everything against this device (its config space, the features it
+        offers, its queue and vector counts, guest RAM, the model's own checks)."""
+        if self._active or self._worker is not None or self._backend_running:
+            raise RuntimeError(f"{self.name}: restore_state needs a freshly built device")
+        expect_keys(state, _STATE_KEYS, path)
+        config = self.config.parse_state(state["config"], f"{path}.config")
+        common = self._parse_common(state, path)
+        active = boolean(state["active"], f"{path}.active")
+        ready = VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_FEATURES_OK
+        if active and common["status"] & ready != ready:
+            raise ValueError(f"{path}.active: an activated device has DRIVER_OK and FEATURES_OK "
+                             f"in its status, not {common['status']:#x}")
+        broken = index_set(state["broken_queues"], f"{path}.broken_queues", len(self.queues))
+        if broken and not active:
+            raise ValueError(f"{path}.broken_queues: broken queues on a device that is not active")
+        saved_queues = items(state["queues"], f"{path}.queues", len(self.queues))
+        if len(saved_queues) != len(self.queues):
+            raise ValueError(f"{path}.queues: {len(saved_queues)} queues, this device has {len(self.queues)}")
+        queues = [q.parse_state(v, f"{path}.queues[{i}]")
+                  for i, (q, v) in enumerate(zip(self.queues, saved_queues))]
+        for i, q in enumerate(queues):
+            self._check_vector(q.msix_vector, f"{path}.queues[{i}].msix_vector")
+        msix = self.msix.parse_state(state["msix"], f"{path}.msix")
+        control = int.from_bytes(config[self.msix_cap + 2:self.msix_cap + 4], "little")
+        if (msix.enabled, msix.function_masked) != (bool(control & PCI_MSIX_FLAGS_ENABLE),
+                                                    bool(control & PCI_MSIX_FLAGS_MASKALL)):
+            raise ValueError(f"{path}.msix: enabled/function_masked do not match the MSI-X "
+                             f"message control {control:#06x} in the config space")
+        device = self.device.parse_state(state["device"], f"{path}.device")
+        return TransportState(config, common, active, broken, queues, msix, device)
+
+    def _parse_common(self, state: dict, path: str) -> dict:
+        common = {name: hex_int(state[name], f"{path}.{name}", 4)
+                  for name in ("device_feature_select", "driver_feature_select")}
+        common.update({
+            "status": hex_int(state["status"], f"{path}.status", 1),
+            "generation": uint(state["generation"], f"{path}.generation", 0xFFFFFFFF),
+            "config_msix_vector": self._check_vector(
+                uint(state["config_msix_vector"], f"{path}.config_msix_vector", VIRTIO_MSI_NO_VECTOR),
+                f"{path}.config_msix_vector"),
+            "queue_select": uint(state["queue_select"], f"{path}.queue_select", 0xFFFF),
+            "isr": hex_bits(state["isr"], f"{path}.isr", VIRTIO_PCI_ISR_QUEUE | VIRTIO_PCI_ISR_CONFIG),
+        })
+        features = hex_int(state["driver_features"], f"{path}.driver_features", 8)
+        extra = features & ~self.offered_features()
+        if extra:
+            raise ValueError(f"{path}.driver_features: {features:#x} has features this device does "
+                             f"not offer ({extra:#x})")
+        common["driver_features"] = features
+        return common
+
+    def _check_vector(self, vector: int, path: str) -> int:
+        if vector != VIRTIO_MSI_NO_VECTOR and vector >= self.msix.num_vectors:
+            raise ValueError(f"{path}: vector {vector}, this device has {self.msix.num_vectors}")
+        return vector
+
+    def apply_state(self, parsed: TransportState) -> None:
+        """Load a checked state.  An active device is activated again (no worker, no
+        back-end yet: it is left quiesced until resume())."""
+        with self._lock:
+            self.config.apply_state(parsed.config)
+            for name, value in parsed.common.items():
+                setattr(self, name, value)
+            for q, saved in zip(self.queues, parsed.queues):
+                q.apply_state(saved)
+            self.msix.apply_state(parsed.msix)
+            self.device.apply_state(parsed.device)
+            self._quiesced = True
+            self.device.quiesce()
+            if parsed.active:
+                self._activate()           # quiesced: records what resume() starts
+                self.device.broken_queues = set(parsed.broken_queues)
 
     def close(self) -> None:
         """Stop the worker and give back every fd and KVM registration (idempotent)."""

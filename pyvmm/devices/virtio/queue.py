@@ -58,8 +58,10 @@ import ctypes
 import logging
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ...memory import GuestMemoryError
+from ...snapshot.fields import boolean, expect_keys, hex_int, integer, uint
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +173,27 @@ def _full_barrier() -> None:
     """A full memory fence (store->load ordering); see the module docstring."""
     _barrier_lock.acquire()
     _barrier_lock.release()
+
+
+class VirtqueueState(NamedTuple):
+    """A queue's saved state, checked (``Virtqueue.parse_state``)."""
+
+    size: int
+    desc_addr: int
+    driver_addr: int
+    device_addr: int
+    ready: bool
+    event_idx: bool
+    msix_vector: int
+    last_avail_idx: int
+    used_idx: int
+    signalled_used: int
+    pushed_since_check: int
+    notify_enabled: bool
+
+
+_ADDRESS_FIELDS = ("desc_addr", "driver_addr", "device_addr")
+_INDEX_FIELDS = ("last_avail_idx", "used_idx", "signalled_used")
 
 
 class VirtqueueError(Exception):
@@ -321,6 +344,69 @@ class Virtqueue:
         """The used index the device has published (mod 2**16)."""
         return self._used_idx
 
+    # --- snapshot ------------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """Layout, flags, and where the device is in the ring: the next avail index
+        to pop, the used index it published, and its interrupt bookkeeping (the used
+        index at the last ``should_notify`` and the pushes since).  Only while the
+        worker that uses the queue is stopped."""
+        return {
+            "size": self.size,
+            "desc_addr": hex(self.desc_addr),
+            "driver_addr": hex(self.driver_addr),
+            "device_addr": hex(self.device_addr),
+            "ready": self.ready,
+            "event_idx": self.event_idx,
+            "msix_vector": self.msix_vector,
+            "last_avail_idx": self.last_avail_idx,
+            "used_idx": self._used_idx,
+            "signalled_used": self._signalled_used,
+            "pushed_since_check": min(self._pushed_since_check, _U16),   # >= 2**16: "many"
+            "notify_enabled": self._notify_enabled,
+        }
+
+    def parse_state(self, state: object, path: str) -> VirtqueueState:
+        """Check a saved queue against this one (its maximum size, guest RAM);
+        ValueError naming the field.  Nothing changes yet."""
+        expect_keys(state, VirtqueueState._fields, path)
+        values = {name: hex_int(state[name], f"{path}.{name}", 8) for name in _ADDRESS_FIELDS}
+        values.update({name: uint(state[name], f"{path}.{name}", _U16 - 1) for name in _INDEX_FIELDS})
+        values.update({name: boolean(state[name], f"{path}.{name}")
+                       for name in ("ready", "event_idx", "notify_enabled")})
+        values["size"] = integer(state["size"], f"{path}.size", 1, self.max_size)
+        values["msix_vector"] = uint(state["msix_vector"], f"{path}.msix_vector", VIRTIO_MSI_NO_VECTOR)
+        values["pushed_since_check"] = uint(state["pushed_since_check"], f"{path}.pushed_since_check", _U16)
+        parsed = VirtqueueState(**values)
+        if parsed.ready:
+            try:
+                self._check_areas(parsed.size, parsed.desc_addr, parsed.driver_addr, parsed.device_addr)
+            except VirtqueueError as e:
+                raise ValueError(f"{path}: {e}") from None
+        elif parsed.last_avail_idx or parsed.used_idx or parsed.signalled_used or parsed.pushed_since_check:
+            raise ValueError(f"{path}: ring indexes of a queue that is not ready (always 0 there)")
+        in_flight = (parsed.last_avail_idx - parsed.used_idx) % _U16
+        if in_flight > parsed.size:
+            raise ValueError(f"{path}: {in_flight} chains popped and not used, queue size {parsed.size}")
+        if (parsed.used_idx - parsed.signalled_used) % _U16 != parsed.pushed_since_check % _U16:
+            raise ValueError(f"{path}.pushed_since_check: {parsed.pushed_since_check} pushes do not lead "
+                             f"from signalled_used {parsed.signalled_used} to used_idx {parsed.used_idx}")
+        return parsed
+
+    def apply_state(self, parsed: VirtqueueState) -> None:
+        """Load a checked state (the worker that uses the queue must be stopped)."""
+        self.size, self.ready, self.event_idx = parsed.size, parsed.ready, parsed.event_idx
+        self.desc_addr, self.driver_addr, self.device_addr = (
+            parsed.desc_addr, parsed.driver_addr, parsed.device_addr)
+        self.msix_vector = parsed.msix_vector
+        self.last_avail_idx = parsed.last_avail_idx
+        self._used_idx = parsed.used_idx
+        self._signalled_used = parsed.signalled_used
+        self._pushed_since_check = parsed.pushed_since_check
+        self._notify_enabled = parsed.notify_enabled
+
+    def restore_state(self, state: dict, path: str = "queue") -> None:
+        self.apply_state(self.parse_state(state, path))
+
     # --- set-up ------------------------------------------------------------------------
     def check(self) -> None:
         """Validate size, alignment and that the three areas lie in guest RAM.
@@ -329,13 +415,15 @@ class Virtqueue:
         fields (as every driver lays them out), so that EVENT_IDX may be
         decided after the queue was enabled.
         """
-        size = self.size
+        self._check_areas(self.size, self.desc_addr, self.driver_addr, self.device_addr)
+
+    def _check_areas(self, size: int, desc: int, driver: int, device: int) -> None:
         if not isinstance(size, int) or not 1 <= size <= self.max_size:
             raise VirtqueueError(f"queue size {size} not in 1..{self.max_size}")
         for name, addr, align, length in (
-            ("descriptor table", self.desc_addr, DESC_ALIGN, desc_table_size(size)),
-            ("available ring", self.driver_addr, AVAIL_ALIGN, avail_ring_size(size)),
-            ("used ring", self.device_addr, USED_ALIGN, used_ring_size(size)),
+            ("descriptor table", desc, DESC_ALIGN, desc_table_size(size)),
+            ("available ring", driver, AVAIL_ALIGN, avail_ring_size(size)),
+            ("used ring", device, USED_ALIGN, used_ring_size(size)),
         ):
             if addr % align:
                 raise VirtqueueError(f"{name} at {addr:#x} is not {align}-byte aligned")
