@@ -79,7 +79,7 @@ QEMU_MACHINES = {
     "qemu-microvm": "microvm,x-option-roms=off,isa-serial=on,rtc=on,pit=on,pic=on",
     "qemu-q35": "q35",
 }
-# With KVM on PVM the guest sees the host's CPUID except CX16 (pvm.md), so hiding
+# With KVM on PVM the guest sees the host's CPUID except CX16 (docs/pvm.md "CPUID"), so hiding
 # CMPXCHG16B is what -cpu can do; the rest is hidden by the command line.  Measured
 # with QEMU 7.2 on a PVM host: host / max / qemu64 without -cx16 stop at
 # `lock cmpxchg16b` in __cmpxchg_double_slab; with -cx16 they all stop at the

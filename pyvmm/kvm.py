@@ -101,7 +101,7 @@ class kvm_msr_entry(ctypes.Structure):
 
 
 class kvm_msrs(ctypes.Structure):
-    """Header only; the entries follow it (see ``msrs_buffer``)."""
+    """Header only; the entries follow it (see ``variable_buffer``)."""
     _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32)]
 
 
@@ -119,7 +119,7 @@ KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0  # sic, as spelled in kvm.h
 
 
 class kvm_cpuid2(ctypes.Structure):
-    """Header only; the entries follow it (see ``cpuid_buffer``)."""
+    """Header only; the entries follow it (see ``variable_buffer``)."""
     _fields_ = [("nent", c_uint32), ("padding", c_uint32)]
 
 
@@ -188,7 +188,7 @@ KVM_IRQCHIP_IOAPIC = 2
 
 
 class kvm_irq_routing(ctypes.Structure):
-    """Header only; the entries follow it (see ``irq_routing_buffer``)."""
+    """Header only; the entries follow it (see ``variable_buffer``)."""
     _fields_ = [("nr", c_uint32), ("flags", c_uint32)]
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 SYS_MODULE = "/sys/module"
 
-# Words that hide what the PVM emulator cannot run at CPL0 (pvm.md "Instructions
-# at CPL0"); the guest reads the host's CPUID there whatever the VMM sets.
+# Words that hide what the PVM emulator cannot run at CPL0 (docs/pvm.md "CPUID");
+# the guest reads the host's CPUID there whatever the VMM sets.
 #   308 = SMAP (clac/stac), 151 = POPCNT, 297 = ERMS, 580 = FSRM
 PVM_CMDLINE = "noxsave clearcpuid=308,151,297,580 mitigations=off"
 

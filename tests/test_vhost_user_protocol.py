@@ -1,4 +1,4 @@
-"""pyvmm.vhost_user.protocol against the vhost-user spec (and reference 2.1/2.2 for DAX).
+"""pyvmm.vhost_user.protocol against the vhost-user spec (DAX: docs/vhost-user-dax.md 2.1-2.2).
 
 Layouts are checked field by field against the spec tables, messages round-trip
 through encode/decode and through a real socketpair with SCM_RIGHTS, every
@@ -153,7 +153,7 @@ SPEC_BACKEND = {
     "IOTLB_MSG": 1, "CONFIG_CHANGE_MSG": 2, "VRING_HOST_NOTIFIER_MSG": 3, "VRING_CALL": 4,
     "VRING_ERR": 5, "SHARED_OBJECT_ADD": 6, "SHARED_OBJECT_REMOVE": 7, "SHARED_OBJECT_LOOKUP": 8,
     "SHMEM_MAP": 9, "SHMEM_UNMAP": 10,
-    "FS_MAP": 6, "FS_UNMAP": 7, "FS_SYNC": 8,      # legacy (reference 2.1)
+    "FS_MAP": 6, "FS_UNMAP": 7, "FS_SYNC": 8,      # legacy (docs/vhost-user-dax.md 2.1)
     "FS_IO": 1003,                                # rust-vmm 2024 number (9 is SHMEM_MAP)
 }
 SPEC_PROTOCOL_F = {

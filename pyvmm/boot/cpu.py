@@ -118,7 +118,7 @@ def boot_sregs(sregs: kvm.kvm_sregs, mode: str, cr3: int = 0) -> kvm.kvm_sregs:
 
 # --- CPUID (SDM vol. 2A, CPUID) -------------------------------------------------
 # Features KVM may advertise that the PVM flavour's instruction emulator cannot
-# run at CPL0 (docs/pvm.md), and what depends on them.  On hardware
+# run at CPL0 (docs/pvm.md "CPUID"), and what depends on them.  On hardware
 # KVM hiding them costs little; on PVM the guest mostly sees the host's CPUID
 # anyway, so the default command line hides them too (see pyvmm.cmdline).
 CPUID_1_ECX_MONITOR = 1 << 3

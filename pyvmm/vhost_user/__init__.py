@@ -1,6 +1,6 @@
 """vhost-user: the protocol (``protocol``) and the VMM's front-end (``frontend``).
 
-See ``shared/reference/virtio-fs-dax.md`` sections 1-2 for the protocol facts and
+See docs/vhost-user-dax.md sections 1-2 for the protocol facts and
 ``frontend`` for the connection life cycle.
 """
 

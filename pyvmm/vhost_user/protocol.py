@@ -3,7 +3,7 @@
 Everything here follows the vhost-user specification (QEMU
 ``docs/interop/vhost-user.rst``; section names are quoted in the comments) and,
 for the legacy virtio-fs DAX messages that never entered the spec, the facts
-collected in ``shared/reference/virtio-fs-dax.md`` section 2.1.
+collected in docs/vhost-user-dax.md 2.1.
 
 A message is a 12-byte header (request, flags, size) followed by ``size``
 payload bytes; file descriptors travel as ``SCM_RIGHTS`` ancillary data on the
@@ -128,8 +128,9 @@ VHOST_USER_BACKEND_SHARED_OBJECT_REMOVE = 7
 VHOST_USER_BACKEND_SHARED_OBJECT_LOOKUP = 8
 VHOST_USER_BACKEND_SHMEM_MAP = 9     # needs VHOST_USER_PROTOCOL_F_SHMEM
 VHOST_USER_BACKEND_SHMEM_UNMAP = 10
-# Legacy virtio-fs DAX messages: never in the spec (reference 2.1).  This is the numbering
-# of rust-vmm vhost <= 0.11 / cloud-hypervisor 2020-2024 / Rust virtiofsd <= 1.12 / alioth.
+# Legacy virtio-fs DAX messages: never in the spec (docs/vhost-user-dax.md 2.1).  This is the
+# numbering of rust-vmm vhost <= 0.11 / cloud-hypervisor 2020-2024 / Rust virtiofsd <= 1.12 /
+# alioth.
 VHOST_USER_BACKEND_FS_MAP = 6
 VHOST_USER_BACKEND_FS_UNMAP = 7
 VHOST_USER_BACKEND_FS_SYNC = 8
@@ -138,7 +139,7 @@ VHOST_USER_BACKEND_FS_SYNC = 8
 # range (FS_MAP 1000 ... FS_IO 1003).  Same 8-entry payload; c_offset is a guest-physical
 # address; MAP_W = guest memory -> file, else file -> guest; reply = bytes moved, or a
 # negative errno.  pyvmm-virtiofsd sends it for a FUSE READ/WRITE buffer that lies in the
-# DAX window, which its memory table does not cover (reference 2.1 and 2.4).
+# DAX window, which its memory table does not cover (docs/vhost-user-dax.md 2.1 and 2.4).
 VHOST_USER_BACKEND_FS_IO = 1003
 
 # --- feature bits --------------------------------------------------------------------------
@@ -146,7 +147,7 @@ VHOST_USER_BACKEND_FS_IO = 1003
 VHOST_F_LOG_ALL = 26
 VHOST_USER_F_PROTOCOL_FEATURES = 30
 
-# Protocol features (spec "Protocol features"; reference 1.4 for bits 17-22).
+# Protocol features (spec "Protocol features"; docs/vhost-user-dax.md 1.4 for bits 17-22).
 VHOST_USER_PROTOCOL_F_MQ = 0
 VHOST_USER_PROTOCOL_F_LOG_SHMFD = 1
 VHOST_USER_PROTOCOL_F_RARP = 2
@@ -169,7 +170,8 @@ VHOST_USER_PROTOCOL_F_SHARED_OBJECT = 18
 VHOST_USER_PROTOCOL_F_DEVICE_STATE = 19
 VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT = 20
 VHOST_USER_PROTOCOL_F_GPA_ADDRESSES = 21
-VHOST_USER_PROTOCOL_F_SHMEM = 22            # earlier drafts used 20, then 21 (reference 2.2)
+# Earlier drafts used 20, then 21 (docs/vhost-user-dax.md 2.2).
+VHOST_USER_PROTOCOL_F_SHMEM = 22
 
 # --- payload constants ---------------------------------------------------------------------
 # SET_VRING_KICK/CALL/ERR u64: "Bits (0-7) of the payload contain the vring index. Bit 8 is
@@ -182,7 +184,7 @@ VHOST_USER_MAX_CONFIG_SIZE = 256             # device config space carried by GE
 VHOST_USER_CONFIG_HDR_SIZE = 12              # offset, size, flags
 VHOST_SET_CONFIG_TYPE_FRONTEND = 0           # config flags: "used for writable fields"
 VHOST_SET_CONFIG_TYPE_MIGRATION = 1          # config flags: "used for live migration"
-VHOST_USER_FS_BACKEND_ENTRIES = 8            # legacy FS_* payload entries (reference 2.1)
+VHOST_USER_FS_BACKEND_ENTRIES = 8            # legacy FS_* entries (docs/vhost-user-dax.md 2.1)
 VHOST_USER_FS_FLAG_MAP_R = 0x1               # legacy FS_MAP flags = mmap prot bits
 VHOST_USER_FS_FLAG_MAP_W = 0x2
 VHOST_USER_FS_UNMAP_WHOLE = U64_MAX          # legacy FS_UNMAP len: "the whole window"
@@ -255,7 +257,7 @@ class VhostUserConfig(ctypes.LittleEndianStructure):
 
 
 class VhostUserFSBackendMsg(ctypes.LittleEndianStructure):
-    """Legacy FS_MAP/FS_UNMAP/FS_SYNC payload: a struct of 8-entry arrays (reference 2.1).
+    """Legacy FS_MAP/FS_UNMAP/FS_SYNC payload: 8-entry arrays (docs/vhost-user-dax.md 2.1).
 
     ``c_offset`` is the offset in the DAX window; ``flags`` uses MAP_R (bit 0) and
     MAP_W (bit 1).  Entries with ``len`` 0 are unused.
@@ -272,18 +274,18 @@ class VhostUserFSBackendMsg(ctypes.LittleEndianStructure):
 
 
 class VhostUserMMap(ctypes.LittleEndianStructure):
-    """SHMEM_MAP / SHMEM_UNMAP "MMAP request" (reference 2.2)."""
+    """SHMEM_MAP / SHMEM_UNMAP "MMAP request" (docs/vhost-user-dax.md 2.2)."""
     _fields_ = [("shmid", c_uint8), ("padding", c_uint8 * 7), ("fd_offset", c_uint64),
                 ("shm_offset", c_uint64), ("len", c_uint64), ("flags", c_uint64)]
 
 
 class VhostUserShMemConfig(ctypes.LittleEndianStructure):
-    """GET_SHMEM_CONFIG reply: region sizes indexed by shmid (reference 2.2)."""
+    """GET_SHMEM_CONFIG reply: region sizes indexed by shmid (docs/vhost-user-dax.md 2.2)."""
     _fields_ = [("nregions", c_uint32), ("padding", c_uint32),
                 ("memory_sizes", c_uint64 * VHOST_USER_MAX_SHMEM_REGIONS)]
 
 
-# Sizes from the spec / reference tables.
+# Sizes from the spec (and docs/vhost-user-dax.md 1.3, 2.1, 2.2).
 _check_size(VhostUserHeader, 12)
 _check_size(VhostUserU64, 8)
 _check_size(VhostVringState, 8)

@@ -21,7 +21,7 @@ host call gets ``-errno`` with the host's errno.  ``handle`` never raises.
 
 The life of a connection: the guest's first request is INIT (anything else
 before it gets ``-EIO``); DESTROY at unmount releases every handle and inode
-and waits for the next INIT.  See ``shared/reference/virtio-fs-dax.md`` §4-5.
+and waits for the next INIT.  See docs/vhost-user-dax.md sections 4-5.
 """
 
 from __future__ import annotations

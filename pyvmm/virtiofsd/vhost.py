@@ -54,8 +54,8 @@ VIRTIO_F_VERSION_1 = 32
 BACKEND_FEATURES = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC)
                     | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << p.VHOST_USER_F_PROTOCOL_FEATURES))
 
-# What we need for DAX (reference 1.4): REPLY_ACK to learn when a map is done, BACKEND_REQ
-# for the channel, BACKEND_SEND_FD to pass the file, SHMEM for the standard messages.
+# What we need for DAX (docs/vhost-user-dax.md 1.4): REPLY_ACK to learn when a map is done,
+# BACKEND_REQ for the channel, BACKEND_SEND_FD to pass the file, SHMEM for the standard messages.
 BACKEND_PROTOCOL_FEATURES = ((1 << p.VHOST_USER_PROTOCOL_F_MQ)
                              | (1 << p.VHOST_USER_PROTOCOL_F_REPLY_ACK)
                              | (1 << p.VHOST_USER_PROTOCOL_F_BACKEND_REQ)
