@@ -40,8 +40,11 @@
 #define OPEN_TRIES 50             /* x 100 ms: the hvc node may appear after init starts */
 #define CHUNK 16384               /* bytes of command output per frame */
 #define COMMAND_FILE "/tmp/.pyvmm-agent-command"
-/* The standby shell: reads a file name, makes /dev/null its stdin, sources the file. */
-#define STANDBY_SCRIPT "IFS= read -r f && exec </dev/null && . \"$f\""
+/* The standby shell: says it is up (one byte on stderr, which the agent eats),
+ * reads a file name, makes /dev/null its stdin, sources the file. */
+#define STANDBY_SCRIPT "printf . >&2; IFS= read -r f && exec </dev/null && . \"$f\""
+#define STANDBY_WAIT_MS 10000   /* for the standby to be up before the snapshot point */
+#define CONSOLE_SHELL_IDLE_MS 1000  /* the console shell starts once the agent is idle */
 
 extern char **environ;
 
@@ -287,6 +290,20 @@ static bool spawn_shell_with_pipes(struct command *cmd, char *const argv[], int 
     return true;
 }
 
+/* Wait until the standby shell has started (its "." on stderr): a snapshot then holds
+ * a shell blocked in read, not one half-way through its start-up. */
+static void wait_standby_up(void)
+{
+    struct pollfd p = {.fd = standby.err, .events = POLLIN};
+    char dot;
+    while (poll(&p, 1, STANDBY_WAIT_MS) < 0 && errno == EINTR)
+        ;
+    if (p.revents && read(standby.err, &dot, 1) == 1)
+        return;
+    close(standby.in); /* no sign of it: it reads EOF and ends; commands start their own */
+    standby.in = -1;
+}
+
 void agent_prepare(void)
 {
     int in[2];
@@ -298,12 +315,14 @@ void agent_prepare(void)
     else
         close(in[1]);
     close(in[0]);
+    if (standby.pid >= 0)
+        wait_standby_up();
 }
 
 /* Hand `text` to the standby shell; false when there is none or it cannot take it. */
 static bool use_standby(struct command *cmd, const char *text)
 {
-    if (standby.pid < 0 || standby.exited)
+    if (standby.pid < 0 || standby.in < 0)
         return false;
     int fd = open(COMMAND_FILE, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0)
@@ -419,9 +438,8 @@ void agent_serve(int (*console_shell)(void))
 {
     struct command cmd = {.pid = -1, .out = -1, .err = -1, .in = -1};
     pid_t shell = -1;
+    bool shell_due = console_shell != NULL;
     setup_sigchld();
-    if (console_shell)
-        shell = console_shell();
     for (;;) {
         struct pollfd fds[4] = {
             {.fd = port, .events = POLLIN},
@@ -429,10 +447,19 @@ void agent_serve(int (*console_shell)(void))
             {.fd = cmd.out, .events = POLLIN},
             {.fd = cmd.err, .events = POLLIN},
         };
-        if (poll(fds, 4, -1) < 0) {
+        /* The console shell costs a fork+exec: start it when the agent is idle, so that
+         * it never delays the host's first command. */
+        int timeout = shell_due && cmd.pid < 0 ? CONSOLE_SHELL_IDLE_MS : -1;
+        int ready = poll(fds, 4, timeout);
+        if (ready < 0) {
             if (errno == EINTR)
                 continue;
             return;
+        }
+        if (ready == 0) {
+            shell = console_shell();
+            shell_due = false;
+            continue;
         }
         if (fds[1].revents)
             reap(&cmd, &shell);

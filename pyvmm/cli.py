@@ -282,7 +282,7 @@ def restore_plan(args: argparse.Namespace, flavour) -> tuple[RunPlan, "Snapshot"
 
     try:
         snap = image.load(args.dir)
-        check_host(snap, flavour, kvm.Kvm().supported_cpuid())
+        check_host(snap, flavour)
     except image.SnapshotError as e:
         raise UsageError(str(e)) from None
     check_console(args.console)

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 from . import kvm
 from .agent import AgentPort
 from .boot import cpu, layout
-from .boot.loader import BootEntry, load_kernel
 from .boot.mptable import write_mptable
 from .bus import Bus
 from .console import Console, SocketPort
@@ -46,6 +45,7 @@ from .status import ExitStatus
 from .vcpu import KICK_SIGNAL, VcpuThread, format_regs, install_kick_handler
 
 if TYPE_CHECKING:
+    from .boot.loader import BootEntry
     from .snapshot.image import Snapshot
 
 log = logging.getLogger(__name__)
@@ -160,16 +160,22 @@ class Machine:
         self.pci.add(self.pvpanic)
 
         if restore_from is None:
+            from .boot.loader import load_kernel   # (pyelftools: not needed for a restore)
+
             entry = load_kernel(self.memory, config.kernel, config.cmdline.encode(),
                                 config.initramfs, config.memory)
             write_mptable(self.memory, config.cpus)
             self.vcpus = self._create_vcpus(entry)
         else:
+            from .snapshot.image import SnapshotError
             from .snapshot.machine import restore
 
             self.vcpus = self._create_vcpus(None)
             try:
                 restore(self, restore_from)
+            except (OSError, RuntimeError) as e:   # KVM or a back-end refused the saved state
+                self.close()
+                raise SnapshotError(f"{restore_from.path}: cannot be restored here: {e}") from None
             except BaseException:
                 self.close()
                 raise
@@ -252,7 +258,7 @@ class Machine:
         self._wake.set()
 
     def _take_snapshot(self) -> None:
-        from .snapshot.machine import take
+        from .snapshot.machine import resume_devices, take
 
         t0 = time.monotonic()
         path = self.config.snapshot_path
@@ -267,8 +273,7 @@ class Machine:
         if not self.config.snapshot_continue:
             self.request_exit(ExitStatus.OK, f"snapshot written to {path}")
             return
-        for d in self.virtio:
-            d.resume()
+        resume_devices(self)
         for t in self.vcpus:
             t.resume()
 

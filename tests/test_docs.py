@@ -95,13 +95,7 @@ FORBIDDEN = {
 # Known problems in files that another engineer is changing right now (they may not
 # be edited on this branch).  Each entry: (file, a piece of the offending text) ->
 # the fix.  Remove an entry once the fix has landed: the stale-list test says when.
-BEING_FIXED_ELSEWHERE: dict[tuple[str, str], str] = {
-    ("pyvmm/devices/virtio/dax.py", 'Rules this module keeps (DESIGN'):
-        'cite docs/vhost-user-dax.md 6 instead: "Rules this module keeps (docs/vhost-user-dax.md 6):"',
-    ("pyvmm/devices/virtio/fs.py", "instead of waiting forever (DESIGN"):
-        'cite docs/vhost-user-dax.md 6 instead: "instead of waiting forever (docs/vhost-user-dax.md 6: '
-        'a dead backend leaves the VM running)."',
-}
+BEING_FIXED_ELSEWHERE: dict[tuple[str, str], str] = {}
 
 
 # --- markdown -------------------------------------------------------------------------------

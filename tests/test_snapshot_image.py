@@ -194,6 +194,6 @@ def test_machine_config_checks_the_shape(tmp_path, changes, words):
 
 def test_check_host_refuses_another_flavour(snap):
     s = image.load(str(snap))
-    check_host(s, PVM, [])
+    check_host(s, PVM)
     with pytest.raises(SnapshotError, match="hardware"):
-        check_host(s, Flavour("hardware", "kvm_intel", "test"), [])
+        check_host(s, Flavour("hardware", "kvm_intel", "test"))

@@ -19,7 +19,7 @@ Registration: ports 0x61-0x63 between the two belong to others (0x61 is the
 PC speaker / NMI status port that KVM's in-kernel PIT handles), so the
 controller is registered as two one-byte ranges through two views::
 
-    kbd = I8042(reset=vm.request_reset)
+    kbd = I8042(reset=lambda: machine.guest_ended("guest reset (i8042)"))
     bus.register(I8042_DATA_PORT, 1, kbd.data_port)
     bus.register(I8042_COMMAND_PORT, 1, kbd.command_port)
 

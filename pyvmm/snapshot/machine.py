@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from . import image
 from .image import SnapshotError
-from .kvm_state import VcpuState, VmState, msr_indices, restore_vcpu, restore_vm, save_vcpu, save_vm
+from .kvm_state import (MAX_CPUID_ENTRIES, VcpuState, VmState, msr_indices, restore_vcpu, restore_vm,
+                        save_vcpu, save_vm)
 
 if TYPE_CHECKING:
     from ..platform import Flavour
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 PAUSE_TIMEOUT = 10.0     # seconds for every vCPU to park
 MAX_CPUS = 64
-LEGACY_DEVICES = ("serial", "rtc", "i8042", "pvpanic")
+LEGACY_DEVICES = ("serial", "rtc", "i8042")   # the PCI functions (pvpanic too) are in "pci"
 # CPUID feature words a guest may have been told about: (leaf, subleaf, register).
 FEATURE_WORDS = ((0x1, 0, "ecx"), (0x1, 0, "edx"), (0x7, 0, "ebx"), (0x7, 0, "ecx"),
                  (0x7, 0, "edx"), (0x80000001, 0, "ecx"), (0x80000001, 0, "edx"))
@@ -91,8 +92,10 @@ def take(machine: "Machine", path: str) -> None:
     for t in machine.vcpus:
         if not t.paused.wait(PAUSE_TIMEOUT):
             raise SnapshotError(f"vcpu{t.vcpu.index} did not pause within {PAUSE_TIMEOUT:.0f} s")
-    for device in machine.virtio:
-        device.quiesce()
+    # Before the LAPICs, MSI-X and RAM are read: no device may complete a request
+    # (and interrupt or write RAM) after that.
+    machine.serial.quiesce()
+    machine.pci.quiesce()
     indices = msr_indices(machine.kvm)
     state = {
         "format": image.FORMAT,
@@ -104,8 +107,7 @@ def take(machine: "Machine", path: str) -> None:
         "kvm": {"vm": save_vm(machine.vm).to_json(),
                 "vcpus": [save_vcpu(t.vcpu, indices).to_json() for t in machine.vcpus]},
         "devices": {**{name: getattr(machine, name).save_state() for name in LEGACY_DEVICES},
-                    "pci": machine.pci.save_state(),
-                    "virtio": [d.save_state() for d in machine.virtio]},
+                    "pci": machine.pci.save_state()},
     }
     ram = machine.memory.view_all()
     try:
@@ -177,28 +179,36 @@ def _expect(d: object, fields: dict[str, type], where: str) -> None:
 DYNAMIC_BITS = {(0x1, 0, "ecx"): 1 << 27, (0x7, 0, "ecx"): 1 << 4}
 
 
-def check_host(snap: image.Snapshot, flavour: "Flavour", supported_cpuid: list) -> None:
+def check_host(snap: image.Snapshot, flavour: "Flavour") -> None:
     """Refuse a snapshot from another kind of host (SnapshotError, one line): another
-    KVM flavour or architecture, or vCPUs that were told of CPU features this
-    host's vCPUs would not have."""
-    from ..boot.cpu import filter_cpuid
-
+    KVM flavour or architecture.  (CPU features are checked by ``restore`` against
+    what this host's vCPUs really get.)"""
     host = snap.state["host"]
     if not isinstance(host, dict) or host.get("flavour") != flavour.name:
         raise SnapshotError(f"{snap.path} was taken on a {_get(host, 'flavour')} KVM host; "
                             f"this host's KVM is {flavour.name}")
     if host.get("machine") != platform.machine():
         raise SnapshotError(f"{snap.path} was taken on {_get(host, 'machine')}, this is {platform.machine()}")
-    vcpus = snap.state["kvm"].get("vcpus") if isinstance(snap.state["kvm"], dict) else None
-    if not isinstance(vcpus, list):
-        raise SnapshotError(f"{snap.path}: no saved vCPUs")
-    for index, vs in enumerate(vcpus):
-        here = {(e.function, e.index): e for e in filter_cpuid(supported_cpuid, index, len(vcpus))}
-        for entry in (vs.get("cpuid") if isinstance(vs, dict) else None) or []:
+
+
+def check_cpu_features(machine: "Machine", saved: list[VcpuState], snap: image.Snapshot) -> None:
+    """Refuse vCPUs that were told of CPU features this host's vCPUs would not have.
+
+    What a vCPU gets is read back from KVM (KVM_SET_CPUID2 with pyvmm's usual
+    table, then KVM_GET_CPUID2): on PVM hosts KVM gives the guest the host's
+    feature bits whatever KVM_GET_SUPPORTED_CPUID says, so only the vCPU itself
+    tells the truth."""
+    from ..boot.cpu import filter_cpuid
+
+    supported = machine.kvm.supported_cpuid()
+    for index, (t, state) in enumerate(zip(machine.vcpus, saved)):
+        t.vcpu.set_cpuid2(filter_cpuid(supported, index, len(machine.vcpus)))
+        here = {(e.function, e.index): e for e in t.vcpu.get_cpuid2(MAX_CPUID_ENTRIES)}
+        for entry in state.cpuid:
             missing = _missing_features(entry, here)
             if missing:
                 raise SnapshotError(f"{snap.path} needs CPU features this host does not offer "
-                                    f"({missing}; taken on {_get(host, 'cpu')})")
+                                    f"({missing}; taken on {_get(snap.state['host'], 'cpu')})")
 
 
 def _get(d: object, key: str) -> str:
@@ -207,20 +217,12 @@ def _get(d: object, key: str) -> str:
 
 def _missing_features(entry: Any, here: dict) -> str:
     """Feature bits a saved CPUID entry sets that this host's vCPU would not have."""
-    if not isinstance(entry, dict):
-        return ""
-    try:
-        leaf, sub = int(entry["function"], 16), int(entry["index"], 16)
-    except (KeyError, TypeError, ValueError):
-        return ""
+    leaf, sub = entry.function, entry.index
     for word in FEATURE_WORDS:
         word_leaf, word_sub, reg = word
         if (leaf, sub) != (word_leaf, word_sub):
             continue
-        try:
-            saved = int(entry[reg], 16)
-        except (KeyError, TypeError, ValueError):
-            return ""
+        saved = getattr(entry, reg)
         ours = here.get((leaf, sub))
         extra = saved & ~(getattr(ours, reg) if ours is not None else 0) & ~DYNAMIC_BITS.get(word, 0)
         if extra:
@@ -228,24 +230,36 @@ def _missing_features(entry: Any, here: dict) -> str:
     return ""
 
 
+def resume_devices(machine: "Machine") -> None:
+    """After ``take`` with --snapshot-and-continue: the devices go on."""
+    machine.serial.resume()
+    machine.pci.resume()
+
+
 def restore(machine: "Machine", snap: image.Snapshot) -> None:
-    """Put a freshly built ``machine`` (see ``config_for``) back into ``snap``'s state."""
+    """Put a freshly built ``machine`` (see ``machine_config``) back into ``snap``'s state.
+
+    Order: the vCPUs (their LAPICs) before any device can interrupt them; the
+    legacy devices and the PCI functions (each checks all its state before it
+    loads any) with the virtio devices left paused; then the devices resume
+    (a resumed device may interrupt at once: the LAPICs are back); the VM-wide
+    state (PICs, IOAPIC, PIT, kvmclock) last, just before the vCPUs run."""
     state = snap.state
     devices = state["devices"]
-    vm_state = VmState.from_json(state["kvm"]["vm"])
-    vcpus = state["kvm"]["vcpus"]
+    kvm_saved = state["kvm"]
+    if not isinstance(kvm_saved, dict) or not isinstance(devices, dict):
+        raise SnapshotError(f"{snap.path}: no kvm or devices state")
+    vm_state = VmState.from_json(kvm_saved.get("vm"))
+    vcpus = kvm_saved.get("vcpus")
     if not isinstance(vcpus, list) or len(vcpus) != len(machine.vcpus):
         raise SnapshotError(f"{snap.path}: {len(vcpus) if isinstance(vcpus, list) else '?'} saved "
                             f"vCPUs for a machine of {len(machine.vcpus)}")
     vcpu_states = [VcpuState.from_json(v) for v in vcpus]
-    if not isinstance(devices, dict) or not isinstance(devices.get("virtio"), list) \
-            or len(devices["virtio"]) != len(machine.virtio):
-        raise SnapshotError(f"{snap.path}: the saved virtio devices are not this machine's")
-    for name in LEGACY_DEVICES:
-        getattr(machine, name).restore_state(devices.get(name))
-    machine.pci.restore_state(devices.get("pci"))
-    for device, saved in zip(machine.virtio, devices["virtio"]):
-        device.restore_state(saved)
+    check_cpu_features(machine, vcpu_states, snap)
     for t, vs in zip(machine.vcpus, vcpu_states):
         restore_vcpu(t.vcpu, vs)
+    for name in LEGACY_DEVICES:
+        getattr(machine, name).restore_state(devices.get(name), path=f"devices.{name}")
+    machine.pci.restore_state(devices.get("pci"), path="devices.pci")
+    machine.pci.resume()
     restore_vm(machine.vm, vm_state)   # kvmclock last, just before the vCPUs run

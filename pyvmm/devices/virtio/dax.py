@@ -9,7 +9,7 @@ memory slot wherever the guest places BAR 2.  When the vhost-user backend asks
 notifiers pick the new pages up under the existing slot, so guest loads and
 stores then reach the host page cache with no exit and no copy.
 
-Rules this module keeps (the project's rules for untrusted input):
+Rules this module keeps (docs/vhost-user-dax.md 6):
 
 * Every request is validated before any mmap: page-aligned offset and length,
   length > 0, inside the window, values that fit the wire's u64 (and off_t for

@@ -184,7 +184,7 @@ class VirtioFs(VirtioDevice):
 
     def _answer_for_dead_backend(self) -> None:
         """Serve the rings ourselves, failing every request, so the guest sees errors
-        instead of waiting forever (a dead backend leaves the VM running)."""
+        instead of waiting forever (docs/vhost-user-dax.md 6: a dead backend leaves the VM running)."""
         self._backend_gone = True
         if not self._started or self._take_over is None:
             return
