@@ -31,3 +31,12 @@ def test_a_failing_command_is_reported(pyvmm_session_guest):
     message = str(failure.value)
     assert "exited with 1" in message
     assert "No such file or directory" in message   # ls's stderr is in the report
+
+
+# A guest of its own per test, restored from a snapshot taken once per run
+# (pyvmm_snapshot, with the same options and share): a fraction of a boot.
+@pytest.mark.parametrize("run", [1, 2])
+def test_fresh_guest_starts_clean(pyvmm_fresh_guest, shared_dir, run):
+    g = pyvmm_fresh_guest
+    assert g.run("test ! -e /tmp/left-by-another-test && touch /tmp/left-by-another-test").returncode == 0
+    assert g.run("cat /mnt/work/input.txt").stdout == "hello from the host\n"
