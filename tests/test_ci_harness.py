@@ -52,6 +52,16 @@ def pyvmm_exec(tmp_path: Path, *args: str) -> tuple[VmmProcess, Path]:
     return VmmProcess.pyvmm_run(*args, env={"TMPDIR": str(tmpdir)}, stdin=False), tmpdir
 
 
+def pyvmm_to_exit(tmp_path: Path, *args: str) -> tuple[VmmProcess, Path, int]:
+    """``pyvmm run ARGS`` (TMPDIR in the test's directory) until it exits by itself."""
+    g, tmpdir = pyvmm_exec(tmp_path, *args)
+    try:
+        status = g.wait_exit(BOOT)
+    finally:
+        g.stop()
+    return g, tmpdir, status
+
+
 def test_exec_streams_status_and_shares(guest_image, tmp_path):
     dax, plain, ro = (tmp_path / n for n in ("daxshare", "plainshare", "roshare"))
     for d in (dax, plain, ro):
@@ -62,13 +72,9 @@ def test_exec_streams_status_and_shares(guest_image, tmp_path):
               "echo from-guest-dax > /mnt/dax/out.txt; echo from-guest-plain > /mnt/plain/out.txt; "
               "if echo x > /mnt/ro/out.txt; then echo ro-writable; fi; "
               "grep -c 'virtiofs.*dax=always' /proc/mounts; exit 7")
-    g, tmpdir = pyvmm_exec(tmp_path, "--share", f"{dax},tag=dax,dax=on,cache_size=32M",
-                           "--share", f"{plain},tag=plain", "--share", f"{ro},tag=ro,readonly=on",
-                           "--exec", script)
-    try:
-        status = g.wait_exit(BOOT)
-    finally:
-        g.stop()
+    g, tmpdir, status = pyvmm_to_exit(tmp_path, "--share", f"{dax},tag=dax,dax=on,cache_size=32M",
+                                      "--share", f"{plain},tag=plain",
+                                      "--share", f"{ro},tag=ro,readonly=on", "--exec", script)
     assert status == 7, g.report("wrong status")
     assert g.text == ("out-line\nhost file in daxshare\nhost file in plainshare\n"
                       "host file in roshare\n1\n"), g.report("stdout is not just the command's")
@@ -81,11 +87,7 @@ def test_exec_streams_status_and_shares(guest_image, tmp_path):
 
 
 def test_kernel_panic_is_exit_100_with_the_console_tail(guest_image, tmp_path):
-    g, tmpdir = pyvmm_exec(tmp_path, "--exec", "echo c > /proc/sysrq-trigger")
-    try:
-        status = g.wait_exit(BOOT)
-    finally:
-        g.stop()
+    g, tmpdir, status = pyvmm_to_exit(tmp_path, "--exec", "echo c > /proc/sysrq-trigger")
     assert status == ExitStatus.GUEST_PANIC, g.report("a panic must not exit 0")
     assert "pyvmm: guest kernel panic" in g.stderr
     assert "sysrq triggered crash" in g.stderr   # the console tail is on stderr
@@ -93,11 +95,7 @@ def test_kernel_panic_is_exit_100_with_the_console_tail(guest_image, tmp_path):
 
 
 def test_reboot_before_the_status_is_exit_101(guest_image, tmp_path):
-    g, _ = pyvmm_exec(tmp_path, "--exec", "reboot -f")
-    try:
-        status = g.wait_exit(BOOT)
-    finally:
-        g.stop()
+    g, _, status = pyvmm_to_exit(tmp_path, "--exec", "reboot -f")
     assert status == ExitStatus.GUEST_DIED, g.report("a guest that ends early must fail")
     assert "before the guest program's exit status arrived" in g.stderr
 

@@ -20,27 +20,15 @@ from pyvmm.devices.rtc import (CMOS_RTC_HOURS, CMOS_RTC_MINUTES, CMOS_RTC_SECOND
                                REG_B_UIE, REG_C_IRQF, REG_C_UF, CmosRtc)
 from pyvmm.devices.serial import (BACKLOG_SAVE_MAX, FCR, IER, IER_ERBFI, IER_ETBEI, IIR, IIR_RDA,
                                   IIR_THRE, LCR, LCR_DLAB, LCR_SET_BREAK, LSR, LSR_BI, LSR_DR, MCR,
-                                  MCR_LOOP, MCR_RTS, MSR, RBR, SCR, THR, Serial16550A)
+                                  MCR_LOOP, MCR_RTS, MSR, RBR, SCR, THR)
 from pyvmm.snapshot.fields import SaveRefused
 from state_fakes import mutated, through_json
+from test_serial import Uart
 
 T0 = datetime(2024, 2, 27, 15, 4, 5, tzinfo=timezone.utc).timestamp()
 
 
 # --- serial ------------------------------------------------------------------------------
-class Uart:
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-        self.irqs: list[bool] = []
-        self.dev = Serial16550A(self.out.append, self.irqs.append)
-
-    def rd(self, offset: int) -> int:
-        return self.dev.read(offset, 1)[0]
-
-    def wr(self, offset: int, value: int) -> None:
-        self.dev.write(offset, bytes([value]))
-
-
 def busy_uart() -> Uart:
     """FIFOs on (trigger 4), a divisor, scratch, IER with RX and THRE, two host bytes
     in the FIFO and more on the wire, a pending THRE."""

@@ -11,16 +11,12 @@ saved base (SET_VRING_BASE) and serves the next request in the next slots.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from ctypes import sizeof
 from pathlib import Path
 
 
 from pyvmm.devices.virtio.fs import VirtioFs
-from pyvmm.virtiofsd import cli
+from pyvmm.shares import Backend, ShareConfig, start_backend
 from pyvmm.virtiofsd import fuse_abi as abi
 from virtio_guest import PciGuest, copy_ram
 
@@ -30,31 +26,21 @@ OUT_HEADER = sizeof(abi.fuse_out_header)
 INIT_REPLY = OUT_HEADER + sizeof(abi.fuse_init_out)
 
 
-def start_daemon(tmp_path: Path, name: str) -> tuple[subprocess.Popen, str]:
+def start_daemon(tmp_path: Path, name: str) -> tuple[Backend, Path]:
+    """pyvmm-virtiofsd started as ``--share`` starts it, its debug log in a file."""
     shared = tmp_path / "shared"
     shared.mkdir(exist_ok=True)
-    sock = str(tmp_path / f"{name}.sock")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "pyvmm.virtiofsd", "--socket-path", sock,
-                             "--shared-dir", str(shared), "--sandbox", "none", "--log-level", "debug"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 20
-    while not cli._is_listening(sock):
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.monotonic() < deadline, "pyvmm-virtiofsd did not listen"
-        time.sleep(0.02)
-    return proc, sock
+    log = tmp_path / f"{name}.log"
+    with open(log, "wb") as f:
+        backend = start_backend(ShareConfig(str(shared), name), "debug", stderr=f,
+                                extra=("--sandbox", "none"))
+    return backend, log
 
 
-def stop_daemon(proc: subprocess.Popen) -> str:
+def stop_daemon(backend: Backend, log: Path) -> str:
     """The daemon exits once its front-end is gone; returns its log."""
-    try:
-        _, err = proc.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-    return err
+    backend.stop()
+    return log.read_text(errors="replace")
 
 
 def fuse_init(g: PciGuest, unique: int) -> tuple[int, int]:
@@ -77,11 +63,11 @@ def served(g: PciGuest, head: int, reply_gpa: int, unique: int, used_idx: int) -
 
 
 def test_virtiofs_restore_against_a_new_backend(tmp_path):
-    proc1, sock1 = start_daemon(tmp_path, "first")
-    proc2 = None
+    first, log1_path = start_daemon(tmp_path, "first")
+    second = None
     a = b = None
     try:
-        a = PciGuest(VirtioFs("share", sock1, queue_size=16))
+        a = PciGuest(VirtioFs("share", first.socket_path, queue_size=16))
         a.init_driver([0, REQUEST_QUEUE])
         head, reply = fuse_init(a, unique=0x101)
         served(a, head, reply, 0x101, used_idx=1)
@@ -98,11 +84,11 @@ def test_virtiofs_restore_against_a_new_backend(tmp_path):
         served(a, head, reply, 0x102, used_idx=2)
         a.close()
         a = None
-        log1 = stop_daemon(proc1)
+        log1 = stop_daemon(first, log1_path)
         assert "vring 1 stopped at 1" in log1
 
-        proc2, sock2 = start_daemon(tmp_path, "second")
-        b = PciGuest(VirtioFs("share", sock2, queue_size=16), mem=ram)
+        second, log2_path = start_daemon(tmp_path, "second")
+        b = PciGuest(VirtioFs("share", second.socket_path, queue_size=16), mem=ram)
         b.root.restore_state(state)
         b.adopt(driver)
         b.root.resume()                              # SET_VRING_BASE 1 on the new daemon
@@ -111,13 +97,12 @@ def test_virtiofs_restore_against_a_new_backend(tmp_path):
         served(b, head, reply, 0x201, used_idx=2)
         b.close()
         b = None
-        log2 = stop_daemon(proc2)
+        log2 = stop_daemon(second, log2_path)
         assert "vring 1: serving (size 16, base 1)" in log2
     finally:
         for g in (a, b):
             if g is not None:
                 g.close()
-        for p in (proc1, proc2):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()
+        for backend in (first, second):
+            if backend is not None:
+                backend.stop()
