@@ -160,7 +160,6 @@ class AgentPort:
         self.words = words
         self.ready = threading.Event()
         self._ready_payload = b""
-        self.hello_count = 0
         self._decoder = FrameDecoder()
         self._to_guest: Callable[[bytes], None] | None = None
         self._client: Callable[[int, bytes], None] | None = None
@@ -191,7 +190,6 @@ class AgentPort:
             log.warning("agent: unexpected frame type %d from the guest, dropped", ftype)
             return
         if ftype == FrameType.HELLO:
-            self.hello_count += 1
             self._send(FrameType.CONFIG, config_payload(self.words))
             return
         if ftype == FrameType.READY:

@@ -5,10 +5,18 @@
 1. open /dev/kvm, check the API and capabilities, create the VM;
 2. the in-kernel irqchip (PIC + IOAPIC + LAPICs) and PIT;
 3. guest RAM (a memfd) and one KVM memory slot per RAM range;
-4. the port-I/O and MMIO buses and the legacy devices on them;
-5. the kernel, initramfs, command line and MP table in guest RAM;
-6. the vCPUs: CPUID, MSRs, FPU, LAPIC, and the boot CPU's entry registers;
-7. ``run``: one thread per vCPU until the guest or the user ends it.
+4. the port-I/O and MMIO buses and the legacy devices on them (UART, i8042,
+   RTC, the debug-exit port and the snapshot point);
+5. the GSI router, the PCI root with its host bridge, the virtio-pci devices
+   (the guest agent's console among them) and pvpanic-pci;
+6. the kernel, initramfs, command line and MP table in guest RAM;
+7. the vCPUs: CPUID, MSRs, FPU, LAPIC, and the boot CPU's entry registers;
+8. ``run``: one thread per vCPU until the guest or the user ends it (or, at the
+   guest's snapshot point with --snapshot, ``pyvmm.snapshot.machine.take``).
+
+Built from a snapshot (``restore_from``), steps 6-7 are replaced by
+``pyvmm.snapshot.machine.restore``: RAM comes from the snapshot's file and every
+vCPU, device and in-kernel chip gets its saved state.
 """
 
 from __future__ import annotations
@@ -154,7 +162,6 @@ class Machine:
         self.pio.register(PCI_CONFIG_ADDRESS, PCI_CONFIG_IO_LEN, self.pci)
         self.console_port = None
         self.agent: AgentPort | None = None
-        self.virtio: list[VirtioPciDevice] = []
         self._add_virtio_devices()
         self.pvpanic = PvPanic(self._guest_panicked)
         self.pci.add(self.pvpanic)
@@ -198,9 +205,7 @@ class Machine:
 
     def _add_virtio_devices(self) -> None:
         def plug(device) -> None:
-            transport = VirtioPciDevice(device, self.memory, self.vm, self.router)
-            self.pci.add(transport)
-            self.virtio.append(transport)
+            self.pci.add(VirtioPciDevice(device, self.memory, self.vm, self.router))
 
         for disk in self.config.disks:
             plug(VirtioBlock(disk.path, readonly=disk.readonly))
