@@ -63,8 +63,11 @@ demo: guest
 	guest/demo.sh
 
 # --- tests and benchmarks ---------------------------------------------------------
+# Two workers: boots are CPU-bound guest-kernel emulation on PVM hosts, and the
+# boot tests of one file stay on one worker (--dist loadfile: module fixtures,
+# such as the snapshot test_snapshot_boot.py restores, are made once).
 test: guest setup-test
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra -n 2 --dist loadfile tests
 
 test-fast: setup-test
 	$(PY) -m pytest -q -ra -m "not boot" tests

@@ -37,6 +37,18 @@ TAG_RE = re.compile(r"[A-Za-z0-9._-]{1,36}")
 START_TIMEOUT = 30.0             # seconds for the back-end's socket to appear
 STOP_TIMEOUT = 5.0
 PR_SET_PDEATHSIG = 1             # <linux/prctl.h>
+SUN_PATH_MAX = 107               # sockaddr_un.sun_path, less its NUL (unix(7))
+SOCKET_NAME = "vhost-user.sock"
+
+
+def socket_dir(prefix: str, name: str) -> str:
+    """A new private directory for a Unix socket called ``name``: under $TMPDIR, or
+    under /tmp when $TMPDIR is too deep for a socket path (sun_path is 108 bytes)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    if len(os.fsencode(os.path.join(path, name))) <= SUN_PATH_MAX:
+        return path
+    os.rmdir(path)
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
 
 
 @dataclass(frozen=True)
@@ -60,10 +72,10 @@ class ShareConfig:
 class Backend:
     """One pyvmm-virtiofsd child serving one share."""
 
-    def __init__(self, share: ShareConfig, proc: subprocess.Popen, socket_dir: str, socket_path: str) -> None:
+    def __init__(self, share: ShareConfig, proc: subprocess.Popen, directory: str, socket_path: str) -> None:
         self.share = share
         self.proc = proc
-        self.socket_dir = socket_dir
+        self.socket_dir = directory
         self.socket_path = socket_path
 
     def stop(self) -> int | None:
@@ -94,8 +106,8 @@ def start_backend(share: ShareConfig, log_level: str = "warning", *, stderr=None
     """Start pyvmm-virtiofsd for ``share`` on a socket in a new private directory and
     wait for the socket.  Its stderr is ours unless ``stderr`` (a file) is given;
     ``extra``: more daemon options.  ValueError when it does not start."""
-    socket_dir = tempfile.mkdtemp(prefix="pyvmm-share-")
-    socket_path = os.path.join(socket_dir, "vhost-user.sock")
+    directory = socket_dir("pyvmm-share-", SOCKET_NAME)
+    socket_path = os.path.join(directory, SOCKET_NAME)
     argv = [python, "-m", "pyvmm.virtiofsd", "--socket-path", socket_path,
             "--shared-dir", share.path, "--log-level", log_level, *extra]
     if share.readonly:
@@ -104,9 +116,9 @@ def start_backend(share: ShareConfig, log_level: str = "warning", *, stderr=None
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=stderr, preexec_fn=_die_with_parent)
     except OSError as e:
-        shutil.rmtree(socket_dir, ignore_errors=True)
+        shutil.rmtree(directory, ignore_errors=True)
         raise ValueError(f"--share {share.path}: cannot start pyvmm-virtiofsd: {e.strerror}") from None
-    backend = Backend(share, proc, socket_dir, socket_path)
+    backend = Backend(share, proc, directory, socket_path)
     deadline = time.monotonic() + START_TIMEOUT
     while not os.path.exists(socket_path):
         if proc.poll() is not None or time.monotonic() > deadline:

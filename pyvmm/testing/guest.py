@@ -23,13 +23,13 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from ..agent import AgentClosed, AgentConnection, AgentSession, AgentTimeout, Result, connect
+from ..shares import socket_dir
 from .process import GuestError, GuestTimeout, VmmProcess
 
 BOOT_TIMEOUT = 300.0      # seconds; a boot takes 10-40 s on PVM hosts, about 1 s with VMX/SVM
@@ -133,7 +133,7 @@ class Guest:
 
     def start(self) -> "Guest":
         """Boot and wait until the agent is ready (``boot_timeout``)."""
-        self._dir = tempfile.mkdtemp(prefix="pyvmm-guest-")
+        self._dir = socket_dir("pyvmm-guest-", "agent.sock")
         sock = os.path.join(self._dir, "agent.sock")
         self.vmm = VmmProcess.pyvmm_run(*self.pyvmm_args(sock), log_level=self.log_level,
                                         python=self.python, env=self.env,
