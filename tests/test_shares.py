@@ -1,6 +1,7 @@
 """--share's pieces (pyvmm.shares) without a guest."""
 
 import os
+import tempfile
 
 import pytest
 
@@ -24,13 +25,15 @@ def test_socket_dir_falls_back_to_tmp_when_tmpdir_is_too_deep(tmp_path, monkeypa
         assert os.listdir(deep) == []   # nothing left where it did not fit
     finally:
         os.rmdir(d)
-    shallow = tmp_path / "s"
-    shallow.mkdir()
-    monkeypatch.setenv("TMPDIR", str(shallow))
-    monkeypatch.setattr("tempfile.tempdir", None)   # tempfile caches what it found
-    d = socket_dir("pyvmm-test-", "vhost-user.sock")
-    assert os.path.dirname(d) == str(shallow)
-    os.rmdir(d)
+    shallow = tempfile.mkdtemp(prefix="s-", dir="/tmp")   # tmp_path may be too deep itself
+    try:
+        monkeypatch.setenv("TMPDIR", shallow)
+        monkeypatch.setattr("tempfile.tempdir", None)   # tempfile caches what it found
+        d = socket_dir("pyvmm-test-", "vhost-user.sock")
+        assert os.path.dirname(d) == shallow
+        os.rmdir(d)
+    finally:
+        os.rmdir(shallow)
 
 
 def test_a_backend_with_a_deep_tmpdir_starts_and_leaves_nothing(tmp_path, monkeypatch):
