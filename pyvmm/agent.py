@@ -380,7 +380,7 @@ class AgentSession:
         if len(payload) > AGENT_MAX_PAYLOAD:
             raise ValueError(f"command of {len(payload)} bytes (max {AGENT_MAX_PAYLOAD})")
         with self._run_lock:
-            self.wait_ready()
+            self.wait_ready(timeout)   # a guest that never gets ready must not hang a run
             out, err = bytearray(), bytearray()
             sinks = {FrameType.STDOUT: stdout or out.extend, FrameType.STDERR: stderr or err.extend}
             self._send_frame(FrameType.EXEC, payload)
