@@ -214,18 +214,18 @@ def check_console(spec: str | None) -> None:
 
 
 def snapshot_target(path: str) -> str:
-    """--snapshot DIR: a path that does not exist yet (or an empty directory)."""
-    path = os.path.abspath(path)
-    if os.path.lexists(path) and not (os.path.isdir(path) and not os.listdir(path)):
-        raise UsageError(f"--snapshot {path}: exists and is not an empty directory")
-    if not os.path.isdir(os.path.dirname(path)):
-        raise UsageError(f"--snapshot {path}: directory {os.path.dirname(path)} does not exist")
-    return path
+    """--snapshot DIR, checked before the boot rather than after it."""
+    from .snapshot.image import SnapshotError, check_target
+
+    try:
+        return check_target(path)
+    except SnapshotError as e:
+        raise UsageError(f"--snapshot {e}") from None
 
 
-def share_placeholder(share: ShareConfig) -> "FsConfig":
-    """The virtio-fs device of a --share; its socket is known once the back-end runs."""
-    return share.fs_config(socket_path="")
+def default_serial(args: argparse.Namespace) -> str:
+    """--serial, else stdio; null with --exec (pyvmm's stdout is the command's)."""
+    return args.serial or ("null" if args.exec is not None else "stdio")
 
 
 def run_plan(args: argparse.Namespace, flavour) -> RunPlan:
@@ -264,11 +264,12 @@ def run_plan(args: argparse.Namespace, flavour) -> RunPlan:
     if words:
         cmdline = " ".join([cmdline, *words])
     run_mode = args.exec is not None or any(w.startswith("pyvmm.run=") for w in cmdline.split())
-    serial = args.serial or ("null" if args.exec is not None else "stdio")
+    serial = default_serial(args)
     config = MachineConfig(kernel=kernel, initramfs=initramfs, cmdline=cmdline,
                            memory=memory, cpus=cpus, serial=serial, disks=disks,
                            rng=args.rng, console=args.console,
-                           shares=fs + [share_placeholder(s) for s in shares], run_mode=run_mode,
+                           # a --share's socket is known once launch() starts its back-end
+                           shares=fs + [s.fs_config(socket_path="") for s in shares], run_mode=run_mode,
                            agent_words=" ".join(share_words) if agent else None,
                            agent_socket=agent_socket, snapshot_path=snapshot,
                            snapshot_continue=args.snapshot_and_continue)
@@ -297,7 +298,7 @@ def restore_plan(args: argparse.Namespace, flavour) -> tuple[RunPlan, "Snapshot"
         config = machine_config(snap, shares, fs)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    config.serial = args.serial or ("null" if args.exec is not None else "stdio")
+    config.serial = default_serial(args)
     config.console = args.console or ("null" if config.console else None)
     config.agent_socket = parse_agent(args)
     config.run_mode = args.exec is not None

@@ -71,9 +71,7 @@ class Snapshot:
 def write(path: str, state: dict[str, Any], ram: memoryview) -> None:
     """Write a snapshot of ``state`` and ``ram`` to ``path`` (which must not exist, or be
     an empty directory); atomically visible, all at once, under that name."""
-    path = os.path.abspath(path)
-    if os.path.lexists(path) and not (os.path.isdir(path) and not os.listdir(path)):
-        raise SnapshotError(f"{path} exists and is not an empty directory")
+    path = check_target(path)
     parent = os.path.dirname(path)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
@@ -90,6 +88,17 @@ def write(path: str, state: dict[str, Any], ram: memoryview) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_target(path: str) -> str:
+    """``path`` as absolute, if a snapshot may be written there: it does not exist (or
+    is an empty directory) and its parent directory does; SnapshotError otherwise."""
+    path = os.path.abspath(path)
+    if os.path.lexists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+        raise SnapshotError(f"{path} exists and is not an empty directory")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise SnapshotError(f"{path}: directory {os.path.dirname(path)} does not exist")
+    return path
 
 
 def _write_memory(path: str, ram: memoryview) -> dict[str, str]:
