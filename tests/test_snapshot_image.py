@@ -183,9 +183,10 @@ def test_machine_config_refuses_shares_that_do_not_fit(tmp_path, shares, fs, wor
 
 
 @pytest.mark.parametrize("changes, words", [
-    ({"cpus": 0}, "out of range"), ({"cpus": "1"}, "expected int"), ({"agent": False}, "no agent"),
+    ({"cpus": 0}, "machine.cpus: 0 is not in 1..64"), ({"cpus": "1"}, "machine.cpus: expected an integer"),
+    ({"agent": False}, "no agent"),
     ({"disks": [{"path": "/no/such/disk", "readonly": False}]}, "does not exist"),
-    ({"fs": [{"tag": "data"}]}, "expected the keys"),
+    ({"fs": [{"tag": "data"}]}, "machine.fs\\[0\\]: missing num_queues"),
 ])
 def test_machine_config_checks_the_shape(tmp_path, changes, words):
     with pytest.raises(ValueError, match=words):

@@ -32,6 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from . import image
+from ..boot.layout import CMDLINE_MAX
+from ..devices.virtio.fs import VIRTIO_FS_TAG_LEN
+from .fields import boolean, expect_keys, integer, items, text
 from .image import SnapshotError
 from .kvm_state import (MAX_CPUID_ENTRIES, VcpuState, VmState, msr_indices, restore_vcpu, restore_vm,
                         save_vcpu, save_vm)
@@ -44,6 +47,10 @@ log = logging.getLogger(__name__)
 
 PAUSE_TIMEOUT = 10.0     # seconds for every vCPU to park
 MAX_CPUS = 64
+MAX_MEMORY = 1 << 48     # bytes: bounds for untrusted sizes, far above any real machine
+MAX_DEVICES = 32         # disks or virtio-fs devices: one PCI bus has 32 slots
+PATH_MAX = 4096
+SHAPE_KEYS = ("memory", "cpus", "cmdline", "disks", "fs", "rng", "console", "agent")
 LEGACY_DEVICES = ("serial", "rtc", "i8042")   # the PCI functions (pvpanic too) are in "pci"
 # CPUID feature words a guest may have been told about: (leaf, subleaf, register).
 FEATURE_WORDS = ((0x1, 0, "ecx"), (0x1, 0, "edx"), (0x7, 0, "ebx"), (0x7, 0, "ecx"),
@@ -123,26 +130,29 @@ def machine_config(snap: image.Snapshot, shares: list, fs_sockets: dict[str, str
     ``--fs`` socket with its tag.  ValueError (one line) when they do not fit."""
     from ..vm import DiskConfig, FsConfig, MachineConfig
 
-    m = snap.machine
-    _expect(m, {"memory": int, "cpus": int, "cmdline": str, "disks": list, "fs": list,
-                "rng": bool, "console": bool, "agent": bool}, "machine")
-    if not m["agent"]:
+    m = expect_keys(snap.machine, SHAPE_KEYS, "machine")
+    memory = integer(m["memory"], "machine.memory", 1, MAX_MEMORY)
+    cpus = integer(m["cpus"], "machine.cpus", 1, MAX_CPUS)
+    cmdline = text(m["cmdline"], "machine.cmdline", CMDLINE_MAX)
+    rng, console = boolean(m["rng"], "machine.rng"), boolean(m["console"], "machine.console")
+    if not boolean(m["agent"], "machine.agent"):
         raise SnapshotError(f"{snap.path}: the guest had no agent, so it cannot be resumed")
-    if not 1 <= m["cpus"] <= MAX_CPUS:
-        raise SnapshotError(f"{snap.path}: {m['cpus']} vCPUs (1 to {MAX_CPUS})")
     disks = []
-    for i, d in enumerate(m["disks"]):
-        _expect(d, {"path": str, "readonly": bool}, f"machine.disks[{i}]")
-        if not os.path.isfile(d["path"]):
-            raise SnapshotError(f"the snapshot's disk {d['path']} does not exist")
-        disks.append(DiskConfig(d["path"], d["readonly"]))
+    for i, d in enumerate(items(m["disks"], "machine.disks", MAX_DEVICES)):
+        where = f"machine.disks[{i}]"
+        expect_keys(d, ("path", "readonly"), where)
+        path = text(d["path"], f"{where}.path", PATH_MAX)
+        if not os.path.isfile(path):
+            raise SnapshotError(f"the snapshot's disk {path} does not exist")
+        disks.append(DiskConfig(path, boolean(d["readonly"], f"{where}.readonly")))
     by_tag = {s.tag: s for s in shares}
     saved_tags = []
     devices = []
-    for i, f in enumerate(m["fs"]):
-        _expect(f, {"tag": str, "num_queues": int, "queue_size": int, "dax": bool,
-                    "cache_size": int}, f"machine.fs[{i}]")
-        tag = f["tag"]
+    for i, f in enumerate(items(m["fs"], "machine.fs", MAX_DEVICES)):
+        where = f"machine.fs[{i}]"
+        expect_keys(f, ("tag", "num_queues", "queue_size", "dax", "cache_size"), where)
+        tag = text(f["tag"], f"{where}.tag", VIRTIO_FS_TAG_LEN)
+        dax = boolean(f["dax"], f"{where}.dax")
         saved_tags.append(tag)
         share = by_tag.get(tag)
         if share is not None and tag in fs_sockets:
@@ -150,29 +160,20 @@ def machine_config(snap: image.Snapshot, shares: list, fs_sockets: dict[str, str
         if share is None and tag not in fs_sockets:
             raise ValueError(f"the snapshot has a virtio-fs device {tag!r}: give it a back-end with "
                              f"--share DIR,tag={tag} or --fs tag={tag},socket=PATH")
-        if share is not None and share.dax and not f["dax"]:
+        if share is not None and share.dax and not dax:
             raise ValueError(f"virtio-fs {tag}: dax=on, but the snapshot's device has no DAX window")
-        devices.append(FsConfig(tag, fs_sockets.get(tag, ""), f["num_queues"], f["queue_size"],
-                                f["dax"], f["cache_size"]))
+        devices.append(FsConfig(tag, fs_sockets.get(tag, ""),
+                                integer(f["num_queues"], f"{where}.num_queues", 1, 64),
+                                integer(f["queue_size"], f"{where}.queue_size", 1, 32768), dax,
+                                integer(f["cache_size"], f"{where}.cache_size", 1, MAX_MEMORY)))
     extra = sorted((set(by_tag) | set(fs_sockets)) - set(saved_tags))
     if extra:
         raise ValueError(f"the snapshot has no virtio-fs device {', '.join(map(repr, extra))} "
                          f"(it has {', '.join(map(repr, saved_tags)) or 'none'}): devices are fixed "
                          "when the snapshot is taken")
-    return MachineConfig(kernel=b"", cmdline=m["cmdline"], memory=m["memory"], cpus=m["cpus"],
-                         disks=disks, rng=m["rng"], console="null" if m["console"] else None,
+    return MachineConfig(kernel=b"", cmdline=cmdline, memory=memory, cpus=cpus,
+                         disks=disks, rng=rng, console="null" if console else None,
                          shares=devices, agent_words=" ".join(s.guest_word() for s in shares))
-
-
-def _expect(d: object, fields: dict[str, type], where: str) -> None:
-    if not isinstance(d, dict) or set(d) != set(fields):
-        raise SnapshotError(f"snapshot {where}: expected the keys {', '.join(fields)}")
-    for key, kind in fields.items():
-        value = d[key]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise SnapshotError(f"snapshot {where}.{key}: expected {kind.__name__}, got {value!r:.40}")
-        if kind is int and not 0 < value < (1 << 48):
-            raise SnapshotError(f"snapshot {where}.{key}: {value} is out of range")
 
 
 # Bits the guest itself turns on (CR4.OSXSAVE, CR4.PKE): not host features.
