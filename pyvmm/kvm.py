@@ -748,7 +748,9 @@ class Vm:
 
 
 class Vcpu:
-    """A vCPU file descriptor and its shared ``kvm_run`` page."""
+    """A vCPU file descriptor and its shared ``kvm_run`` page (``kvm_run``, a ctypes view).
+
+    ``run()`` is the KVM_RUN ioctl; ``kvm_run`` is the struct it fills in (api.rst 5)."""
 
     def __init__(self, vm: Vm, index: int, fd: int) -> None:
         self.vm = vm
@@ -756,8 +758,8 @@ class Vcpu:
         self.fd = fd
         size = vm.kvm.vcpu_mmap_size()
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self.run_struct = kvm_run.from_buffer(self._map)
-        self._run_addr = ctypes.addressof(self.run_struct)
+        self.kvm_run = kvm_run.from_buffer(self._map)
+        self._run_addr = ctypes.addressof(self.kvm_run)
 
     def run(self) -> None:
         """KVM_RUN; EINTR (a kick from another thread) is returned as KVM_EXIT_INTR."""
@@ -765,13 +767,13 @@ class Vcpu:
         if ret < 0:
             err = ctypes.get_errno()
             if err in (errno.EINTR, errno.EAGAIN):
-                self.run_struct.exit_reason = KVM_EXIT_INTR
+                self.kvm_run.exit_reason = KVM_EXIT_INTR
                 return
             raise KvmError(err, f"KVM_RUN: {os.strerror(err)}")
 
     def io_data(self) -> ctypes.Array:
         """The kvm_run bytes of a KVM_EXIT_IO (size * count bytes at data_offset)."""
-        io = self.run_struct.exit.io
+        io = self.kvm_run.exit.io
         n = io.size * io.count
         if io.data_offset + n > len(self._map):
             raise KvmError(errno.EINVAL, "KVM_EXIT_IO data outside kvm_run")
@@ -904,6 +906,6 @@ class Vcpu:
         ioctl(self.fd, KVM_KVMCLOCK_CTRL)
 
     def close(self) -> None:
-        del self.run_struct
+        del self.kvm_run
         self._map.close()
         os.close(self.fd)

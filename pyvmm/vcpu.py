@@ -163,7 +163,7 @@ class VcpuThread:
 
     def kick(self) -> None:
         """Make KVM_RUN return soon: immediate_exit for the next entry, a signal for now."""
-        self.vcpu.run_struct.immediate_exit = 1
+        self.vcpu.kvm_run.immediate_exit = 1
         ident = self.thread.ident
         if ident is not None and self.thread.is_alive():
             try:
@@ -189,7 +189,7 @@ class VcpuThread:
         from .snapshot.kvm_state import complete_pending_io
 
         complete_pending_io(self.vcpu, handle_exit=self._dispatch)
-        self.vcpu.run_struct.immediate_exit = 0
+        self.vcpu.kvm_run.immediate_exit = 0
         self.paused.set()
         while self.pause_requested.is_set() and not self.stopping.is_set():
             self.stopping.wait(0.05)
@@ -207,7 +207,7 @@ class VcpuThread:
             self.on_exit(1, f"vcpu{self.vcpu.index}: internal error: {e}")
 
     def _loop(self) -> None:
-        run = self.vcpu.run_struct
+        kvm_run = self.vcpu.kvm_run
         while not self.stopping.is_set():
             if self.pause_requested.is_set():
                 self._park()
@@ -221,30 +221,30 @@ class VcpuThread:
                 continue
             self._fault_rip = None
             self.exits += 1
-            self._dispatch(run)
+            self._dispatch(kvm_run)
 
-    def _dispatch(self, run: kvm.kvm_run) -> None:
+    def _dispatch(self, kvm_run: kvm.kvm_run) -> None:
         """Serve one exit of KVM_RUN."""
         if True:
-            reason = run.exit_reason
+            reason = kvm_run.exit_reason
             if reason == kvm.KVM_EXIT_IO:
-                self._io(run.exit.io)
+                self._io(kvm_run.exit.io)
             elif reason == kvm.KVM_EXIT_MMIO:
-                self._mmio(run.exit.mmio)
+                self._mmio(kvm_run.exit.mmio)
             elif reason == kvm.KVM_EXIT_INTR:
-                run.immediate_exit = 0
+                kvm_run.immediate_exit = 0
                 if self.dump_requested.is_set():
                     self.dump_requested.clear()
                     log.warning("%s", format_regs(self.vcpu))
             elif reason == kvm.KVM_EXIT_INTERNAL_ERROR:
-                self._internal_error(run)
+                self._internal_error(kvm_run)
             elif reason == kvm.KVM_EXIT_SYSTEM_EVENT:
-                self._system_event(run.exit.system_event)
+                self._system_event(kvm_run.exit.system_event)
             elif reason == kvm.KVM_EXIT_SHUTDOWN:
                 raise VmExit(ExitStatus.GUEST_DIED, f"vcpu{self.vcpu.index}: the guest triple-faulted "
                              f"(KVM_EXIT_SHUTDOWN)\n{format_regs(self.vcpu)}")
             elif reason == kvm.KVM_EXIT_FAIL_ENTRY:
-                fe = run.exit.fail_entry
+                fe = kvm_run.exit.fail_entry
                 self._fail(f"KVM_EXIT_FAIL_ENTRY: hardware entry failure reason "
                            f"{fe.hardware_entry_failure_reason:#x} on cpu {fe.cpu}")
             elif reason == kvm.KVM_EXIT_HLT:
@@ -295,8 +295,8 @@ class VcpuThread:
             for i in range(length):
                 mmio.data[i] = value[i]
 
-    def _internal_error(self, run: kvm.kvm_run) -> None:
-        ef = run.exit.emulation_failure
+    def _internal_error(self, kvm_run: kvm.kvm_run) -> None:
+        ef = kvm_run.exit.emulation_failure
         if ef.suberror == kvm.KVM_INTERNAL_ERROR_EMULATION:
             insn = b""
             if ef.ndata >= 3 and ef.flags & kvm.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
@@ -307,7 +307,7 @@ class VcpuThread:
                 log.debug("vcpu%d: finished %s for the emulator", self.vcpu.index, name)
                 return
             self._fail(f"KVM could not emulate the instruction {insn.hex(' ') or '(bytes unknown)'}")
-        internal = run.exit.internal
+        internal = kvm_run.exit.internal
         data = " ".join(f"{internal.data[i]:#x}" for i in range(min(internal.ndata, 16)))
         self._fail(f"KVM_EXIT_INTERNAL_ERROR suberror {internal.suberror} data [{data}]")
 

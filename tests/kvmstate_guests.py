@@ -322,7 +322,7 @@ class Machine:
         finally:
             for t in timers:
                 t.cancel()
-            self.vcpu.run_struct.immediate_exit = 0
+            self.vcpu.kvm_run.immediate_exit = 0
 
     def pause_halted(self, after_out: int, attempts: int = 50) -> None:
         """Run past the ``after_out``-th port write, then stop the vCPU while it
@@ -338,18 +338,18 @@ class Machine:
         raise RuntimeError(f"{self.kind}: never caught in hlt")
 
     def _kick(self, thread_id: int) -> None:
-        self.vcpu.run_struct.immediate_exit = 1
+        self.vcpu.kvm_run.immediate_exit = 1
         signal.pthread_kill(thread_id, KICK_SIGNAL)
 
     def _dispatch(self, pause_after: tuple[str, int] | None) -> str | None:
-        run = self.vcpu.run_struct
-        reason = run.exit_reason
+        kvm_run = self.vcpu.kvm_run
+        reason = kvm_run.exit_reason
         if reason == kvm.KVM_EXIT_INTR:
             return "interrupted"
         if reason == kvm.KVM_EXIT_IO:
-            event = self._pio(run.exit.io)
+            event = self._pio(kvm_run.exit.io)
         elif reason == kvm.KVM_EXIT_MMIO:
-            event = self._mmio(run.exit.mmio)
+            event = self._mmio(kvm_run.exit.mmio)
         else:
             name = kvm.EXIT_REASON_NAMES.get(reason, str(reason))
             raise RuntimeError(f"{self.kind}: unexpected {name}\n{format_regs(self.vcpu)}")

@@ -1,4 +1,4 @@
-"""The virtio-fs DAX window (pyvmm.devices.virtio.dax): mapping files into one
+"""The virtio-fs DAX window (pyvmm.devices.virtio.dax_window): mapping files into one
 host reservation, request validation, the mapping record, the BAR 2 memory slot.
 
 Everything but the last test runs without KVM: the window is an ordinary host
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyvmm.devices.virtio.dax import (DAX_RANGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE,
+from pyvmm.devices.virtio.dax_window import (DAX_RANGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE,
                                       VIRTIO_FS_SHMCAP_ID_CACHE, DaxMapping, DaxRequestError,
                                       DaxShm, DaxWindow)
 from pyvmm.memory import MemorySlots

@@ -174,7 +174,7 @@ def programmed_msix(vm: FakeVm) -> Msix:
     m.table_write(0, entry(0xFEE00000, 0x41, False))
     m.table_write(16, entry(0xFEE01000, 0x42, False))
     m.table_write(32, entry(0xFEE00000, 0x43, True))
-    m.notify(2)
+    m.interrupt(2)
     return m
 
 
@@ -204,7 +204,7 @@ def test_msix_function_masked_vectors_are_pending():
     a = Msix(vm, GsiRouter(vm), 2, 0, 0x4000, 0, 0x5000)
     a.table_write(0, entry(0xFEE00000, 0x41, False))
     a.control_written(PCI_MSIX_FLAGS_ENABLE | 0x4000)   # MASKALL
-    a.notify(0)
+    a.interrupt(0)
     state = through_json(a.save_state())
     assert state["pending"] == [0] and state["function_masked"] is True
     b = Msix(vm, GsiRouter(vm), 2, 0, 0x4000, 0, 0x5000)

@@ -52,7 +52,7 @@ def test_virtqueue_restored_mid_ring_pops_the_next_chain(qmem, start, event_idx)
     for _ in range(2):
         chain = d.q.pop()
         d.q.push(chain.head, 7)
-    assert d.q.should_notify()
+    assert d.q.should_interrupt()
     state = through_json(d.q.save_state())
     assert (state["last_avail_idx"], state["used_idx"]) == ((start + 2) & 0xFFFF,) * 2
 
@@ -65,20 +65,20 @@ def test_virtqueue_restored_mid_ring_pops_the_next_chain(qmem, start, event_idx)
     q.push(chain.head, 9)
     assert d.used_idx() == (start + 3) & 0xFFFF
     assert d.used_elem((start + 2) % 8) == (heads[2], 9)
-    assert q.should_notify() == (not event_idx)      # used_event passed long ago with EVENT_IDX
+    assert q.should_interrupt() == (not event_idx)      # used_event passed long ago with EVENT_IDX
 
 
 def test_virtqueue_notification_bookkeeping_survives(qmem):
     d = Driver(qmem, size=8, event_idx=True)
     d.add(out=[(DATA, 16)])
     d.set_used_event(0)
-    d.q.push(d.q.pop().head, 0)                      # pushed, should_notify not asked yet
-    d.q.set_notification(False)
+    d.q.push(d.q.pop().head, 0)                      # pushed, should_interrupt not asked yet
+    d.q.set_kicks_enabled(False)
     state = through_json(d.q.save_state())
-    assert state["pushed_since_check"] == 1 and state["notify_enabled"] is False
+    assert state["pushed_since_check"] == 1 and state["kicks_enabled"] is False
     q = Virtqueue(qmem, 256)
     q.restore_state(state)
-    assert q.should_notify()                         # the interrupt owed before the snapshot
+    assert q.should_interrupt()                         # the interrupt owed before the snapshot
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -506,7 +506,7 @@ def test_a_renamed_method_fails_this_test_in_a_scratch_copy(tmp_path):
     copy = tmp_path / "repo"
     shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(
         ".git", ".venv", "__pycache__", ".pytest_cache", "build", "results", "*.egg-info"))
-    dax = copy / "pyvmm" / "devices" / "virtio" / "dax.py"
+    dax = copy / "pyvmm" / "devices" / "virtio" / "dax_window.py"
     source = dax.read_text()
     assert source.count("def file_io(") == 1
     dax.write_text(source.replace("def file_io(", "def copy_with_file("))

@@ -278,7 +278,7 @@ class FakeVcpu:
         self.calls: list[str] = []
         self.msr_writes: list[list[int]] = []
         self.tsc_khz = tsc_khz
-        self.run_struct = kvm.kvm_run()
+        self.kvm_run = kvm.kvm_run()
         self.run_script: list[int] = []
         self.immediate_exit_seen: list[int] = []
 
@@ -306,8 +306,8 @@ class FakeVcpu:
 
     def run(self) -> None:
         self.calls.append("run")
-        self.immediate_exit_seen.append(self.run_struct.immediate_exit)
-        self.run_struct.exit_reason = self.run_script.pop(0) if self.run_script else kvm.KVM_EXIT_INTR
+        self.immediate_exit_seen.append(self.kvm_run.immediate_exit)
+        self.kvm_run.exit_reason = self.run_script.pop(0) if self.run_script else kvm.KVM_EXIT_INTR
 
 
 def test_save_order_mp_state_first_events_last():
@@ -395,7 +395,7 @@ def test_complete_pending_io_sets_immediate_exit_once():
     vcpu = FakeVcpu()
     assert kvm_state.complete_pending_io(vcpu) == 0
     assert vcpu.immediate_exit_seen == [1]
-    assert vcpu.run_struct.immediate_exit == 0
+    assert vcpu.kvm_run.immediate_exit == 0
 
 
 def test_complete_pending_io_serves_further_exits():
@@ -407,7 +407,7 @@ def test_complete_pending_io_serves_further_exits():
     vcpu.run_script = [kvm.KVM_EXIT_MMIO]
     with pytest.raises(RuntimeError, match="finishing pending I/O ended in KVM_EXIT_MMIO"):
         kvm_state.complete_pending_io(vcpu)
-    assert vcpu.run_struct.immediate_exit == 0
+    assert vcpu.kvm_run.immediate_exit == 0
 
 
 def test_mark_paused_is_false_without_kvmclock():

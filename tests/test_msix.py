@@ -247,7 +247,7 @@ def test_function_mask_detaches_all(vm, msix):
 def test_notify_while_masked_latches_and_unmask_delivers(vm, msix):
     msix.control_written(ENABLE)
     msix.table_write(16, entry(0xFEE00000, 0x61, masked=True))
-    msix.notify(1)
+    msix.interrupt(1)
     assert msix.pba_read(0, 8) == (0b10).to_bytes(8, "little")
     assert msix.pba_read(0, 1) == b"\x02" and msix.pba_read(1, 1) == b"\0"
     assert vm.irqfds == {}
@@ -260,7 +260,7 @@ def test_notify_while_masked_latches_and_unmask_delivers(vm, msix):
 def test_notify_while_function_masked_latches(vm, msix):
     msix.control_written(ENABLE | MASKALL)
     msix.table_write(0, entry(0xFEE00000, 0x61, masked=False))
-    msix.notify(0)
+    msix.interrupt(0)
     assert msix.pba_read(0, 8)[0] == 1
     msix.control_written(ENABLE)
     assert msix.eventfds[0] in vm.irqfds and readable(msix.eventfds[0])
@@ -269,14 +269,14 @@ def test_notify_while_function_masked_latches(vm, msix):
 def test_notify_unmasked_is_not_pending(vm, msix):
     msix.control_written(ENABLE)
     msix.table_write(0, entry(0xFEE00000, 0x61, masked=False))
-    msix.notify(0)
+    msix.interrupt(0)
     assert readable(msix.eventfds[0])
     assert msix.pba_read(0, 8) == b"\0" * 8
 
 
 @pytest.mark.parametrize("vector", [-1, 4, 100])
 def test_notify_out_of_range_is_ignored(msix, vector):
-    msix.notify(vector)
+    msix.interrupt(vector)
     assert not any(readable(fd) for fd in msix.eventfds)
 
 
@@ -319,7 +319,7 @@ def test_pba_read_with_high_fd_numbers(vm, router):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     try:
         assert min(m.eventfds) > 1024
-        m.notify(0)
+        m.interrupt(0)
         assert m.pba_read(0, 8)[0] == 1                    # a guest read of the PBA (vCPU thread)
     finally:
         m.close()
@@ -396,7 +396,7 @@ def test_random_accesses_keep_irqfds_in_step(ops):
             elif op == "unmask":
                 m.table_write(16 * a + 12, struct.pack("<I", int(b)))
             else:
-                m.notify(a)
+                m.interrupt(a)
             live = live_vectors(m)
             assert vm.irqfds == {m.eventfds[v]: m.gsis[v] for v in live}
             routes = vm.msi_routes()

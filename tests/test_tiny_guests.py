@@ -190,7 +190,7 @@ def test_efault_from_a_readonly_window_becomes_gp(tiny, kvm_host):
     """A user-mode store into a read-only hole of a DAX window: KVM_RUN fails with
     EFAULT (measured on PVM); pyvmm injects #GP(0), the guest's handler runs, and
     the VM goes on."""
-    from pyvmm.devices.virtio.dax import DaxWindow
+    from pyvmm.devices.virtio.dax_window import DaxWindow
 
     window_gpa, report = 0xC0000000, 0xD0000000
     vm = tiny(f"""{ENTER_USER_MODE}

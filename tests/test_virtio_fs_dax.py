@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from pyvmm.devices.virtio.dax import DaxWindow
+from pyvmm.devices.virtio.dax_window import DaxWindow
 from pyvmm.devices.virtio.fs import FS_UNMAP_ALL, handle_dax_request
 from pyvmm.vhost_user import protocol as vu
 from pyvmm.vhost_user.frontend import serve_backend_requests

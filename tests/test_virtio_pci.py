@@ -60,8 +60,8 @@ class FakeDevice(VirtioDevice):
     def config_write(self, offset: int, data: bytes) -> None:
         self.config_writes.append((offset, bytes(data)))
 
-    def activate(self, mem, queues, notify, driver_features) -> None:
-        super().activate(mem, queues, notify, driver_features)
+    def activate(self, mem, queues, interrupt, driver_features) -> None:
+        super().activate(mem, queues, interrupt, driver_features)
         self.activations.append(driver_features)
 
     def reset(self) -> None:
@@ -74,7 +74,7 @@ class FakeDevice(VirtioDevice):
             q = self.queues[index]
             while (chain := q.pop()) is not None:
                 q.push(chain.head, chain.write(self.mem, b"hello"))
-            self.notify(index)
+            self.interrupt(index)
         self.kicked[index].set()
 
 
@@ -525,7 +525,7 @@ def test_msix_table_and_pba_through_bar0(env):
     assert env.pci.bar_read(0, vp.MSIX_TABLE_OFFSET + 16, 4) == b"\x00\x00\xe0\xfe"
     assert env.pci.msix.entry(1) == (0xFEE00000, 0x41, False)
     assert env.pci.bar_read(0, vp.MSIX_TABLE_OFFSET + 48, 4) == b"\xff" * 4  # only 3 vectors
-    env.pci.msix.notify(2)                                           # masked: pending
+    env.pci.msix.interrupt(2)                                           # masked: pending
     assert env.pci.bar_read(0, vp.MSIX_PBA_OFFSET, 8) == (4).to_bytes(8, "little")
     assert env.pci.bar_read(0, vp.MSIX_PBA_OFFSET + 8, 4) == b"\xff" * 4
     env.pci.bar_write(0, vp.MSIX_PBA_OFFSET, b"\0" * 8)             # read-only

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from pyvmm.devices.virtio.dax import DaxShm, DaxWindow
+from pyvmm.devices.virtio.dax_window import DaxShm, DaxWindow
 from pyvmm.devices.virtio.fs import handle_dax_request
 from pyvmm.memory import GuestMemory
 from pyvmm.vhost_user import protocol as p

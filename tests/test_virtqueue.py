@@ -261,19 +261,19 @@ def test_used_index_wraparound(mem):
 def test_should_notify_without_event_idx(mem):
     d = Driver(mem)
     q = d.q
-    assert not q.should_notify()          # nothing pushed yet
+    assert not q.should_interrupt()          # nothing pushed yet
     d.add(in_=[(DATA, 1)])
     q.push(q.pop().head, 1)
-    assert q.should_notify()
-    assert not q.should_notify()          # already answered for that push
+    assert q.should_interrupt()
+    assert not q.should_interrupt()          # already answered for that push
     d.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT)
     d.add(in_=[(DATA, 1)])
     q.push(q.pop().head, 1)
-    assert not q.should_notify()
+    assert not q.should_interrupt()
     d.set_avail_flags(0)
     q.push(0, 0)
     q.push(1, 0)
-    assert q.should_notify()
+    assert q.should_interrupt()
 
 
 def test_should_notify_event_idx(mem):
@@ -281,22 +281,22 @@ def test_should_notify_event_idx(mem):
     q = d.q
     d.set_used_event(0)
     q.push(0, 0)                          # used idx 0 -> 1 crosses used_event 0
-    assert q.should_notify()
+    assert q.should_interrupt()
     d.set_used_event(4)                   # "interrupt me once entry 4 is used" (idx 5)
     q.push(0, 0); q.push(0, 0)            # 1 -> 3
-    assert not q.should_notify()
+    assert not q.should_interrupt()
     q.push(0, 0)                          # 3 -> 4
-    assert not q.should_notify()
+    assert not q.should_interrupt()
     q.push(0, 0); q.push(0, 0); q.push(0, 0)   # 4 -> 7: several pushes crossing 4 between checks
-    assert q.should_notify()
+    assert q.should_interrupt()
     q.push(0, 0)                          # 7 -> 8, event 4 long past
-    assert not q.should_notify()
-    assert not q.should_notify()          # nothing new
+    assert not q.should_interrupt()
+    assert not q.should_interrupt()          # nothing new
     # NO_INTERRUPT is ignored with EVENT_IDX
     d.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT)
     d.set_used_event(8)
     q.push(0, 0)
-    assert q.should_notify()
+    assert q.should_interrupt()
 
 
 def test_should_notify_event_idx_across_wrap(mem):
@@ -305,20 +305,20 @@ def test_should_notify_event_idx_across_wrap(mem):
     d.set_used_event(0xFFFE)
     for _ in range(0xFFFD):
         q.push(0, 0)
-    assert not q.should_notify()          # used idx 0xfffd, event 0xfffe not reached
+    assert not q.should_interrupt()          # used idx 0xfffd, event 0xfffe not reached
     q.push(0, 0); q.push(0, 0); q.push(0, 0)   # 0xfffd -> 0 crosses 0xfffe
     assert q.used_idx == 0
-    assert q.should_notify()
+    assert q.should_interrupt()
     d.set_used_event(0)
     q.push(0, 0)                          # 0 -> 1
-    assert q.should_notify()
+    assert q.should_interrupt()
 
 
 def test_set_notification_without_event_idx(mem):
     d = Driver(mem)
-    d.q.set_notification(False)
+    d.q.set_kicks_enabled(False)
     assert d.used_flags() == VIRTQ_USED_F_NO_NOTIFY
-    d.q.set_notification(True)
+    d.q.set_kicks_enabled(True)
     assert d.used_flags() == 0
 
 
@@ -327,14 +327,14 @@ def test_set_notification_event_idx(mem):
     q = d.q
     d.add(in_=[(DATA, 1)])
     d.add(in_=[(DATA, 1)])
-    q.set_notification(True)
+    q.set_kicks_enabled(True)
     assert d.avail_event() == 2 and d.used_flags() == 0
-    q.set_notification(False)
+    q.set_kicks_enabled(False)
     d.add(in_=[(DATA, 1)])
     assert q.pop() and q.pop() and q.pop()
     assert q.pop() is None
     assert d.avail_event() == 2            # disabled: pop publishes nothing
-    q.set_notification(True)
+    q.set_kicks_enabled(True)
     assert d.avail_event() == 3
     d.add(in_=[(DATA, 1)])
     assert q.pop().head is not None
@@ -360,7 +360,7 @@ def test_not_ready(mem):
     assert not d.q.has_pending()
     d.q.push(0, 1)                          # dropped
     assert d.used_idx() == 0
-    assert not d.q.should_notify()
+    assert not d.q.should_interrupt()
 
 
 def test_reset(mem):
@@ -369,7 +369,7 @@ def test_reset(mem):
     d.add(in_=[(DATA, 1)])
     q.push(q.pop().head, 1)
     q.msix_vector = 3
-    q.set_notification(False)
+    q.set_kicks_enabled(False)
     q.reset()
     assert (q.size, q.desc_addr, q.driver_addr, q.device_addr) == (256, 0, 0, 0)
     assert (q.ready, q.event_idx, q.msix_vector) == (False, False, VIRTIO_MSI_NO_VECTOR)
@@ -690,7 +690,7 @@ def test_fuzz_pop_never_escapes(mem, rings):
             assert buf.length > 0
             mem.translate(buf.gpa, buf.length)   # inside RAM, or GuestMemoryError fails the test
         q.push(chain.head, min(chain.writable_len(), 0xFFFF_FFFF))
-        assert q.should_notify() in (True, False)
+        assert q.should_interrupt() in (True, False)
 
 
 # --- hypothesis: DescriptorChain.read/write against a flat model ---------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class FakeQueue:
-    """What a device sees of a Virtqueue: pop / push / should_notify."""
+    """What a device sees of a Virtqueue: pop / push / should_interrupt."""
 
     def __init__(self) -> None:
         self.items: list = []          # DescriptorChain, or an exception pop() raises
@@ -24,5 +24,5 @@ class FakeQueue:
     def push(self, head: int, written: int) -> None:
         self.used.append((head, written))
 
-    def should_notify(self) -> bool:
+    def should_interrupt(self) -> bool:
         return True

@@ -140,7 +140,7 @@ class Msix:
         return bits.to_bytes(self.pba_size, "little")[offset:offset + size]
 
     # --- interrupts ----------------------------------------------------------------------------
-    def notify(self, vector: int) -> None:
+    def interrupt(self, vector: int) -> None:
         """Raise ``vector`` (any thread); latched while masked."""
         if 0 <= vector < self.num_vectors:
             os.eventfd_write(self.eventfds[vector], 1)

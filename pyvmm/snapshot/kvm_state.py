@@ -193,21 +193,21 @@ def complete_pending_io(vcpu: kvm.Vcpu,
     Returns how many such exits there were.  Must run on a vCPU that no other
     thread is running.
     """
-    run = vcpu.run_struct
+    kvm_run = vcpu.kvm_run
     served = 0
     try:
         while True:
-            run.immediate_exit = 1
+            kvm_run.immediate_exit = 1
             vcpu.run()
-            if run.exit_reason == kvm.KVM_EXIT_INTR:
+            if kvm_run.exit_reason == kvm.KVM_EXIT_INTR:
                 return served
             if handle_exit is None or served >= 1024:
-                name = kvm.EXIT_REASON_NAMES.get(run.exit_reason, str(run.exit_reason))
+                name = kvm.EXIT_REASON_NAMES.get(kvm_run.exit_reason, str(kvm_run.exit_reason))
                 raise RuntimeError(f"vcpu{vcpu.index}: finishing pending I/O ended in {name}")
-            handle_exit(run)
+            handle_exit(kvm_run)
             served += 1
     finally:
-        run.immediate_exit = 0
+        kvm_run.immediate_exit = 0
 
 
 def save_vcpu(vcpu: kvm.Vcpu, msr_indices: list[int]) -> VcpuState:

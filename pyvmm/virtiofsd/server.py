@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 from . import fuse_abi as abi
-from .dax import DaxMapper
+from .dax_mapper import DaxMapper
 from .iovec import IoVec
 from .passthrough import UTIME_NOW, Caller, DirEntry, Entry, Passthrough, SetAttr
 

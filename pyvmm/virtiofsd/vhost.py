@@ -207,7 +207,7 @@ def _ack_errno(status: int) -> int:
 
 
 class BackendChannelMapper:
-    """``dax.DaxMapper`` over the vhost-user back-end request channel.
+    """``dax_mapper.DaxMapper`` over the vhost-user back-end request channel.
 
     SETUPMAPPING becomes ``SHMEM_MAP`` (standard, when the front-end negotiated
     VHOST_USER_PROTOCOL_F_SHMEM) or the legacy ``FS_MAP`` (one entry); REMOVEMAPPING
@@ -492,7 +492,7 @@ class Vring:
     def _complete(self, q: Virtqueue, head: int, written: int) -> None:
         with self._lock:
             q.push(head, written)
-            if q.should_notify() and self.call_fd is not None:
+            if q.should_interrupt() and self.call_fd is not None:
                 os.eventfd_write(self.call_fd, 1)
 
 

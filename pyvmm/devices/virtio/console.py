@@ -91,9 +91,9 @@ class VirtioConsole(VirtioDevice):
         if offset == EMERG_WR_OFFSET and data:
             self._out(bytes(data[:1]))
 
-    def activate(self, mem, queues: list, notify, driver_features: int) -> None:
+    def activate(self, mem, queues: list, interrupt, driver_features: int) -> None:
         with self._lock:
-            super().activate(mem, queues, notify, driver_features)
+            super().activate(mem, queues, interrupt, driver_features)
         # The transport's worker runs process_queue for every ready queue when it
         # starts, so buffers posted before DRIVER_OK get the backlog then.
 

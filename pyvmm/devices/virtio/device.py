@@ -6,11 +6,11 @@ makes available.  The PCI transport (``pyvmm.devices.virtio.pci``) owns the
 feature negotiation, the status state machine, the queues' addresses and the
 interrupts, and calls into the device at these points:
 
-* ``activate(mem, queues, notify)`` once the driver sets DRIVER_OK;
+* ``activate(mem, queues, interrupt)`` once the driver sets DRIVER_OK;
 * ``process_queue(index)`` from the device's worker thread after a kick;
 * ``reset()`` when the driver writes 0 to the status or the VM stops.
 
-``notify(index)`` (given at activation) tells the driver that used buffers are
+``interrupt(index)`` (given at activation) interrupts the driver: it says that used buffers are
 ready on queue ``index``; it honours VIRTIO_RING_F_EVENT_IDX and masking.
 
 Snapshots: the transport saves the queues, the negotiation and the interrupts;
@@ -65,7 +65,7 @@ class VirtioDevice:
         self.mem = None
         self.queues: list = []
         self.broken_queues: set[int] = set()   # rings that hit VirtqueueError, until reset
-        self._notify: Callable[[int], None] | None = None
+        self._interrupt: Callable[[int], None] | None = None
         self.driver_features = 0
         self.needs_reset: Callable[[], None] = lambda: None  # set by the transport
         # Set by the transport: a quiesce waits, so stop after the chain in progress.
@@ -149,16 +149,16 @@ class VirtioDevice:
         pass
 
     # --- lifecycle, called by the transport -------------------------------------------
-    def activate(self, mem, queues: list, notify: Callable[[int], None], driver_features: int) -> None:
+    def activate(self, mem, queues: list, interrupt: Callable[[int], None], driver_features: int) -> None:
         self.mem = mem
         self.queues = queues
-        self._notify = notify
+        self._interrupt = interrupt
         self.driver_features = driver_features
         self.broken_queues = set()
 
     def reset(self) -> None:
         self.queues = []
-        self._notify = None
+        self._interrupt = None
         self.driver_features = 0
         self.broken_queues = set()
 
@@ -166,7 +166,7 @@ class VirtioDevice:
                     more: Callable[[], bool] = lambda: True) -> None:
         """The device side of queue ``index``: pop each available chain while
         ``more()`` (and no quiesce waits), complete it with ``handle(chain)`` bytes
-        written, and notify the driver once at the end.  A bad chain (ChainError) is completed with
+        written, and interrupt the driver once at the end.  A bad chain (ChainError) is completed with
         0 bytes; a broken ring (VirtqueueError) stops the queue until reset and
         asks the transport for NEEDS_RESET."""
         if index >= len(self.queues) or index in self.broken_queues:
@@ -192,11 +192,11 @@ class VirtioDevice:
             self.needs_reset()
             return
         if pushed:
-            self.notify(index)
+            self.interrupt(index)
 
-    def notify(self, index: int) -> None:
-        if self._notify is not None:
-            self._notify(index)
+    def interrupt(self, index: int) -> None:
+        if self._interrupt is not None:
+            self._interrupt(index)
 
     def config_read(self, offset: int, size: int) -> bytes:
         data = self.config_bytes()

@@ -32,7 +32,7 @@ from ...vhost_user import protocol as vu
 from ...vhost_user.frontend import (DEFAULT_PROTOCOL_FEATURES, BackendError, VhostUserError,
                                     VhostUserFrontend, guest_memory_regions, serve_backend_requests)
 from ...snapshot.fields import SaveRefused, expect_keys, items, optional, text, uint
-from .dax import VIRTIO_FS_SHMCAP_ID_CACHE, DaxShm, DaxWindow
+from .dax_window import VIRTIO_FS_SHMCAP_ID_CACHE, DaxShm, DaxWindow
 from .device import VIRTIO_ID_FS, VirtioDevice
 
 log = logging.getLogger(__name__)

@@ -394,7 +394,7 @@ class VirtioPciDevice(PciDevice):
             self._activate()
 
     def _activate(self) -> None:
-        self.device.activate(self.mem, self.queues, self._notify_queue, self.driver_features)
+        self.device.activate(self.mem, self.queues, self._interrupt_queue, self.driver_features)
         self._active = True
         if self._quiesced:   # started by resume()
             self._resume_backend = self.device.external_datapath
@@ -454,17 +454,17 @@ class VirtioPciDevice(PciDevice):
         with self._isr_lock:
             self.isr |= VIRTIO_PCI_ISR_CONFIG
         if self.config_msix_vector != VIRTIO_MSI_NO_VECTOR:
-            self.msix.notify(self.config_msix_vector)
+            self.msix.interrupt(self.config_msix_vector)
 
     # --- data path ------------------------------------------------------------------------------------
-    def _notify_queue(self, index: int) -> None:
+    def _interrupt_queue(self, index: int) -> None:
         q = self.queues[index]
-        if not q.should_notify():
+        if not q.should_interrupt():
             return
         with self._isr_lock:
             self.isr |= VIRTIO_PCI_ISR_QUEUE
         if q.msix_vector != VIRTIO_MSI_NO_VECTOR:
-            self.msix.notify(q.msix_vector)
+            self.msix.interrupt(q.msix_vector)
 
     def _work(self) -> None:
         """Worker thread: wait for kicks, let the device process that queue."""

@@ -14,7 +14,7 @@ hands to the device through the transport:
 All fields are little-endian (virtio 1.x).  The driver puts the head index of
 a descriptor chain into the available ring and bumps ``avail->idx``; the device
 pops it (``Virtqueue.pop``), does the I/O, and returns it through the used ring
-(``Virtqueue.push``), then asks ``Virtqueue.should_notify`` whether the driver
+(``Virtqueue.push``), then asks ``Virtqueue.should_interrupt`` whether the driver
 wants an interrupt for it.
 
 Everything in these areas is written by the guest and is untrusted.  Every
@@ -42,8 +42,8 @@ Memory ordering.  The host is x86-64, which keeps stores in order with other
 stores and loads with other loads; ``push`` writes the used element before
 the used index, ``pop`` reads the available index before the ring entry and
 the descriptors.  Only a store followed by a load of another location needs a
-fence: ``should_notify`` (used idx, then used_event / avail flags), ``pop``
-and ``set_notification`` (avail_event, then avail idx).  ``_full_barrier``
+fence: ``should_interrupt`` (used idx, then used_event / avail flags), ``pop``
+and ``set_kicks_enabled`` (avail_event, then avail idx).  ``_full_barrier``
 provides it with a lock round trip, which is a LOCK-prefixed instruction and
 so a full fence on x86.  The 2-byte index fields are copied with one
 ``memcpy`` of 2 bytes, a single aligned 16-bit access.
@@ -189,7 +189,7 @@ class VirtqueueState(NamedTuple):
     used_idx: int
     signalled_used: int
     pushed_since_check: int
-    notify_enabled: bool
+    kicks_enabled: bool
 
 
 _ADDRESS_FIELDS = ("desc_addr", "driver_addr", "device_addr")
@@ -288,18 +288,18 @@ class Virtqueue:
     The transport sets ``size``, ``desc_addr``, ``driver_addr``,
     ``device_addr``, ``event_idx`` and ``msix_vector`` while the driver sets the
     queue up, calls ``check()`` when the driver enables it and then sets
-    ``ready``.  The device then uses ``pop``/``push``/``should_notify``.
+    ``ready``.  The device then uses ``pop``/``push``/``should_interrupt``.
 
     The typical device loop::
 
         while (chain := q.pop()) is not None:   # ChainError / VirtqueueError, see above
             written = handle(chain)
             q.push(chain.head, written)
-        if q.should_notify():
+        if q.should_interrupt():
             interrupt()
 
     With EVENT_IDX a ``pop`` that finds the ring empty publishes avail_event
-    (unless notifications were disabled with ``set_notification(False)``) and
+    (unless notifications were disabled with ``set_kicks_enabled(False)``) and
     looks once more, so the loop above never misses a kick.
     """
 
@@ -326,9 +326,9 @@ class Virtqueue:
         self.msix_vector = VIRTIO_MSI_NO_VECTOR
         self.last_avail_idx = 0
         self._used_idx = 0            # next used idx to publish (mod 2**16)
-        self._signalled_used = 0      # used idx at the last should_notify()
+        self._signalled_used = 0      # used idx at the last should_interrupt()
         self._pushed_since_check = 0
-        self._notify_enabled = True   # set_notification() state
+        self._kicks_enabled = True   # set_kicks_enabled() state
 
     def resume_from_ring(self) -> int:
         """Take over a ring another device-side implementation (a vhost-user backend
@@ -348,7 +348,7 @@ class Virtqueue:
     def save_state(self) -> dict:
         """Layout, flags, and where the device is in the ring: the next avail index
         to pop, the used index it published, and its interrupt bookkeeping (the used
-        index at the last ``should_notify`` and the pushes since).  Only while the
+        index at the last ``should_interrupt`` and the pushes since).  Only while the
         worker that uses the queue is stopped."""
         return {
             "size": self.size,
@@ -362,7 +362,7 @@ class Virtqueue:
             "used_idx": self._used_idx,
             "signalled_used": self._signalled_used,
             "pushed_since_check": min(self._pushed_since_check, _U16),   # >= 2**16: "many"
-            "notify_enabled": self._notify_enabled,
+            "kicks_enabled": self._kicks_enabled,
         }
 
     def parse_state(self, state: object, path: str) -> VirtqueueState:
@@ -372,7 +372,7 @@ class Virtqueue:
         values = {name: hex_int(state[name], f"{path}.{name}", 8) for name in _ADDRESS_FIELDS}
         values.update({name: uint(state[name], f"{path}.{name}", _U16 - 1) for name in _INDEX_FIELDS})
         values.update({name: boolean(state[name], f"{path}.{name}")
-                       for name in ("ready", "event_idx", "notify_enabled")})
+                       for name in ("ready", "event_idx", "kicks_enabled")})
         values["size"] = integer(state["size"], f"{path}.size", 1, self.max_size)
         values["msix_vector"] = uint(state["msix_vector"], f"{path}.msix_vector", VIRTIO_MSI_NO_VECTOR)
         values["pushed_since_check"] = uint(state["pushed_since_check"], f"{path}.pushed_since_check", _U16)
@@ -402,7 +402,7 @@ class Virtqueue:
         self._used_idx = parsed.used_idx
         self._signalled_used = parsed.signalled_used
         self._pushed_since_check = parsed.pushed_since_check
-        self._notify_enabled = parsed.notify_enabled
+        self._kicks_enabled = parsed.kicks_enabled
 
     def restore_state(self, state: dict, path: str = "queue") -> None:
         self.apply_state(self.parse_state(state, path))
@@ -490,7 +490,7 @@ class Virtqueue:
         try:
             avail_idx = self._avail_idx()          # read once per pop
             if self._num_available(avail_idx, size) == 0:
-                if not (self.event_idx and self._notify_enabled):
+                if not (self.event_idx and self._kicks_enabled):
                     return None
                 # Ask for a kick when the driver adds the next chain, then look
                 # once more: the driver may have added one before it saw this.
@@ -610,7 +610,7 @@ class Virtqueue:
         self._used_idx = new_idx
         self._pushed_since_check += 1
 
-    def should_notify(self) -> bool:
+    def should_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for the pushes since the last call.
 
         False when nothing was pushed since the last call.  With EVENT_IDX:
@@ -636,7 +636,7 @@ class Virtqueue:
         except GuestMemoryError as e:
             raise VirtqueueError(f"available ring unreadable: {e}") from e
 
-    def set_notification(self, enable: bool) -> None:
+    def set_kicks_enabled(self, enable: bool) -> None:
         """Ask the driver to kick (enable) or not to kick (disable) on new chains.
 
         With EVENT_IDX, enabling writes avail_event = the current avail idx
@@ -646,7 +646,7 @@ class Virtqueue:
         VIRTQ_USED_F_NO_NOTIFY flag is cleared or set.  Either way this is a
         hint; after enabling, check ``has_pending()`` (or ``pop()``) again.
         """
-        self._notify_enabled = bool(enable)
+        self._kicks_enabled = bool(enable)
         if not self.ready:
             return
         size = self._active_size()
