@@ -27,7 +27,7 @@ define apt_ensure
 	fi
 endef
 
-.PHONY: setup setup-test guest demo test test-fast bench bench-deps bench-boot bench-blk bench-fs clean
+.PHONY: setup setup-test guest demo test test-fast bench bench-deps bench-boot bench-blk bench-fs bench-plot clean
 
 # --- set-up ---------------------------------------------------------------------
 setup: $(VENV)/.installed
@@ -73,6 +73,7 @@ test-fast: setup-test
 	$(PY) -m pytest -q -ra -m "not boot" tests
 
 bench: bench-boot bench-blk bench-fs
+	$(MAKE) bench-plot
 
 # The peer: QEMU from Debian (in APT_TEST_PACKAGES: the interop tests need it too).
 bench-deps: guest setup-test
@@ -85,6 +86,14 @@ bench-blk: bench-deps
 
 bench-fs: bench-deps
 	$(PY) -m bench.fs
+
+# Charts of the newest results (bench/figures/*.png, shown in the READMEs).
+bench-plot: $(VENV)/.bench-installed
+	$(PY) -m bench.plot
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
+	@touch $@
 
 clean:
 	rm -rf $(GUEST) $(VENV) .apt-stamp .apt-test-stamp .pytest_cache

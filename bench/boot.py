@@ -458,6 +458,57 @@ def smaps_rollup(pid: int) -> dict[str, int]:
     return out
 
 
+STATUS_RSS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+
+
+def status_rss(pid: int) -> dict[str, int]:
+    """KiB per RSS field of /proc/PID/status."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in STATUS_RSS_FIELDS:
+                out[key] = int(rest.split()[0])
+    return out
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid`` (every thread's children file)."""
+    pids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            pids += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def running_memory(guest: GuestConfig, work: str) -> dict[str, dict[str, int]]:
+    """RSS of a cold-booted VMM with a DAX share and of its back-end, while the guest
+    runs (after a command that read a file through the window).  The guest RAM memfd
+    counts in RssShmem only for the pages the VMM itself touched."""
+    from pyvmm.testing import Guest, Share
+
+    share_dir = os.path.join(work, "rss-share")
+    os.mkdir(share_dir)
+    with open(os.path.join(share_dir, "file"), "wb") as f:
+        f.write(os.urandom(1 << 20))
+    with Guest(kernel=guest.kernel, initramfs=guest.initramfs, memory=guest.memory,
+               cpus=guest.cpus, shares={"data": Share(share_dir, dax=True)}) as g:
+        g.run("cat /mnt/data/file > /dev/null")
+        vmm = g.vmm.proc.pid
+        rss = {"pyvmm": status_rss(vmm)}
+        for child in child_pids(vmm):
+            rss["pyvmm-virtiofsd"] = status_rss(child)
+    return rss
+
+
+def rss_text(rss: dict[str, dict[str, int]]) -> str:
+    return "\n".join(f"{proc} RSS while a guest with a DAX share runs: "
+                     + ", ".join(f"{k} {v / 1024:.1f}" for k, v in fields.items()) + " MiB"
+                     for proc, fields in rss.items())
+
+
 def restore_memory(snapshot: str, count: int, shares: dict | None = None) -> list[dict[str, int]]:
     """Memory of ``count`` restores of one snapshot running side by side (each VMM's
     smaps_rollup once every guest is ready and has run one command)."""
@@ -633,12 +684,15 @@ def main(argv: list[str] | None = None) -> int:
         load_after = os.getloadavg()
         if "pyvmm-restore" in args.setup_names:
             snapshots.update(snapshot_memory(guest, snapshot, work))
+        rss = running_memory(guest, work) if "pyvmm" in args.setup_names else {}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     summaries = [summarize(s, results[s.name]) for s in setups]
     split = pyvmm_split(results.get("pyvmm", []))
     print_report(flavour, guest, setups, summaries, split, (load_before[0], load_after[0]))
+    if rss:
+        print(rss_text(rss))
     if snapshots:
         print(f"snapshot file sizes: {snapshots['files']}")
         print(memory_text("4 restores at once, no share (RAM mapped MAP_PRIVATE from the snapshot)",
@@ -657,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
         "summaries": summaries,
         "pyvmm_split": split,
         "snapshots": snapshots,
+        "rss": rss,
         "runs": [asdict(r) for rs in results.values() for r in rs],
     })
     print(f"results written to {path}")
