@@ -4,7 +4,7 @@ Each thread calls KVM_RUN (which releases the GIL: it is a ctypes call) and,
 when KVM hands an exit back to user space, dispatches it:
 
 * KVM_EXIT_IO / KVM_EXIT_MMIO -> the port-I/O or MMIO bus;
-* KVM_EXIT_INTERNAL_ERROR with an emulation failure -> ``fixup`` finishes the
+* KVM_EXIT_INTERNAL_ERROR with an emulation failure -> ``fixup_instruction`` finishes the
   few instructions the PVM flavour's emulator cannot (int3, int1, INT n, fwait)
   or the VM stops with the instruction bytes and registers;
 * KVM_EXIT_SHUTDOWN (triple fault) -> register dump, the guest died (exit 101);
@@ -277,8 +277,13 @@ class VcpuThread:
         self.vcpu.set_vcpu_events(events)
 
     def _io(self, io: kvm.kvm_run_io) -> None:
+        # The data lives inside the kvm_run page (at io.data_offset).  For an IN we write
+        # the value there, and the guest's register or buffer receives it during the
+        # next KVM_RUN, which completes the instruction (api.rst 5, KVM_EXIT_IO).
         data = self.vcpu.io_data()
         size, port = io.size, io.port
+        # count > 1 is a string instruction (rep insb/outsb ...): count elements of
+        # size bytes each, packed one after the other, all at the same port.
         for i in range(io.count):
             chunk = slice(i * size, (i + 1) * size)
             if io.direction == kvm.KVM_EXIT_IO_OUT:
@@ -287,6 +292,8 @@ class VcpuThread:
                 data[chunk] = self.pio.read(port, size)
 
     def _mmio(self, mmio: kvm.kvm_run_mmio) -> None:
+        # As for port I/O: a read's value goes into kvm_run.mmio.data, and the guest's
+        # load completes with it on the next KVM_RUN (api.rst 5, KVM_EXIT_MMIO).
         length = min(mmio.len, 8)
         if mmio.is_write:
             self.mmio.write(mmio.phys_addr, bytes(mmio.data[:length]))

@@ -193,6 +193,9 @@ class Machine:
 
     # --- construction ------------------------------------------------------------
     def _add_legacy_devices(self) -> None:
+        # The UART's two callbacks: the bytes the guest transmits go to the console
+        # (stdout, a file or nowhere), and its interrupt line to KVM_IRQ_LINE (_serial_irq).
+        # Host input comes the other way, Console -> Serial16550A.receive (see run()).
         self.serial = Serial16550A(self.console.write, self._serial_irq)
         self.pio.register(COM1_PORT, 8, self.serial)
         self.i8042 = I8042(reset=lambda: self.guest_ended("guest reset (i8042)"))

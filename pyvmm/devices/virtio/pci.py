@@ -269,6 +269,10 @@ class VirtioPciDevice(PciDevice):
                     kick.address = None
                 if new is not None:
                     kick.address = new + NOTIFY_OFFSET + index * NOTIFY_OFF_MULTIPLIER
+                    # Length 0 (KVM_CAP_IOEVENTFD_ANY_LENGTH): a guest store of any width
+                    # to this address signals the eventfd, and no datamatch: whatever
+                    # value it writes (the queue index).  KVM completes the store itself,
+                    # with no exit to this process (api.rst 4.59 KVM_IOEVENTFD).
                     self.vm.ioeventfd(kick.eventfd, kick.address, 0)
 
     def bar_read(self, bar: int, offset: int, size: int) -> bytes:
