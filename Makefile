@@ -27,7 +27,7 @@ define apt_ensure
 	fi
 endef
 
-.PHONY: setup setup-test guest demo test test-fast bench bench-deps bench-boot bench-blk bench-fs bench-plot clean
+.PHONY: setup setup-test guest demo test test-fast bench bench-deps bench-boot bench-blk bench-fs bench-exit bench-plot clean
 
 # --- set-up ---------------------------------------------------------------------
 setup: $(VENV)/.installed
@@ -72,7 +72,7 @@ test: guest setup-test
 test-fast: setup-test
 	$(PY) -m pytest -q -ra -m "not boot" tests
 
-bench: bench-boot bench-blk bench-fs
+bench: bench-boot bench-blk bench-fs bench-exit
 	$(MAKE) bench-plot
 
 # The peer: QEMU from Debian (in APT_TEST_PACKAGES: the interop tests need it too).
@@ -86,6 +86,11 @@ bench-blk: bench-deps
 
 bench-fs: bench-deps
 	$(PY) -m bench.fs
+
+# Exit cost: a tiny assembled guest (no kernel image, no QEMU) through pyvmm's run loop
+# and through bench/exitloop.c, which it builds with gcc (in APT_PACKAGES).
+bench-exit: setup
+	$(PY) -m bench.exit
 
 # Charts of the newest results (bench/figures/*.png, shown in the READMEs).
 bench-plot: $(VENV)/.bench-installed

@@ -565,17 +565,20 @@ def git_commit() -> str:
     return out or "unknown"
 
 
-def host_facts(flavour: Flavour, qemu: str) -> dict:
-    return {
+def host_facts(flavour: Flavour, qemu: str | None = None) -> dict:
+    """The host, and QEMU's version when the bench runs QEMU."""
+    facts = {
         "kvm_flavour": flavour.name,
         "kvm_flavour_summary": flavour.summary,
         "host": platform.node(),
         "host_kernel": platform.release(),
         "host_cpus": os.cpu_count(),
         "python": platform.python_version(),
-        "qemu": qemu_version(qemu),
         "pyvmm_commit": git_commit(),
     }
+    if qemu is not None:
+        facts["qemu"] = qemu_version(qemu)
+    return facts
 
 
 def default_json_path() -> Path:
