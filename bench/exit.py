@@ -96,7 +96,8 @@ def guest_code(n: int) -> bytes:
 @dataclass
 class Phase:
     name: str
-    ns: int      # from the mark that starts it to the mark that ends it
+    ns: int      # wall clock from the mark that starts it to the mark that ends it
+    cpu_ns: int  # the vCPU thread's CPU time (guest time included) in between
     pio: int     # exits of each kind in between
     mmio: int
     other: int
@@ -116,23 +117,25 @@ class ScratchDevice:
 
 
 class PhaseClock:
-    """The mark port: each write records the time and the exit counts so far."""
+    """The mark port: each write records the time (wall, and the vCPU thread's CPU
+    time) and the exit counts so far."""
 
     def __init__(self, vm: TinyVm, pio: ScratchDevice, mmio: ScratchDevice) -> None:
         self.vm, self.pio, self.mmio = vm, pio, mmio
-        self.marks: list[tuple[int, int, int, int]] = []
+        self.marks: list[tuple[int, int, int, int, int]] = []
 
     def read(self, offset: int, size: int) -> bytes:
         return b"\xff" * size
 
     def write(self, offset: int, data: bytes) -> None:
-        self.marks.append((time.perf_counter_ns(), self.vm.thread.exits, self.pio.writes, self.mmio.writes))
+        self.marks.append((time.perf_counter_ns(), time.thread_time_ns(), self.vm.thread.exits,
+                           self.pio.writes, self.mmio.writes))
 
     def phases(self) -> list[Phase]:
         out = []
-        for name, (t0, e0, p0, m0), (t1, e1, p1, m1) in zip(PHASES, self.marks, self.marks[1:]):
+        for name, (t0, c0, e0, p0, m0), (t1, c1, e1, p1, m1) in zip(PHASES, self.marks, self.marks[1:]):
             pio, mmio = p1 - p0, m1 - m0
-            out.append(Phase(name, t1 - t0, pio, mmio, other=e1 - e0 - pio - mmio - 1))  # - the mark
+            out.append(Phase(name, t1 - t0, c1 - c0, pio, mmio, other=e1 - e0 - pio - mmio - 1))  # - the mark
         return out
 
 
@@ -182,7 +185,7 @@ def build_c(directory: Path) -> Path:
     return exe
 
 
-PHASE_RE = re.compile(r"phase (\d+) ns=(\d+) pio=(\d+) mmio=(\d+) other=(\d+)")
+PHASE_RE = re.compile(r"phase (\d+) ns=(\d+) cpu_ns=(\d+) pio=(\d+) mmio=(\d+) other=(\d+)")
 
 
 def run_c(exe: Path, directory: Path, timeout: float) -> list[Phase]:
@@ -193,8 +196,8 @@ def run_c(exe: Path, directory: Path, timeout: float) -> list[Phase]:
         raise RuntimeError(f"exitloop failed ({p.returncode}): {p.stderr.strip()}")
     out = []
     for m in PHASE_RE.finditer(p.stdout):
-        i, ns, pio, mmio, other = map(int, m.groups())
-        out.append(Phase(PHASES[i], ns, pio, mmio, other))
+        i, ns, cpu_ns, pio, mmio, other = map(int, m.groups())
+        out.append(Phase(PHASES[i], ns, cpu_ns, pio, mmio, other))
     return out
 
 
@@ -207,36 +210,48 @@ def check_counts(side: str, phases: list[Phase], n: int) -> None:
 
 
 # --- report ------------------------------------------------------------------------------
+CLOCKS = {"ns": "wall clock", "cpu_ns": "vCPU thread CPU time"}
+ROWS = ("loop", "pio", "mmio", "pio_net", "mmio_net")
+
+
 def summarize(runs: dict[str, list[list[Phase]]], n: int) -> dict:
-    """side -> phase -> ns per iteration (Stats), and the net cost per exit."""
+    """side -> clock -> row -> ns per iteration (Stats); a *_net row is the phase minus
+    the loop phase of the same run: the exit alone."""
     out: dict = {}
     for side, rounds in runs.items():
-        per = {name: stats([next(p for p in r if p.name == name).ns / n for r in rounds]) for name in PHASES}
-        loop = [next(p for p in r if p.name == "loop").ns / n for r in rounds]
-        for name in ("pio", "mmio"):
-            per[f"{name}_net"] = stats([next(p for p in r if p.name == name).ns / n - lp
-                                        for r, lp in zip(rounds, loop)])
-        out[side] = per
+        out[side] = {}
+        for clock in CLOCKS:
+            per_run = [{p.name: getattr(p, clock) / n for p in r} for r in rounds]
+            rows = {name: stats([x[name] for x in per_run]) for name in PHASES}
+            for name in ("pio", "mmio"):
+                rows[f"{name}_net"] = stats([x[name] - x["loop"] for x in per_run])
+            out[side][clock] = rows
     return out
 
 
 def ratios(summary: dict) -> dict:
-    """pyvmm exits/s / C exits/s = C ns per exit / pyvmm ns per exit, from the medians."""
-    c, py = summary["c"], summary["pyvmm"]
-    return {k: c[k].median / py[k].median for k in ("pio", "mmio", "pio_net", "mmio_net")
-            if c[k] and py[k] and py[k].median > 0}
+    """pyvmm exits/s / C exits/s = C ns per exit / pyvmm ns per exit, of the medians."""
+    out: dict = {}
+    for clock in CLOCKS:
+        c, py = summary["c"][clock], summary["pyvmm"][clock]
+        out[clock] = {k: c[k].median / py[k].median for k in ROWS[1:] if py[k].median > 0}
+    return out
 
 
 def table(summary: dict, ratio: dict) -> str:
-    rows = ["phase       side    ns/iter median      min   exits/s (median)",
-            "----------  ------  --------------  -------  ----------------"]
-    for name in ("loop", "pio", "mmio", "pio_net", "mmio_net"):
+    """One row per phase and side: median and min ns per iteration on both clocks."""
+    rows = ["row       side    wall median     min   cpu median     min   exits/s (cpu median)",
+            "--------  -----  ------------  ------  -----------  ------  --------------------"]
+    for name in ROWS:
         for side in ("c", "pyvmm"):
-            s = summary[side][name]
-            rate = f"{1e9 / s.median:16,.0f}" if name != "loop" and s.median > 0 else ""
-            rows.append(f"{name:<10}  {side:<6}  {s.median:14,.0f}  {s.min:7,.0f}  {rate}")
+            w, c = summary[side]["ns"][name], summary[side]["cpu_ns"][name]
+            rate = f"{1e9 / c.median:20,.0f}" if name != "loop" and c.median > 0 else ""
+            rows.append(f"{name:<8}  {side:<5}  {w.median:12,.0f}  {w.min:6,.0f}  {c.median:11,.0f}  "
+                        f"{c.min:6,.0f}  {rate}")
     rows.append("")
-    rows += [f"pyvmm exits/s / C exits/s, {k}: {v:.2f} (C is {1 / v:.2f}x faster)" for k, v in ratio.items()]
+    for clock, label in CLOCKS.items():
+        rows.append(f"pyvmm exits/s / C exits/s ({label}): " +
+                    ", ".join(f"{k} {v:.2f}" for k, v in ratio[clock].items()))
     return "\n".join(rows)
 
 
@@ -267,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                 phases = sides[side]()
                 check_counts(side, phases, args.n)
                 runs[side].append(phases)
-                log.info("round %d %-5s %s", r + 1, side,
-                         "  ".join(f"{p.name} {p.ns / args.n:,.0f} ns" for p in phases))
+                log.info("round %d %-5s %s", r + 1, side, "  ".join(
+                    f"{p.name} {p.ns / args.n:,.0f} ns (cpu {p.cpu_ns / args.n:,.0f})" for p in phases))
     summary = summarize(runs, args.n)
     ratio = ratios(summary)
     print(f"{flavour.summary}\nN = {args.n}, {args.rounds} rounds, ns per loop iteration "
