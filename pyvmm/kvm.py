@@ -759,7 +759,10 @@ class Vcpu:
         size = vm.kvm.vcpu_mmap_size()
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.kvm_run = kvm_run.from_buffer(self._map)
-        self._run_addr = ctypes.addressof(self.kvm_run)
+        # For io_data(), once per port-I/O exit: views made once (each ``kvm_run.exit.io``
+        # builds two ctypes objects) over the same mapping.
+        self._exit_io = self.kvm_run.exit.io
+        self._run_bytes = memoryview(self._map)
 
     def run(self) -> None:
         """KVM_RUN; EINTR (a kick from another thread) is returned as KVM_EXIT_INTR."""
@@ -771,13 +774,15 @@ class Vcpu:
                 return
             raise KvmError(err, f"KVM_RUN: {os.strerror(err)}")
 
-    def io_data(self) -> ctypes.Array:
-        """The kvm_run bytes of a KVM_EXIT_IO (size * count bytes at data_offset)."""
-        io = self.kvm_run.exit.io
-        n = io.size * io.count
-        if io.data_offset + n > len(self._map):
+    def io_data(self) -> memoryview:
+        """The kvm_run bytes of a KVM_EXIT_IO (size * count bytes at data_offset), writable:
+        an IN's value goes there."""
+        io = self._exit_io
+        start = io.data_offset
+        end = start + io.size * io.count
+        if end > len(self._run_bytes):
             raise KvmError(errno.EINVAL, "KVM_EXIT_IO data outside kvm_run")
-        return (c_uint8 * n).from_address(self._run_addr + io.data_offset)
+        return self._run_bytes[start:end]
 
     def get_regs(self) -> kvm_regs:
         r = kvm_regs()
@@ -906,6 +911,7 @@ class Vcpu:
         ioctl(self.fd, KVM_KVMCLOCK_CTRL)
 
     def close(self) -> None:
-        del self.kvm_run
+        del self._exit_io, self.kvm_run
+        self._run_bytes.release()
         self._map.close()
         os.close(self.fd)
