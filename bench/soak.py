@@ -140,7 +140,10 @@ class Baseline:
         for entry in sorted(os.listdir(tmpdir)):
             found.append(f"left in TMPDIR: {entry}")
             path = tmpdir / entry
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         if (fds := fd_count() or 0) > self.fds:
             found.append(f"harness fds {self.fds} -> {fds}")
             self.fds = fds
@@ -264,7 +267,10 @@ class Soak:
                 vmm.fail(f"expected one {BACKEND} in the VMM's session, found {backends}")
             run.kill_delay_s = round(self.random.uniform(0, KILL_DELAY_MAX_S), 3)
             time.sleep(run.kill_delay_s)
-            os.kill(backends[0], signal.SIGKILL)
+            try:
+                os.kill(backends[0], signal.SIGKILL)
+            except ProcessLookupError:
+                vmm.fail(f"{BACKEND} (pid {backends[0]}) ended before it was killed")
             vmm.wait_for("soak: alive", self.timeout)
         else:
             vmm.wait_for("soak: copied", self.timeout)
@@ -334,8 +340,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--boots", type=int, default=100, help="boots with a DAX share (default 100)")
     p.add_argument("--kills", type=int, default=20,
                    help="boots whose back-end is killed mid-run (default 20)")
-    p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds for each step of a run: boot to marker, marker to exit (default 300)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds for each step of a run: boot to marker, marker to exit "
+                        "(default 600: a loaded host slows boots)")
     p.add_argument("--seed", type=int, default=None, help="random seed (file contents, kill delays)")
     p.add_argument("--rss-tolerance", type=int, default=RSS_TOLERANCE_KIB,
                    help=f"KiB an Rss* sample may grow across runs (default {RSS_TOLERANCE_KIB})")
