@@ -51,6 +51,40 @@ class GuestDied(GuestError):
     """The VMM ended before the guest did what was asked."""
 
 
+def parent_and_session(stat: str) -> tuple[int, int]:
+    """(parent pid, session id) from a /proc/PID/stat line (proc(5): the command
+    name in parentheses may itself hold spaces and parentheses)."""
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[1]), int(fields[3])
+
+
+def process_table() -> dict[int, tuple[int, int]]:
+    """Every live (or zombie) process: pid -> (parent pid, session id), from /proc."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    table[int(name)] = parent_and_session(f.read())
+            except (OSError, ValueError):   # it ended meanwhile
+                continue
+    return table
+
+
+def command_line(pid: int) -> str:
+    """/proc/PID/cmdline with spaces for NULs; "" for a zombie or a process gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def session_processes(sid: int) -> dict[int, str]:
+    """The processes of session ``sid``: pid -> command line."""
+    return {pid: command_line(pid) for pid, (_, s) in process_table().items() if s == sid}
+
+
 def clean_lines(data: bytes) -> list[str]:
     """Console bytes as printable non-empty lines (escape sequences and CRs dropped)."""
     text = ANSI_RE.sub("", data.decode(errors="replace")).replace("\r", "")
@@ -208,6 +242,13 @@ class VmmProcess:
         self.errors.thread.join(STOP_GRACE)
         return status
 
+    def started_processes(self) -> dict[int, str]:
+        """What the VMM started that still runs (pyvmm's share back-ends, say): the
+        other processes of its session, pid -> command line.  After the VMM exited,
+        whatever is listed here outlived it."""
+        return {pid: cmd for pid, cmd in session_processes(self.proc.pid).items()
+                if pid != self.proc.pid}
+
     # --- ending it ------------------------------------------------------------------------
     def signal_group(self, sig: int) -> None:
         try:
@@ -225,8 +266,10 @@ class VmmProcess:
                 pass
         self.signal_group(signal.SIGKILL)   # stragglers in the group (a back-end) go too
         self.proc.wait()
-        for log in (self.console, self.errors):
+        for log, stream in ((self.console, self.proc.stdout), (self.errors, self.proc.stderr)):
             log.thread.join(grace)
+            if not log.thread.is_alive():   # (a reader still blocked in read() holds its lock)
+                stream.close()
         if self.proc.stdin:
             try:
                 self.proc.stdin.close()
