@@ -19,6 +19,7 @@ from typing import Protocol
 log = logging.getLogger(__name__)
 
 UNCLAIMED = "unclaimed"   # the claimant of an address no device covers
+MAX_UNCLAIMED_ADDRESSES = 1024   # Bus.unclaimed: the guest picks the addresses
 
 
 class Device(Protocol):
@@ -57,7 +58,8 @@ class Bus:
         # a vCPU thread's lookup sees either the old or the new map, never half.
         self._table: tuple[list[int], list[Range]] = ([], [])
         self._lock = threading.Lock()
-        self.unclaimed: dict[int, int] = {}
+        self.unclaimed: dict[int, int] = {}   # address -> accesses, the first addresses only
+        self.unclaimed_elsewhere = 0           # accesses to addresses beyond those
 
     def register(self, base: int, length: int, device: Device, name: str | None = None) -> None:
         """``name`` says who answers there (default: the device's ``name`` or its class)."""
@@ -130,6 +132,9 @@ class Bus:
     def _count_unclaimed(self, addr: int, kind: str, size: int) -> None:
         with self._lock:
             n = self.unclaimed.get(addr, 0) + 1
+            if n == 1 and len(self.unclaimed) >= MAX_UNCLAIMED_ADDRESSES:
+                self.unclaimed_elsewhere += 1
+                return
             self.unclaimed[addr] = n
         if n <= 3:
             log.debug("%s: unclaimed %s of %d bytes at %#x", self.name, kind, size, addr)

@@ -319,6 +319,8 @@ def format_stats(c: RunCounters) -> str:
     for bus in c.buses:
         top = sorted(bus.unclaimed.items(), key=lambda kv: (-kv[1], kv[0]))
         more = f", ... ({len(top) - MAX_UNCLAIMED_SHOWN} more addresses)" if len(top) > MAX_UNCLAIMED_SHOWN else ""
+        if bus.unclaimed_elsewhere:
+            more += f", {bus.unclaimed_elsewhere} accesses to addresses not counted one by one"
         out.append(f"unclaimed {bus.name}: " + (", ".join(
             f"{a:#x} x{n}" for a, n in top[:MAX_UNCLAIMED_SHOWN]) + more if top else "none"))
     out.append("PVM fix-ups (instructions finished for KVM's emulator): " + _counts(c.fixups))

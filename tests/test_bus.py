@@ -165,6 +165,18 @@ def test_unclaimed_accesses_are_counted_per_address():
     assert b.unclaimed == {0x80: 6, 0x61: 1}
 
 
+def test_unclaimed_table_is_bounded():
+    """The guest chooses the addresses: past MAX_UNCLAIMED_ADDRESSES distinct ones,
+    new addresses are only counted together; known ones go on counting."""
+    b = Bus("mmio")
+    limit = bus_module.MAX_UNCLAIMED_ADDRESSES
+    for addr in range(limit + 500):
+        b.write(0xD000_0000 + 8 * addr, b"\0")
+    b.read(0xD000_0000, 4)
+    assert len(b.unclaimed) == limit and b.unclaimed_elsewhere == 500
+    assert b.unclaimed[0xD000_0000] == 2
+
+
 def test_unclaimed_write_is_dropped(pio):
     pio.write(0x2F8, b"x")
     assert pio.serial.writes == []
