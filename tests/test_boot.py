@@ -56,11 +56,12 @@ def test_run_mode_exit_status_propagates(guest_image):
         total = int(re.match(r"(\d+) exits to pyvmm in ", stats[0]).group(1))
         by = {key: dict((k, int(n)) for k, n in re.findall(r"(\S+(?: \S+)?) (\d+)(?:,|$)", line[len(key):]))
               for line in stats for key in ("by reason: ", "by device and direction: ")
-              if line.startswith(key)}
-        assert sum(by["by reason: "].values()) == total > 0
-        assert by["by reason: "]["IO"] + by["by reason: "]["MMIO"] == sum(by["by device and direction: "].values())
-        assert by["by device and direction: "]["debug-exit out"] == 1   # the status, one byte
-        assert by["by device and direction: "]["pci-config out"] > 0
+              if line.startswith(key)}   # "IO 759, MMIO 1" -> {"IO": 759, "MMIO": 1}
+        reasons, devices = by["by reason: "], by["by device and direction: "]
+        assert sum(reasons.values()) == total > 0
+        assert reasons.get("IO", 0) + reasons.get("MMIO", 0) == sum(devices.values())
+        assert devices["debug-exit out"] == 1   # the status, one byte
+        assert devices["pci-config out"] > 0
         if guest_image["flavour"] == "pvm":
             assert re.search(r"PVM fix-ups .*int3 \d", "\n".join(stats))  # the kernel's int3 self-test
         assert "kvm_stat" in stats[-1]
