@@ -4,6 +4,8 @@ A device is any object with ``read(offset, size) -> bytes`` and
 ``write(offset, data) -> None``; ``offset`` is relative to the base the
 device was registered at.  This mirrors kvmtool's ioport/mmio trees and
 Firecracker's ``Bus``: the vCPU run loop looks the exit address up here.
+Each range has a name (``claimant``), which the exit trace and statistics
+(pyvmm.trace) show.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 log = logging.getLogger(__name__)
+
+UNCLAIMED = "unclaimed"   # the claimant of an address no device covers
+MAX_UNCLAIMED_ADDRESSES = 1024   # Bus.unclaimed: the guest picks the addresses
 
 
 class Device(Protocol):
@@ -32,6 +37,7 @@ class Range:
     base: int
     length: int
     device: Device
+    name: str
 
     @property
     def end(self) -> int:
@@ -52,9 +58,11 @@ class Bus:
         # a vCPU thread's lookup sees either the old or the new map, never half.
         self._table: tuple[list[int], list[Range]] = ([], [])
         self._lock = threading.Lock()
-        self.unclaimed: dict[int, int] = {}
+        self.unclaimed: dict[int, int] = {}   # address -> accesses, the first addresses only
+        self.unclaimed_elsewhere = 0           # accesses to addresses beyond those
 
-    def register(self, base: int, length: int, device: Device) -> None:
+    def register(self, base: int, length: int, device: Device, name: str | None = None) -> None:
+        """``name`` says who answers there (default: the device's ``name`` or its class)."""
         if length <= 0 or base < 0:
             raise BusError(f"{self.name}: bad range base={base:#x} length={length:#x}")
         with self._lock:
@@ -65,7 +73,7 @@ class Bus:
             if i < len(ranges) and ranges[i].base < base + length:
                 raise BusError(f"{self.name}: {base:#x}+{length:#x} overlaps {ranges[i]}")
             self._table = (bases[:i] + [base] + bases[i:],
-                           ranges[:i] + [Range(base, length, device)] + ranges[i:])
+                           ranges[:i] + [Range(base, length, device, name or device_name(device))] + ranges[i:])
 
     def unregister(self, base: int) -> Device:
         with self._lock:
@@ -76,25 +84,33 @@ class Bus:
             self._table = (bases[:i] + bases[i + 1:], ranges[:i] + ranges[i + 1:])
             return ranges[i].device
 
-    def find(self, addr: int, size: int = 1) -> tuple[Device, int] | None:
-        """The device covering [addr, addr+size) and the offset into it."""
+    def range_at(self, addr: int, size: int = 1) -> Range | None:
+        """The range covering all of [addr, addr+size), if one does."""
         bases, ranges = self._table
         i = bisect.bisect_right(bases, addr) - 1
         if i < 0:
             return None
         r = ranges[i]
-        if addr + size > r.end:
-            return None
-        return r.device, addr - r.base
+        return r if addr + size <= r.end else None
+
+    def find(self, addr: int, size: int = 1) -> tuple[Device, int] | None:
+        """The device covering [addr, addr+size) and the offset into it."""
+        r = self.range_at(addr, size)
+        return None if r is None else (r.device, addr - r.base)
+
+    def claimant(self, addr: int, size: int = 1) -> str:
+        """The name of the device an access to [addr, addr+size) goes to, or UNCLAIMED."""
+        r = self.range_at(addr, size)
+        return UNCLAIMED if r is None else r.name
 
     def read(self, addr: int, size: int) -> bytes:
-        hit = self.find(addr, size)
-        if hit is None:
+        r = self.range_at(addr, size)
+        if r is None:
             self._count_unclaimed(addr, "read", size)
             return b"\xff" * size
-        device, offset = hit
+        device = r.device
         try:
-            data = device.read(offset, size)
+            data = device.read(addr - r.base, size)
         except Exception:  # a device bug: that access fails, the VM goes on
             log.exception("%s: %r failed a %d-byte read at %#x", self.name, device, size, addr)
             return b"\xff" * size
@@ -103,19 +119,28 @@ class Bus:
         return data
 
     def write(self, addr: int, data: bytes) -> None:
-        hit = self.find(addr, len(data))
-        if hit is None:
+        r = self.range_at(addr, len(data))
+        if r is None:
             self._count_unclaimed(addr, "write", len(data))
             return
-        device, offset = hit
+        device = r.device
         try:
-            device.write(offset, data)
+            device.write(addr - r.base, data)
         except Exception:  # a device bug: that access is dropped, the VM goes on
             log.exception("%s: %r failed a %d-byte write at %#x", self.name, device, len(data), addr)
 
     def _count_unclaimed(self, addr: int, kind: str, size: int) -> None:
         with self._lock:
             n = self.unclaimed.get(addr, 0) + 1
+            if n == 1 and len(self.unclaimed) >= MAX_UNCLAIMED_ADDRESSES:
+                self.unclaimed_elsewhere += 1
+                return
             self.unclaimed[addr] = n
         if n <= 3:
             log.debug("%s: unclaimed %s of %d bytes at %#x", self.name, kind, size, addr)
+
+
+def device_name(device: Device) -> str:
+    """A device's own ``name``, else its class name in lower case."""
+    name = getattr(device, "name", None)
+    return name if isinstance(name, str) and name else type(device).__name__.lower()

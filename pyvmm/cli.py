@@ -29,6 +29,7 @@ from .status import EXIT_STATUS_TABLE, ExitStatus
 
 if TYPE_CHECKING:
     from .snapshot.image import Snapshot
+    from .trace import TraceSpec
     from .vm import DiskConfig, FsConfig, MachineConfig
 
 log = logging.getLogger("pyvmm")
@@ -124,6 +125,11 @@ def add_host_side_args(p: argparse.ArgumentParser) -> None:
                    help="serve the guest agent's protocol on a Unix socket (pyvmm.testing uses it)")
     p.add_argument("--timeout", metavar="SECONDS",
                    help="stop the guest after this long: exit 124, console tail and registers")
+    p.add_argument("--trace", metavar="exits[=FILE][,FILTER]...",
+                   help="one line per VM exit to FILE (default stderr); FILTER: io, mmio, fixup, "
+                   "efault, other, port=N[-M], addr=N[-M], vcpu=N[-M] (docs/cli.md)")
+    p.add_argument("--stats", action="store_true",
+                   help="at the end, exit counts by reason, device, vCPU and virtqueue on stderr")
 
 
 def _read_file(path: str, what: str) -> bytes:
@@ -223,6 +229,16 @@ def snapshot_target(path: str) -> str:
         raise UsageError(f"--snapshot {e}") from None
 
 
+def parse_trace_option(text: str | None) -> "TraceSpec | None":
+    """--trace exits[=FILE][,FILTER]... (a bad one: one line, exit 2)."""
+    from .trace import TraceSpecError, parse_trace
+
+    try:
+        return parse_trace(text) if text is not None else None
+    except TraceSpecError as e:
+        raise UsageError(str(e)) from None
+
+
 def default_serial(args: argparse.Namespace) -> str:
     """--serial, else stdio; null with --exec (pyvmm's stdout is the command's)."""
     return args.serial or ("null" if args.exec is not None else "stdio")
@@ -232,6 +248,7 @@ def run_plan(args: argparse.Namespace, flavour) -> RunPlan:
     from .vm import MachineConfig
 
     cpus, memory = parse_cpus_memory(args)
+    trace = parse_trace_option(args.trace)
     kernel, initramfs = guest_files(args)
     disks = [parse_disk(spec) for spec in args.disk]
     fs = [parse_fs(spec) for spec in args.fs]
@@ -272,7 +289,8 @@ def run_plan(args: argparse.Namespace, flavour) -> RunPlan:
                            shares=fs + [s.fs_config(socket_path="") for s in shares], run_mode=run_mode,
                            agent_words=" ".join(share_words) if agent else None,
                            agent_socket=agent_socket, snapshot_path=snapshot,
-                           snapshot_continue=args.snapshot_and_continue)
+                           snapshot_continue=args.snapshot_and_continue,
+                           trace=trace, stats=args.stats)
     return RunPlan(config, shares, args.exec, parse_timeout(args.timeout))
 
 
@@ -281,6 +299,7 @@ def restore_plan(args: argparse.Namespace, flavour) -> tuple[RunPlan, "Snapshot"
     from .snapshot import image
     from .snapshot.machine import check_host, machine_config
 
+    trace = parse_trace_option(args.trace)
     try:
         snap = image.load(args.dir)
         check_host(snap, flavour)
@@ -302,6 +321,7 @@ def restore_plan(args: argparse.Namespace, flavour) -> tuple[RunPlan, "Snapshot"
     config.console = args.console or ("null" if config.console else None)
     config.agent_socket = parse_agent(args)
     config.run_mode = args.exec is not None
+    config.trace, config.stats = trace, args.stats
     return RunPlan(config, shares, args.exec, parse_timeout(args.timeout)), snap
 
 
@@ -418,12 +438,18 @@ def launch(plan: RunPlan, flavour, snapshot: "Snapshot | None" = None) -> int:
     import dataclasses
 
     from .shares import start_backend, stop_backends
+    from .trace import TraceOutput, TraceSpecError
     from .vm import Machine
 
     config = plan.config
     try:
         console = Console(config.serial)
     except SerialSpecError as e:
+        raise UsageError(str(e)) from None
+    try:
+        trace = TraceOutput(config.trace) if config.trace is not None else None
+    except TraceSpecError as e:
+        console.close()
         raise UsageError(str(e)) from None
     log.info("kernel command line: %s", config.cmdline)
     backends = []
@@ -436,19 +462,23 @@ def launch(plan: RunPlan, flavour, snapshot: "Snapshot | None" = None) -> int:
         config.shares = [dataclasses.replace(f, socket=sockets[f.tag]) if not f.socket else f
                          for f in config.shares]
         try:
-            machine = Machine(config, flavour, console, restore_from=snapshot)
+            machine = Machine(config, flavour, console, restore_from=snapshot, trace=trace)
         except (KernelFormatError, ValueError) as e:  # a kernel, disk or snapshot we cannot use
             raise UsageError(str(e)) from None
         try:
             if plan.exec_command is not None:
                 start_exec(machine, plan.exec_command)
             status = machine.run(plan.timeout)
+            if config.stats:
+                sys.stderr.write(machine.stats_report())
         finally:
             machine.close()
     except ValueError as e:   # a share's back-end did not start
         raise UsageError(str(e)) from None
     finally:
         console.close()
+        if trace is not None:
+            trace.close()
         stop_backends(backends)
     report_exit(machine, console, status)
     return status

@@ -17,6 +17,10 @@ when KVM hands an exit back to user space, dispatches it:
   DAX window).  The guest gets a #GP(0), as a bus error on real hardware would
   be delivered, and the VM goes on; the same fault repeating without progress
   stops the VM with a register dump.
+
+With --stats or --trace (or an info log) a ``pyvmm.trace.VcpuWatch`` counts and
+traces the exits around ``_dispatch``; the thread picks the watched or the
+plain dispatch once, when it starts.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from .status import ExitStatus
 
 if TYPE_CHECKING:
     from .kvm import Vcpu
+    from .trace import VcpuWatch
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +142,8 @@ class VcpuThread:
 
     def __init__(self, vcpu: "Vcpu", pio: Bus, mmio: Bus,
                  on_exit: Callable[[int, str], None], stopping: threading.Event,
-                 on_guest_end: Callable[[str], None] | None = None) -> None:
+                 on_guest_end: Callable[[str], None] | None = None,
+                 watch: "VcpuWatch | None" = None) -> None:
         self.vcpu = vcpu
         self.pio = pio
         self.mmio = mmio
@@ -154,6 +160,8 @@ class VcpuThread:
         self.fixups: dict[str, int] = {}
         self.exits = 0
         self.memory_faults = 0
+        # --stats/--trace (pyvmm.trace): counts and traces exits; None: the plain loop.
+        self.watch = watch
         self._fault_rip: int | None = None
         self._fault_repeats = 0
         self.thread = threading.Thread(target=self._main, name=f"vcpu{vcpu.index}", daemon=True)
@@ -208,6 +216,8 @@ class VcpuThread:
 
     def _loop(self) -> None:
         kvm_run = self.vcpu.kvm_run
+        # Chosen once: an unwatched VM pays nothing per exit for --stats/--trace.
+        dispatch = self._dispatch if self.watch is None else self.watch.wrap(self._dispatch)
         while not self.stopping.is_set():
             if self.pause_requested.is_set():
                 self._park()
@@ -221,7 +231,7 @@ class VcpuThread:
                 continue
             self._fault_rip = None
             self.exits += 1
-            self._dispatch(kvm_run)
+            dispatch(kvm_run)
 
     def _dispatch(self, kvm_run: kvm.kvm_run) -> None:
         """Serve one exit of KVM_RUN."""
@@ -261,6 +271,8 @@ class VcpuThread:
         self._fault_repeats = self._fault_repeats + 1 if rip == self._fault_rip else 1
         self._fault_rip = rip
         self.memory_faults += 1
+        if self.watch is not None:
+            self.watch.efault(rip)
         if self._fault_repeats > MAX_FAULT_REPEATS:
             self._fail(f"KVM_RUN keeps failing with EFAULT at RIP {rip:#x}: guest memory "
                        "that the host mapping cannot serve")
@@ -311,6 +323,8 @@ class VcpuThread:
             name = fixup_instruction(self.vcpu, insn)
             if name is not None:
                 self.fixups[name] = self.fixups.get(name, 0) + 1
+                if self.watch is not None:
+                    self.watch.fixup(name)
                 log.debug("vcpu%d: finished %s for the emulator", self.vcpu.index, name)
                 return
             self._fail(f"KVM could not emulate the instruction {insn.hex(' ') or '(bytes unknown)'}")

@@ -50,6 +50,8 @@ from .memory import GuestMemory, MemorySlots
 from .pci.root import PCI_CONFIG_ADDRESS, PCI_CONFIG_IO_LEN, PciRoot
 from .platform import Flavour
 from .status import ExitStatus
+from .trace import (RunCounters, TraceOutput, TraceSpec, VcpuWatch, format_stats,
+                    seconds_since_process_start)
 from .vcpu import KICK_SIGNAL, VcpuThread, format_regs, install_kick_handler
 
 if TYPE_CHECKING:
@@ -103,6 +105,10 @@ class MachineConfig:
     # stop (or go on with snapshot_continue).
     snapshot_path: str | None = None
     snapshot_continue: bool = False
+    # Watching the VMM work (pyvmm.trace): --trace exits[=FILE][,FILTER]... (the caller
+    # opens its output: Machine's ``trace``) and --stats.
+    trace: TraceSpec | None = None
+    stats: bool = False
 
 
 def pci_windows(ram_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -119,12 +125,18 @@ class Machine:
     loading a kernel."""
 
     def __init__(self, config: MachineConfig, flavour: Flavour, console: Console,
-                 restore_from: "Snapshot | None" = None) -> None:
+                 restore_from: "Snapshot | None" = None, trace: TraceOutput | None = None) -> None:
         self.config = config
         self.flavour = flavour
         self.console = console
         self.t_start = time.monotonic()
         self.t_first_run: float | None = None
+        self.t_end: float | None = None
+        self.age_at_first_run: float | None = None   # process start -> first KVM_RUN
+        # Exits are counted for --stats and an info log, and traced to ``trace`` (--trace, the
+        # caller opens and closes it); else the vCPU threads run the plain loop.
+        self.trace = trace
+        self.watching = config.stats or trace is not None or log.isEnabledFor(logging.INFO)
         self.stopping = threading.Event()
         self.exit_status: int | None = None
         self.exit_reason = ""
@@ -159,7 +171,7 @@ class Machine:
         self._add_legacy_devices()
         self.router = GsiRouter(self.vm)
         self.pci = PciRoot(self.mmio, *pci_windows(config.memory))
-        self.pio.register(PCI_CONFIG_ADDRESS, PCI_CONFIG_IO_LEN, self.pci)
+        self.pio.register(PCI_CONFIG_ADDRESS, PCI_CONFIG_IO_LEN, self.pci, "pci-config")
         self.console_port = None
         self.agent: AgentPort | None = None
         self._add_virtio_devices()
@@ -197,18 +209,18 @@ class Machine:
         # (stdout, a file or nowhere), and its interrupt line to KVM_IRQ_LINE (_serial_irq).
         # Host input comes the other way, Console -> Serial16550A.receive (see run()).
         self.serial = Serial16550A(self.console.write, self._serial_irq)
-        self.pio.register(COM1_PORT, 8, self.serial)
+        self.pio.register(COM1_PORT, 8, self.serial, "serial")
         self.i8042 = I8042(reset=lambda: self.guest_ended("guest reset (i8042)"))
-        self.pio.register(I8042_DATA_PORT, 1, self.i8042.data_port)
-        self.pio.register(I8042_COMMAND_PORT, 1, self.i8042.command_port)
+        self.pio.register(I8042_DATA_PORT, 1, self.i8042.data_port, "i8042")
+        self.pio.register(I8042_COMMAND_PORT, 1, self.i8042.command_port, "i8042")
         self.rtc = CmosRtc()
         low = min(self.config.memory, layout.MMIO_HOLE_START)
         self.rtc.set_memory_size(low, self.config.memory - low)
-        self.pio.register(RTC_PORT, 2, self.rtc)
+        self.pio.register(RTC_PORT, 2, self.rtc, "rtc")
         self.debug_exit = DebugExit(on_exit=self.program_exited)
-        self.pio.register(layout.DEBUG_EXIT_PORT, 1, self.debug_exit)
+        self.pio.register(layout.DEBUG_EXIT_PORT, 1, self.debug_exit, "debug-exit")
         self.snapshot_point = SnapshotPoint(self._snapshot_point_reached)
-        self.pio.register(layout.SNAPSHOT_PORT, 1, self.snapshot_point)
+        self.pio.register(layout.SNAPSHOT_PORT, 1, self.snapshot_point, "snapshot-point")
 
     def _add_virtio_devices(self) -> None:
         def plug(device) -> None:
@@ -251,8 +263,9 @@ class Machine:
                 cpu.configure_vcpu(vcpu, cpu.filter_cpuid(supported, index, self.config.cpus))
             if index == 0 and entry is not None:
                 cpu.set_boot_regs(vcpu, self.memory, entry.mode, entry.rip, rbx=entry.rbx, rsi=entry.rsi)
+            watch = VcpuWatch(vcpu, self.pio, self.mmio, self.trace) if self.watching else None
             threads.append(VcpuThread(vcpu, self.pio, self.mmio, self.request_exit, self.stopping,
-                                      on_guest_end=self.guest_ended))
+                                      on_guest_end=self.guest_ended, watch=watch))
         return threads
 
     # --- snapshots ------------------------------------------------------------------
@@ -362,6 +375,8 @@ class Machine:
             self.console.start_input(self.serial.receive,
                                      quit=lambda: self.request_exit(0, "Ctrl-A x pressed"))
             self.t_first_run = time.monotonic()
+            if self.watching:
+                self.age_at_first_run = seconds_since_process_start()
             log.debug("VMM start to first KVM_RUN: %.3f s", self.t_first_run - self.t_start)
             for t in self.vcpus:
                 t.start()
@@ -380,6 +395,7 @@ class Machine:
                 t.thread.join(timeout=5)
                 if t.thread.is_alive():
                     log.warning("vcpu%d did not stop in time", t.vcpu.index)
+            self.t_end = time.monotonic()
         finally:
             self.console.close()
             for sig, handler in previous.items():
@@ -388,14 +404,28 @@ class Machine:
             if bus.unclaimed:
                 log.debug("%s: unclaimed accesses: %s", bus.name, ", ".join(
                     f"{addr:#x} x{n}" for addr, n in sorted(bus.unclaimed.items())))
-        fixups = {}
+        if self.watching and not self.config.stats:   # with --stats the CLI prints them
+            log.info("exit statistics:\n%s", self.stats_report().rstrip("\n"))
+        return self.exit_status if self.exit_status is not None else 1
+
+    def stats_report(self) -> str:
+        """The --stats report of the run (pyvmm.trace.format_stats); after ``run``."""
+        fixups: dict[str, int] = {}
         for t in self.vcpus:
             for k, v in t.fixups.items():
                 fixups[k] = fixups.get(k, 0) + v
-        if fixups:
-            log.info("instructions finished for KVM's emulator: %s",
-                     ", ".join(f"{k} x{v}" for k, v in sorted(fixups.items())))
-        return self.exit_status if self.exit_status is not None else 1
+        queues = []
+        for device in self.pci.devices.values():
+            if isinstance(device, VirtioPciDevice):
+                outside = device.device.external_datapath and not any(
+                    c.wakeups for c in device.counters)   # (no successor worker took over)
+                queues.append((device.name, None if outside else device.counters))
+        first, end = self.t_first_run or self.t_start, self.t_end or time.monotonic()
+        return format_stats(RunCounters(
+            seconds=end - first, first_run=self.age_at_first_run, setup=first - self.t_start,
+            watches=[t.watch for t in self.vcpus if t.watch is not None], fixups=fixups,
+            memory_faults=[t.memory_faults for t in self.vcpus], buses=[self.pio, self.mmio],
+            queues=queues))
 
     def close(self) -> None:
         self.pci.close()

@@ -6,6 +6,7 @@ things at once: one interactive boot with 2 vCPUs and one in run mode.
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -39,15 +40,32 @@ def test_interactive_boot_two_cpus_serial_input_and_reboot(guest_image):
 
 
 def test_run_mode_exit_status_propagates(guest_image):
-    """pyvmm.run=PATH runs the script; its status reaches the VMM through the debug-exit port."""
+    """pyvmm.run=PATH runs the script; its status reaches the VMM through the debug-exit port.
+    --stats: the exit statistics on stderr add up."""
     g = VmmProcess.pyvmm_run("--kernel", guest_image["kernel"], "--initramfs", guest_image["initramfs"],
-                     "--append", "pyvmm.run=/pyvmm-tests/boot-checks.sh pyvmm.test.status=42")
+                     "--append", "pyvmm.run=/pyvmm-tests/boot-checks.sh pyvmm.test.status=42", "--stats")
     try:
         g.wait_for("pyvmm-guest: ready", BOOT_TIMEOUT)
         status = g.wait_exit(120)
         assert "check: cpus=1" in g.text
         assert "pyvmm-guest: exit 42" in g.text
         assert status == 42
+        stats = [line.removeprefix("pyvmm: stats: ") for line in g.stderr.splitlines()
+                 if line.startswith("pyvmm: stats: ")]
+        print("\n".join(stats))
+        total = int(re.match(r"(\d+) exits to pyvmm in ", stats[0]).group(1))
+        by = {key: dict((k, int(n)) for k, n in re.findall(r"(\S+(?: \S+)?) (\d+)(?:,|$)", line[len(key):]))
+              for line in stats for key in ("by reason: ", "by device and direction: ")
+              if line.startswith(key)}   # "IO 759, MMIO 1" -> {"IO": 759, "MMIO": 1}
+        reasons, devices = by["by reason: "], by["by device and direction: "]
+        assert sum(reasons.values()) == total > 0
+        assert reasons.get("IO", 0) + reasons.get("MMIO", 0) == sum(devices.values())
+        assert devices["debug-exit out"] == 1   # the status, one byte
+        assert devices["pci-config out"] > 0
+        if guest_image["flavour"] == "pvm":
+            assert re.search(r"PVM fix-ups .*int3 \d", "\n".join(stats))  # the kernel's int3 self-test
+        assert "kvm_stat" in stats[-1]
+        assert "exit statistics:" not in g.stderr   # --stats prints them once, not in the log too
     finally:
         g.kill()
 

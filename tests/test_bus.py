@@ -53,6 +53,25 @@ def test_find_at_range_edges(pio):
     assert pio.find(0x3FC, 4) == (dev, 4)
 
 
+def test_claimant_names_the_device(pio):
+    class Anonymous:
+        def read(self, offset, size):
+            return b"\0" * size
+
+        def write(self, offset, data):
+            pass
+
+    pio.register(0x60, 1, Anonymous())
+    pio.register(0x64, 1, Anonymous(), "i8042")
+    assert pio.claimant(0x3F8) == "serial"          # the device's own name
+    assert pio.claimant(0x3FC, 4) == "serial"
+    assert pio.claimant(0x60) == "anonymous"        # else its class, lower case
+    assert pio.claimant(0x64) == "i8042"            # a name given at registration wins
+    assert pio.claimant(0x3FE, 4) == "unclaimed"    # straddles the end
+    assert pio.claimant(0x61) == bus_module.UNCLAIMED == "unclaimed"
+    assert pio.unclaimed == {}                      # asking is not an access
+
+
 def test_find_on_empty_bus():
     b = Bus("mmio")
     assert b.find(0) is None
@@ -144,6 +163,18 @@ def test_unclaimed_accesses_are_counted_per_address():
     b.write(0x80, b"\x00")
     b.write(0x61, b"\x00\x00")
     assert b.unclaimed == {0x80: 6, 0x61: 1}
+
+
+def test_unclaimed_table_is_bounded():
+    """The guest chooses the addresses: past MAX_UNCLAIMED_ADDRESSES distinct ones,
+    new addresses are only counted together; known ones go on counting."""
+    b = Bus("mmio")
+    limit = bus_module.MAX_UNCLAIMED_ADDRESSES
+    for addr in range(limit + 500):
+        b.write(0xD000_0000 + 8 * addr, b"\0")
+    b.read(0xD000_0000, 4)
+    assert len(b.unclaimed) == limit and b.unclaimed_elsewhere == 500
+    assert b.unclaimed[0xD000_0000] == 2
 
 
 def test_unclaimed_write_is_dropped(pio):

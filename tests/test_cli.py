@@ -311,6 +311,10 @@ def test_custom_kernel_gets_the_default_initramfs(tmp_path, no_default_guest):
     (["--agent", "file=/x"], "socket=PATH"),
     (["--timeout", "0"], "--timeout"),
     (["--timeout", "soon"], "--timeout"),
+    (["--trace", "syscalls"], "--trace 'syscalls': expected exits[=FILE][,FILTER]"),
+    (["--trace", "exits,serial"], "unknown filter 'serial'"),
+    (["--trace", "exits,port=0x3ff-0x3f8"], "--trace port='0x3ff-0x3f8'"),
+    (["--serial", "null", "--trace", "exits=/no/such/dir/trace.log"], "--trace: cannot write /no/such/dir/trace.log"),
 ])
 def test_bad_run_options(capsys, tmp_path, argv, words):
     d = tmp_path / "data"
@@ -319,6 +323,21 @@ def test_bad_run_options(capsys, tmp_path, argv, words):
     kernel.write_bytes(b"k")
     argv = [a.replace("{d}", str(d)) for a in argv]
     assert_usage_error(*run_main(capsys, ["run", "--kernel", str(kernel), *argv]), words)
+
+
+def test_trace_and_stats_go_into_the_plan(tmp_path):
+    from pyvmm.trace import TraceSpec
+
+    config = plan_for(tmp_path, "--trace", "exits=/x.log,port=0x3f8-0x3ff", "--stats").config
+    assert config.trace == TraceSpec(path="/x.log", kinds=frozenset({"io"}), ports=((0x3F8, 0x3FF),))
+    assert config.stats
+    config = plan_for(tmp_path).config
+    assert config.trace is None and not config.stats
+
+
+def test_restore_checks_trace_first(capsys, tmp_path):
+    assert_usage_error(*run_main(capsys, ["restore", str(tmp_path), "--trace", "exits,bogus"]),
+                       "unknown filter 'bogus'")
 
 
 def test_help_has_the_exit_status_table(capsys):

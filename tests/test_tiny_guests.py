@@ -6,6 +6,9 @@ import struct
 
 import pytest
 
+from pyvmm import kvm
+
+from pyvmm.trace import TraceOutput, parse_trace
 from tinyguest import CODE_ADDR, ENTER_USER_MODE, Recorder, TinyVm, assemble
 
 pytestmark = pytest.mark.kvm
@@ -145,7 +148,7 @@ def test_debug_exit_status(tiny):
     assert vm.reason == "debug-exit"
 
 
-def test_int3_int_n_and_fwait_are_finished(tiny, kvm_host):
+def test_int3_int_n_and_fwait_are_finished(tiny, kvm_host, tmp_path):
     """int3 and INT n at CPL0 run their IDT handlers and return; fwait is skipped.
 
     On PVM hosts these end KVM_RUN with an emulation failure and pyvmm
@@ -171,10 +174,15 @@ def test_int3_int_n_and_fwait_are_finished(tiny, kvm_host):
     vm.set_idt({3: CODE_ADDR + 0x100, 0x40: CODE_ADDR + 0x110})
     dev = Recorder()
     vm.pio.register(0x80, 5, dev)
+    trace = TraceOutput(parse_trace(f"exits={tmp_path / 'trace'},fixup"))
+    vm.watch(trace)
     assert vm.run() == 0, vm.reason
+    trace.close()
     assert [off for off, _ in dev.writes] == [0, 1, 4, 2, 3]
     if kvm_host == "pvm":
         assert vm.thread.fixups == {"int3": 1, "int 0x40": 1, "fwait": 1}
+        assert [line.split(" ", 2)[2] for line in (tmp_path / "trace").read_text().splitlines()] == \
+            ["FIXUP int3", "FIXUP int 0x40", "FIXUP fwait"]
 
 
 def test_unknown_emulation_failure_stops_with_registers(tiny, kvm_host):
@@ -186,7 +194,7 @@ def test_unknown_emulation_failure_stops_with_registers(tiny, kvm_host):
     assert "RIP=" in vm.reason
 
 
-def test_efault_from_a_readonly_window_becomes_gp(tiny, kvm_host):
+def test_efault_from_a_readonly_window_becomes_gp(tiny, kvm_host, tmp_path):
     """A user-mode store into a read-only hole of a DAX window: KVM_RUN fails with
     EFAULT (measured on PVM); pyvmm injects #GP(0), the guest's handler runs, and
     the VM goes on."""
@@ -224,10 +232,85 @@ def test_efault_from_a_readonly_window_becomes_gp(tiny, kvm_host):
                 vm._exit(0, "done")
 
         vm.mmio.register(report + 8, 4, Done())
+        trace = TraceOutput(parse_trace(f"exits={tmp_path / 'trace'},efault"))
+        vm.watch(trace)
         assert vm.run() == 0, vm.reason
+        trace.close()
+        lines = (tmp_path / "trace").read_text().splitlines()
+        assert len(lines) == vm.thread.memory_faults and all(" EFAULT rip=0x" in x for x in lines)
         assert out.writes == [(0, b"\0" * 4), (4, b"\0" * 4)]   # zeros, then #GP error code 0
         print(f"KVM flavour {kvm_host}: {vm.thread.memory_faults} EFAULT(s) turned into #GP")
         assert vm.thread.memory_faults >= 1
     finally:
         window.close()
 
+
+
+# --- the exit trace and statistics (--trace exits, --stats: pyvmm.trace) ------------------------
+TRACED_GUEST = f"""
+        mov $0x41, %al
+        out %al, $0x80          # 1: IO out
+        in $0x81, %al           # 2: IO in (the port answers 5a)
+        mov ${MMIO_BASE:#x}, %ebx
+        movl $0x12345678, (%rbx)   # 3: MMIO write
+        mov $7, %al
+        {EXIT}                  # 4: the debug-exit write
+"""
+TRACED_LINES = [
+    "vcpu0 #1 IO out 0x80/1 41 -> port",
+    "vcpu0 #2 IO in 0x81/1 5a -> port",
+    f"vcpu0 #3 MMIO write {MMIO_BASE:#x}/4 12345678 -> mem",
+    "vcpu0 #4 IO out 0x501/1 07 -> debug-exit",
+]
+
+
+def traced(tiny, tmp_path, spec: str):
+    """Run TRACED_GUEST with ``--trace exits=FILE,spec``: (its trace lines, the VM, its watch)."""
+    path = tmp_path / "trace.log"
+    vm = tiny(TRACED_GUEST)
+    vm.pio.register(0x80, 2, Recorder(value=b"\x5a"), "port")
+    vm.mmio.register(MMIO_BASE, 0x1000, Recorder(), "mem")
+    out = TraceOutput(parse_trace(f"exits={path}{spec}"))
+    watch = vm.watch(out)
+    assert vm.run() == 7, vm.reason
+    out.close()
+    return path.read_text().splitlines(), vm, watch
+
+
+def test_trace_is_each_exit_in_order(tiny, tmp_path):
+    lines, _, _ = traced(tiny, tmp_path, "")
+    assert lines == TRACED_LINES
+
+
+@pytest.mark.parametrize("spec, shown", [
+    (",io", [0, 1, 3]),
+    (",port=0x80-0x81", [0, 1]),
+    (",port=0x501", [3]),
+    (",mmio", [2]),
+    (",addr=0xd0000000-0xd0000fff", [2]),
+    (",addr=0xd0001000", []),
+    (",mmio,port=0x81", [1, 2]),
+    (",vcpu=0", [0, 1, 2, 3]),
+    (",vcpu=1", []),
+    (",fixup,efault", []),
+])
+def test_trace_filters(tiny, tmp_path, spec, shown):
+    lines, _, _ = traced(tiny, tmp_path, spec)
+    assert lines == [TRACED_LINES[i] for i in shown]
+
+
+def test_stats_count_every_exit(tiny, tmp_path):
+    """--stats totals equal the exits the vCPU thread counted, by reason and by device."""
+    from pyvmm.trace import RunCounters, format_stats
+
+    _, vm, watch = traced(tiny, tmp_path, ",vcpu=1")   # counted, not traced
+    assert vm.thread.exits == 4 == sum(watch.reasons.values()) == watch.seq
+    assert watch.reasons == {kvm.KVM_EXIT_IO: 3, kvm.KVM_EXIT_MMIO: 1}
+    assert watch.accesses == {("port", "out"): 1, ("port", "in"): 1, ("mem", "write"): 1,
+                              ("debug-exit", "out"): 1}
+    report = format_stats(RunCounters(seconds=1.0, first_run=None, setup=0.0, watches=[watch],
+                                      fixups=vm.thread.fixups, memory_faults=[vm.thread.memory_faults],
+                                      buses=[vm.pio, vm.mmio]))
+    assert "pyvmm: stats: 4 exits to pyvmm" in report
+    assert "by reason: IO 3, MMIO 1\n" in report
+    assert "by device and direction: debug-exit out 1, mem write 1, port in 1, port out 1\n" in report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import select
 import struct
@@ -604,6 +605,7 @@ def test_used_buffers_interrupt_through_msix(answering):
         e.clear()
     vector_fd = env.pci.msix.eventfds[2]
     assert not readable(vector_fd)
+    before = dataclasses.replace(env.pci.counters[1])
     put_chain(env.mem, QSTRIDE, 1)                                   # queue 1
     env.pci.bar_write(0, vp.NOTIFY_OFFSET + 4, b"\x01\x00")
     assert env.dev.kicked[1].wait(2)
@@ -612,6 +614,10 @@ def test_used_buffers_interrupt_through_msix(answering):
     assert wait_for(lambda: readable(vector_fd))                     # queue 1's vector fired
     assert not readable(env.pci.msix.eventfds[1])
     assert env.rd(vp.ISR_OFFSET, 1) & vp.VIRTIO_PCI_ISR_QUEUE
+    # --stats: one kick read by one wakeup of the worker, one interrupt raised
+    after = env.pci.counters[1]
+    assert (after.kicks, after.wakeups, after.interrupts) == \
+        (before.kicks + 1, before.wakeups + 1, before.interrupts + 1)
 
 
 def test_status_zero_resets_everything_and_stops_the_worker(env):

@@ -22,6 +22,7 @@ from pyvmm.boot import cpu, layout
 from pyvmm.bus import Bus
 from pyvmm.devices.debug_exit import DebugExit
 from pyvmm.memory import MemorySlots
+from pyvmm.trace import TraceOutput, VcpuWatch
 from pyvmm.vcpu import KICK_SIGNAL, VcpuThread
 
 CODE_ADDR = 0x10000
@@ -96,12 +97,18 @@ class TinyVm:
         self.status: int | None = None
         self.reason = ""
         self.done = threading.Event()
-        self.pio.register(layout.DEBUG_EXIT_PORT, 1, DebugExit(lambda s: self._exit(s, "debug-exit")))
+        self.pio.register(layout.DEBUG_EXIT_PORT, 1, DebugExit(lambda s: self._exit(s, "debug-exit")),
+                          "debug-exit")
         vcpu = self.vm.create_vcpu(0)
         cpu.configure_vcpu(vcpu, cpu.filter_cpuid(self.kvm.supported_cpuid(), 0, 1))
         cpu.set_boot_regs(vcpu, self.mem, "long64", CODE_ADDR)
         self.stopping = threading.Event()
         self.thread = VcpuThread(vcpu, self.pio, self.mmio, self._exit, self.stopping)
+
+    def watch(self, trace: TraceOutput | None = None) -> VcpuWatch:
+        """Count (and trace) exits as ``--stats``/``--trace`` do (before ``run``)."""
+        self.thread.watch = VcpuWatch(self.thread.vcpu, self.pio, self.mmio, trace)
+        return self.thread.watch
 
     def set_idt(self, handlers: dict[int, int]) -> None:
         """64-bit interrupt gates (SDM vol. 3, 6.14.1) for vector -> handler address."""

@@ -74,6 +74,7 @@ class BarRegion:
     def __init__(self, device: PciDevice, bar: int) -> None:
         self.device = device
         self.bar = bar
+        self.name = f"{device.name}.bar{bar}"   # what the exit trace shows
 
     def read(self, offset: int, size: int) -> bytes:
         return self.device.bar_read(self.bar, offset, size)

@@ -12,7 +12,9 @@ capability (4.1.4):
 
 Kicks: each queue's notify address is a KVM ioeventfd, so a guest kick wakes
 the device's worker thread without a trip through the vCPU thread.
-Interrupts: MSI-X only (``pyvmm.pci.msix``: irqfd per vector).
+Interrupts: MSI-X only (``pyvmm.pci.msix``: irqfd per vector).  ``counters``
+counts, per queue, the kicks the worker reads and the interrupts it raises
+(``--stats``); a vhost-user back-end's rings bypass both.
 
 Snapshot and restore:
 
@@ -48,6 +50,7 @@ from ...pci.device import PciDevice
 from ...pci.msix import PCI_CAP_ID_MSIX, PCI_MSIX_FLAGS_ENABLE, PCI_MSIX_FLAGS_MASKALL, Msix, MsixState
 from ...snapshot.fields import (SaveRefused, boolean, expect_keys, hex_bits, hex_int, index_set, items,
                                 uint)
+from ...trace import QueueCounters
 from .device import (VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
                      VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_EVENT_IDX,
                      VIRTIO_F_VERSION_1, VirtioDevice)
@@ -193,6 +196,7 @@ class VirtioPciDevice(PciDevice):
         self.msix_cap = conf.add_capability(PCI_CAP_ID_MSIX, body, writable)
         self.queues = [Virtqueue(mem, device.queue_max_size) for _ in range(n)]
         self.kicks = [Kick(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)) for _ in range(n)]
+        self.counters = [QueueCounters() for _ in range(n)]   # --stats (pyvmm.trace)
         self.bar0: int | None = None
         self._lock = threading.RLock()
         self._worker: threading.Thread | None = None
@@ -463,10 +467,13 @@ class VirtioPciDevice(PciDevice):
     # --- data path ------------------------------------------------------------------------------------
     def _interrupt_queue(self, index: int) -> None:
         q = self.queues[index]
+        counters = self.counters[index]
         if not q.should_interrupt():
+            counters.suppressed += 1   # (a race between threads may lose a count: statistics only)
             return
         with self._isr_lock:
             self.isr |= VIRTIO_PCI_ISR_QUEUE
+            counters.interrupts += 1
         if q.msix_vector != VIRTIO_MSI_NO_VECTOR:
             self.msix.interrupt(q.msix_vector)
 
@@ -493,10 +500,13 @@ class VirtioPciDevice(PciDevice):
                     os.eventfd_read(self._stop)
                     return
                 try:
-                    os.eventfd_read(fd)
+                    kicks = os.eventfd_read(fd)
                 except BlockingIOError:
                     continue
-                pending.append(by_fd[fd])
+                index = by_fd[fd]
+                self.counters[index].kicks += kicks     # the guest's kicks since the last read
+                self.counters[index].wakeups += 1
+                pending.append(index)
 
     def _stop_worker(self) -> None:
         worker = self._worker
