@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from pyvmm.devices.virtio.dax_window import DaxShm, DaxWindow
+from pyvmm.devices.virtio.dax_window import DaxShm, DaxWindow, DaxWindows
 from pyvmm.devices.virtio.fs import handle_dax_request
 from pyvmm.memory import GuestMemory
 from pyvmm.vhost_user import protocol as p
@@ -257,10 +257,12 @@ def dax_rig(tmp_path):
     window = DaxWindow(16 * MiB)
     shm = DaxShm(window, FakeSlots())
     shm.shm_moved(None, 1 << 36)   # the BAR decodes at 64 GiB
+    windows = DaxWindows()
+    windows.add(shm)
     d = r.start()
     chan = r.fe.set_backend_req_fd()
     t = threading.Thread(target=serve_backend_requests,
-                         args=(chan, lambda msg: handle_dax_request(window, msg, shm)), daemon=True)
+                         args=(chan, lambda msg: handle_dax_request(window, msg, windows)), daemon=True)
     t.start()
     f = tmp_path / "file.bin"
     f.write_bytes(bytes(range(256)) * (2 * MiB // 256) + b"tail")
