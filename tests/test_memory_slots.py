@@ -22,12 +22,15 @@ WINDOW = 2 * MiB
 class KvmSlots:
     """KVM_SET_USER_MEMORY_REGION as KVM checks it, on a dict: slot -> (gpa, size, hva)."""
 
-    def __init__(self) -> None:
+    def __init__(self, refuse=lambda gpa, size: False) -> None:
         self.slots: dict[int, tuple[int, int, int]] = {}
         self.calls = 0
+        self.refuse = refuse     # (gpa, size) -> True: fail as KVM would for its own reasons
 
     def set_user_memory_region(self, slot, gpa, size, hva, flags=0):
         self.calls += 1
+        if self.refuse(gpa, size):
+            raise OSError(errno.EINVAL, "refused")
         if size == 0:
             self.slots.pop(slot, None)
             return
@@ -81,13 +84,7 @@ def test_refused_move_changes_nothing_anywhere():
         slots.move(window, (1 << 32) + 1)
     assert kvm.calls == calls and kvm.slots == before == table(slots, (ram, window))
 
-    class Refusing(KvmSlots):
-        def set_user_memory_region(self, slot, gpa, size, hva, flags=0):
-            if size and gpa == 5 << 32:
-                raise OSError(errno.EINVAL, "KVM does not take this address")
-            super().set_user_memory_region(slot, gpa, size, hva, flags)
-
-    kvm2 = Refusing()
+    kvm2 = KvmSlots(refuse=lambda gpa, size: size and gpa == 5 << 32)   # an address KVM refuses
     slots2 = MemorySlots(kvm2, 4)
     n = slots2.add(1 << 32, WINDOW, 0x20000000)
     with pytest.raises(OSError):
@@ -98,13 +95,7 @@ def test_refused_move_changes_nothing_anywhere():
 
 
 def test_refused_remove_keeps_the_slot_in_the_table():
-    class NoDelete(KvmSlots):
-        def set_user_memory_region(self, slot, gpa, size, hva, flags=0):
-            if size == 0:
-                raise OSError(errno.EIO, "refused")
-            super().set_user_memory_region(slot, gpa, size, hva, flags)
-
-    kvm = NoDelete()
+    kvm = KvmSlots(refuse=lambda gpa, size: size == 0)
     slots = MemorySlots(kvm, 4)
     n = slots.add(1 << 32, WINDOW, 0x20000000)
     with pytest.raises(OSError):

@@ -15,6 +15,7 @@ from pyvmm.devices.virtio.dax_window import DaxShm, DaxWindow, DaxWindows
 from pyvmm.devices.virtio.fs import FS_UNMAP_ALL, handle_dax_request
 from pyvmm.vhost_user import protocol as vu
 from pyvmm.vhost_user.frontend import serve_backend_requests
+from test_dax_window import FakeSlots
 
 PAGE = 4096
 WINDOW = 2 << 20
@@ -247,17 +248,6 @@ def test_legacy_fs_unmap_covers_holes_and_parts(window, datafile):
 
 
 # --- FS_IO reaches every DAX window of the VM -----------------------------------------------------
-class Slots:
-    def add(self, gpa, size, host_addr):
-        return 0
-
-    def move(self, slot, gpa):
-        pass
-
-    def remove(self, slot):
-        pass
-
-
 def fs_io(gpa: int, length: int, fd: int, to_file: bool, file_offset: int = 0) -> vu.Message:
     flags = vu.VHOST_USER_FS_FLAG_MAP_W if to_file else vu.VHOST_USER_FS_FLAG_MAP_R
     return backend_msg(vu.VHOST_USER_BACKEND_FS_IO, fs_msg([(file_offset, gpa, length, flags)]), [fd])
@@ -267,7 +257,7 @@ def test_fs_io_is_routed_to_the_window_that_holds_the_address(datafile, tmp_path
     """Share A has a window, share B none: B's back-end asks FS_IO for a buffer in A's
     window (an O_DIRECT read() on B into a DAX mapping of A's file)."""
     a_win, c_win = DaxWindow(WINDOW), DaxWindow(WINDOW)
-    a, c = DaxShm(a_win, Slots()), DaxShm(c_win, Slots())
+    a, c = DaxShm(a_win, FakeSlots()), DaxShm(c_win, FakeSlots())
     windows = DaxWindows()
     for shm, gpa in ((a, 1 << 36), (c, 2 << 36)):
         shm.shm_moved(None, gpa)
