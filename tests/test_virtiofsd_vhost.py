@@ -299,6 +299,23 @@ def test_dax_map_refused_by_the_frontend(dax_rig):
     assert window.mappings() == []
 
 
+def test_broken_channel_stream_fails_mappings_at_once(dax_rig):
+    """The VMM closes a back-end channel whose stream it cannot trust (here: a size
+    beyond the protocol maximum): the back-end's next SETUPMAPPING fails at once with
+    EIO (the guest gets an error), it does not wait for an ack that never comes."""
+    r, d, window, shm, fd = dax_rig
+    mapper = r.server.dax
+    mapper.sock.send(bytes(p.VhostUserHeader(p.VHOST_USER_BACKEND_SHMEM_MAP, 1 | 8,
+                                             p.MAX_PAYLOAD_SIZE + 1)))
+    mapper.sock.settimeout(5)
+    assert mapper.sock.recv(16) == b""           # the VMM shut the channel down
+    mapper.sock.settimeout(None)
+    with pytest.raises(OSError) as e:
+        mapper.setup_mapping(fd, 0, 0, 2 * MiB, writable=False)
+    assert e.value.errno == errno.EIO
+    assert window.mappings() == []
+
+
 def test_foreign_buffer_in_the_window_goes_through_fs_io(dax_rig, tmp_path):
     """The guest reads a file into a buffer inside the DAX window (cloud-hypervisor #3869)."""
     r, d, window, shm, fd = dax_rig
