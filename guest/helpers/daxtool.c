@@ -23,8 +23,9 @@
  *                                    4096 bytes of guest RAM first, then the
  *                                    mapping; writev's RAM bytes are 'R').
  *                                    MODE: direct (O_DIRECT) or buffered.
- *                                    Prints "io OP MODE: N" (bytes moved) or
- *                                    "io OP MODE: error <strerror>"
+ *                                    Prints "io OP MODE: N" (bytes moved),
+ *                                    "io OP MODE: error <strerror>" or "io OP
+ *                                    MODE: N, then close: error <strerror>"
  *
  * Exit status: 0 ok, 1 error (perror), 2 usage.
  */
@@ -186,7 +187,7 @@ static int cmd_io(char **argv)
         return 1;
     }
     if (close(fd) != 0) {
-        printf("io %s %s: error %s (close)\n", op, mode, strerror(errno));
+        printf("io %s %s: %zd, then close: error %s\n", op, mode, got, strerror(errno));
         return 1;
     }
     printf("io %s %s: %zd\n", op, mode, got);

@@ -223,6 +223,11 @@ class VirtioFs(VirtioDevice):
             return
         for index, q in enumerate(self.queues):
             if q.ready:
+                # A request's data buffers may lie in a DAX window (O_DIRECT I/O into a DAX
+                # mapping); its FUSE headers are in RAM, which is all an error reply needs.
+                # Refused as a bad chain, it would complete with nothing written, and the
+                # guest would take that for success.
+                q.foreign_buffers = True
                 try:
                     q.resume_from_ring()
                 except ValueError as e:  # the ring is not in guest RAM any more
