@@ -22,9 +22,7 @@ back-end sees guest-physical addresses its memory table does not cover.
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
 
 import pytest
 
