@@ -303,7 +303,7 @@ def test_broken_channel_stream_fails_mappings_at_once(dax_rig):
     """The VMM closes a back-end channel whose stream it cannot trust (here: a size
     beyond the protocol maximum): the back-end's next SETUPMAPPING fails at once with
     EIO (the guest gets an error), it does not wait for an ack that never comes."""
-    r, d, window, shm, fd = dax_rig
+    r, _, window, _, fd = dax_rig
     mapper = r.server.dax
     mapper.sock.send(bytes(p.VhostUserHeader(p.VHOST_USER_BACKEND_SHMEM_MAP, 1 | 8,
                                              p.MAX_PAYLOAD_SIZE + 1)))
