@@ -144,7 +144,11 @@ class MemorySlots:
     """KVM memory slot bookkeeping for one VM: add, move and remove at run time.
 
     Slot numbers are handed out lowest-free-first; the DAX window of a
-    virtio-fs device gets one, RAM ranges get theirs at start-up.
+    virtio-fs device gets one, RAM ranges get theirs at start-up.  A slot
+    keeps its number for its whole life (``move`` changes only its address),
+    and the table changes only after KVM accepted the change, so the table
+    and KVM never disagree: a refused add, move or remove leaves both as they
+    were.
     """
 
     def __init__(self, vm: Vm, max_slots: int) -> None:
@@ -153,13 +157,19 @@ class MemorySlots:
         self._slots: dict[int, tuple[int, int, int, int]] = {}  # slot -> gpa, size, hva, flags
         self._lock = threading.Lock()
 
+    def _check_free(self, gpa: int, size: int, moving: int | None = None) -> None:
+        """[gpa, gpa + size) is page aligned and overlaps no slot but ``moving`` (lock held)."""
+        if gpa < 0 or gpa % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
+            raise ValueError(f"memory slot {gpa:#x}+{size:#x} is not page aligned")
+        for slot, (other_gpa, other_size, _, _) in self._slots.items():
+            if slot != moving and gpa < other_gpa + other_size and other_gpa < gpa + size:
+                raise ValueError(f"memory slot {gpa:#x}+{size:#x} overlaps {other_gpa:#x}+{other_size:#x}")
+
     def add(self, gpa: int, size: int, host_addr: int, flags: int = 0) -> int:
-        if gpa % PAGE_SIZE or size % PAGE_SIZE or host_addr % PAGE_SIZE or size <= 0:
+        if host_addr % PAGE_SIZE:
             raise ValueError(f"memory slot {gpa:#x}+{size:#x} at {host_addr:#x} is not page aligned")
         with self._lock:
-            for other_gpa, other_size, _, _ in self._slots.values():
-                if gpa < other_gpa + other_size and other_gpa < gpa + size:
-                    raise ValueError(f"memory slot {gpa:#x}+{size:#x} overlaps {other_gpa:#x}+{other_size:#x}")
+            self._check_free(gpa, size)
             slot = next((s for s in range(self._max) if s not in self._slots), None)
             if slot is None:
                 raise ValueError("no free KVM memory slot")
@@ -170,22 +180,26 @@ class MemorySlots:
 
     def remove(self, slot: int) -> None:
         with self._lock:
-            gpa, _, host_addr, flags = self._slots.pop(slot)
+            gpa, _, host_addr, flags = self._slots[slot]
             self._vm.set_user_memory_region(slot, gpa, 0, host_addr, flags)
+            del self._slots[slot]
         log.debug("slot %d removed", slot)
 
     def move(self, slot: int, new_gpa: int) -> None:
-        """Move a slot to another guest-physical address (KVM: delete + create)."""
+        """Move a slot to another guest-physical address, keeping its number.
+
+        One KVM_SET_USER_MEMORY_REGION with the same slot, size, host address and
+        flags and a new address is KVM's "move" (KVM_MR_MOVE): it either moves the
+        slot or fails with the slot where it was, so a refused move (an overlap,
+        an address KVM does not take) changes nothing here either."""
         with self._lock:
             gpa, size, host_addr, flags = self._slots[slot]
-        self.remove(slot)
-        try:
-            new_slot = self.add(new_gpa, size, host_addr, flags)
-        except Exception:
-            self.add(gpa, size, host_addr, flags)
-            raise
-        if new_slot != slot:  # lowest-free-first makes this the same slot number
-            raise AssertionError(f"slot {slot} came back as {new_slot}")
+            if new_gpa == gpa:
+                return
+            self._check_free(new_gpa, size, moving=slot)
+            self._vm.set_user_memory_region(slot, new_gpa, size, host_addr, flags)
+            self._slots[slot] = (new_gpa, size, host_addr, flags)
+        log.debug("slot %d moved: gpa %#x -> %#x", slot, gpa, new_gpa)
 
     def get(self, slot: int) -> tuple[int, int, int, int]:
         with self._lock:

@@ -42,6 +42,7 @@ from .devices.serial import Serial16550A
 from .devices.snapshot_point import SnapshotPoint
 from .devices.virtio.blk import VirtioBlock
 from .devices.virtio.console import VirtioConsole
+from .devices.virtio.dax_window import DaxWindows
 from .devices.virtio.fs import VirtioFs
 from .devices.virtio.pci import VirtioPciDevice
 from .devices.virtio.rng import VirtioRng
@@ -228,9 +229,11 @@ class Machine:
 
         for disk in self.config.disks:
             plug(VirtioBlock(disk.path, readonly=disk.readonly))
+        windows = DaxWindows()   # every device's FS_IO may reach every DAX window
         for share in self.config.shares:
             plug(VirtioFs(share.tag, share.socket, share.num_queues, share.queue_size,
-                          dax_window=share.cache_size if share.dax else None, slots=self.slots))
+                          dax_window=share.cache_size if share.dax else None, slots=self.slots,
+                          windows=windows))
         if self.config.rng:
             plug(VirtioRng())
         if self.config.agent_words is not None:

@@ -703,8 +703,11 @@ class ChannelRig:
         def wrapped(msg):
             self.seen.append((msg.name, len(msg.fds)))
             return handle(msg)
-        self.thread = threading.Thread(target=serve_backend_requests, args=(self.vmm, wrapped),
-                                       kwargs={"label": "test"}, daemon=True)
+        self.result = "running"     # then what serve_backend_requests returned
+
+        def serve():
+            self.result = serve_backend_requests(self.vmm, wrapped, label="test")
+        self.thread = threading.Thread(target=serve, daemon=True)
         self.thread.start()
 
     def request(self, code, payload, fds=(), need_reply=True):
@@ -828,3 +831,42 @@ def test_qemu_virtiofsd_interop(sock_path, ram, tmp_path):
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+def test_bad_header_is_refused_and_serving_goes_on(tmp_path):
+    """Version 0 (or a reserved flag bit) in a request whose size is sane: that request
+    gets a failure ack, the channel stays open and the next FS_MAP is served."""
+    rig = ChannelRig(lambda msg: 0)
+    try:
+        for flags in (0 | 8, 2 | 8, 1 | 0x20 | 8):
+            p.send_bytes(rig.backend, bytes(p.VhostUserHeader(9, flags, 40)) + bytes(_mmap_req()))
+            ack = p.recv_message(rig.backend, channel=Channel.BACKEND, timeout=2,
+                                 expect_reply_to=p.VHOST_USER_BACKEND_SHMEM_MAP)
+            assert ack.body == 2**64 - errno.EINVAL
+        p.send_bytes(rig.backend, bytes(p.VhostUserHeader(10, 0, 40)) + bytes(_mmap_req()))  # no reply asked
+        assert rig.request(p.VHOST_USER_BACKEND_SHMEM_UNMAP, _mmap_req()) == 0
+        assert rig.seen == [("VHOST_USER_BACKEND_SHMEM_UNMAP", 0)]
+        assert rig.thread.is_alive()
+    finally:
+        rig.close()
+    assert rig.result is None          # the back-end closed at a message boundary
+
+
+@pytest.mark.parametrize("breakage", ["oversized", "short read"])
+def test_untrusted_stream_closes_the_channel_at_once(breakage):
+    """A size beyond the protocol maximum, or a message cut short: the VMM shuts the
+    channel down (a back-end waiting for an ack sees the end at once) and says why."""
+    rig = ChannelRig(lambda msg: 0)
+    try:
+        if breakage == "oversized":
+            rig.backend.send(bytes(p.VhostUserHeader(9, 1 | 8, p.MAX_PAYLOAD_SIZE + 1)))
+        else:
+            rig.backend.send(bytes(p.VhostUserHeader(9, 1 | 8, 40)) + bytes(10))
+            rig.backend.shutdown(socket.SHUT_WR)
+        rig.thread.join(timeout=3)
+        assert not rig.thread.is_alive()
+        assert rig.result and ("exceeds" in rig.result or "middle of a message" in rig.result)
+        rig.backend.settimeout(2)
+        assert rig.backend.recv(16) == b""      # EOF now, not a wait for an ack
+    finally:
+        rig.close()

@@ -536,10 +536,12 @@ def test_too_many_fds_refused_without_leak(pair):
     before = open_fds()
     data = raw(p.VHOST_USER_SET_VRING_KICK, u64(0))
     a.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    p.send_message(a, p.VHOST_USER_SET_OWNER)
     with pytest.raises(ProtocolError, match="more than 8") as ei:
         p.recv_message(b, timeout=2)
-    assert not ei.value.in_sync
+    assert ei.value.in_sync                       # the whole message was read: go on
     assert open_fds() == before
+    assert p.recv_message(b, timeout=2).request == p.VHOST_USER_SET_OWNER
     p.close_fds(fds)
 
 
@@ -630,10 +632,28 @@ def test_oversized_header_not_read(pair):
     assert not ei.value.in_sync
 
 
-def test_bad_version_on_stream_is_out_of_sync(pair):
+@pytest.mark.parametrize("flags", [0, 2, 3, 1 | 0x10, 0 | 8])
+def test_bad_header_with_a_sane_size_keeps_the_stream_in_sync(pair, flags):
+    """The size field frames the stream: a wrong version or reserved flag bit costs that
+    message only, its payload and fds are consumed, the next message reads fine."""
     a, b = pair
-    a.send(hdr(p.VHOST_USER_SET_FEATURES, 2, 8) + u64(0))
-    with pytest.raises(ProtocolError, match="version") as ei:
+    efd = os.eventfd(0)
+    before = open_fds()
+    p.send_bytes(a, hdr(p.VHOST_USER_SET_VRING_KICK, flags, 8) + u64(0), [efd])
+    p.send_message(a, p.VHOST_USER_SET_OWNER)
+    with pytest.raises(ProtocolError, match="version|reserved") as ei:
+        p.recv_message(b, timeout=1)
+    assert ei.value.in_sync and ei.value.request == p.VHOST_USER_SET_VRING_KICK
+    assert ei.value.need_reply == bool(flags & 8)
+    assert open_fds() == before
+    assert p.recv_message(b, timeout=1).request == p.VHOST_USER_SET_OWNER
+    os.close(efd)
+
+
+def test_bad_version_with_an_oversized_payload_is_out_of_sync(pair):
+    a, b = pair
+    a.send(hdr(p.VHOST_USER_SET_FEATURES, 0, 1 << 20))
+    with pytest.raises(ProtocolError, match="exceeds") as ei:
         p.recv_message(b, timeout=1)
     assert not ei.value.in_sync
 

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from pyvmm.devices.virtio.dax_window import DaxShm, DaxWindow
+from pyvmm.devices.virtio.dax_window import DaxShm, DaxWindow, DaxWindows
 from pyvmm.devices.virtio.fs import handle_dax_request
 from pyvmm.memory import GuestMemory
 from pyvmm.vhost_user import protocol as p
@@ -257,10 +257,12 @@ def dax_rig(tmp_path):
     window = DaxWindow(16 * MiB)
     shm = DaxShm(window, FakeSlots())
     shm.shm_moved(None, 1 << 36)   # the BAR decodes at 64 GiB
+    windows = DaxWindows()
+    windows.add(shm)
     d = r.start()
     chan = r.fe.set_backend_req_fd()
     t = threading.Thread(target=serve_backend_requests,
-                         args=(chan, lambda msg: handle_dax_request(window, msg, shm)), daemon=True)
+                         args=(chan, lambda msg: handle_dax_request(window, msg, windows)), daemon=True)
     t.start()
     f = tmp_path / "file.bin"
     f.write_bytes(bytes(range(256)) * (2 * MiB // 256) + b"tail")
@@ -294,6 +296,23 @@ def test_dax_map_refused_by_the_frontend(dax_rig):
     assert e.value.errno == errno.EINVAL
     with pytest.raises(OSError):       # writable needs an O_RDWR fd
         r.server.dax.setup_mapping(fd, 0, 0, 2 * MiB, writable=True)
+    assert window.mappings() == []
+
+
+def test_broken_channel_stream_fails_mappings_at_once(dax_rig):
+    """The VMM closes a back-end channel whose stream it cannot trust (here: a size
+    beyond the protocol maximum): the back-end's next SETUPMAPPING fails at once with
+    EIO (the guest gets an error), it does not wait for an ack that never comes."""
+    r, _, window, _, fd = dax_rig
+    mapper = r.server.dax
+    mapper.sock.send(bytes(p.VhostUserHeader(p.VHOST_USER_BACKEND_SHMEM_MAP, 1 | 8,
+                                             p.MAX_PAYLOAD_SIZE + 1)))
+    mapper.sock.settimeout(5)
+    assert mapper.sock.recv(16) == b""           # the VMM shut the channel down
+    mapper.sock.settimeout(None)
+    with pytest.raises(OSError) as e:
+        mapper.setup_mapping(fd, 0, 0, 2 * MiB, writable=False)
+    assert e.value.errno == errno.EIO
     assert window.mappings() == []
 
 

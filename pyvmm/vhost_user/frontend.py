@@ -550,7 +550,7 @@ class VhostUserFrontend:
 
 
 def serve_backend_requests(sock: socket.socket, handle: Callable[[Message], int | None], *,
-                           label: str = "vhost-user") -> None:
+                           label: str = "vhost-user") -> str | None:
     """Serve the back-end request channel (from ``set_backend_req_fd``) until it closes.
 
     For every valid request ``handle(msg)`` runs and returns the ack status (0 or None:
@@ -559,31 +559,37 @@ def serve_backend_requests(sock: socket.socket, handle: Callable[[Message], int 
     The handler may ``msg.take_fds()`` to keep descriptors; the rest are closed after it
     returns.  The ack is sent only when the request set NEED_REPLY.
 
-    An invalid request is logged and answered ``-EINVAL`` when it asked for a reply; one that
-    leaves the stream out of step (oversized, bad version, too many fds) ends the loop, as
-    does the back-end closing its end.  To stop the loop from another thread, call
-    ``sock.shutdown(socket.SHUT_RDWR)``; the caller closes ``sock`` afterwards.
+    An invalid request is logged and answered ``-EINVAL`` when it asked for a reply, and
+    serving goes on: the header's size field frames the stream, so a wrong version,
+    reserved flag bits, an unknown code, a bad payload or too many fds cost that request
+    only.  The channel is closed only when the stream itself cannot be trusted any more:
+    a size beyond the protocol's maximum, a short read (the back-end closed it in the
+    middle of a message), a failed receive or ack.  Then the loop shuts the socket down,
+    so that a back-end waiting for an ack sees the end at once instead of waiting for
+    it, and returns the reason (for the caller to report, once).  It returns None when the
+    back-end closed its end at a message boundary, or when another thread stopped the
+    loop with ``sock.shutdown(socket.SHUT_RDWR)``.  The caller closes ``sock`` afterwards.
     """
     while True:
         try:
             msg = p.recv_message(sock, channel=p.Channel.BACKEND)
-        except PeerClosed:
+        except PeerClosed as e:
+            if e.mid_message:
+                return _distrust(sock, label, str(e))
             log.info("%s: back-end request channel closed", label)
-            return
+            return None
         except ProtocolError as e:
-            log.warning("%s: invalid back-end request: %s", label, e)
             if not e.in_sync:
-                log.warning("%s: closing the back-end request channel", label)
-                return
+                return _distrust(sock, label, str(e))
+            log.warning("%s: invalid back-end request refused: %s", label, e)
             if e.need_reply and e.request is not None:
                 try:
                     p.send_ack(sock, e.request, -errno.EINVAL, channel=p.Channel.BACKEND)
-                except OSError:
-                    return
+                except OSError as err:
+                    return _distrust(sock, label, f"cannot send an ack: {err}")
             continue
         except OSError as e:
-            log.warning("%s: back-end request channel failed: %s", label, e)
-            return
+            return _distrust(sock, label, f"receive failed: {e}")
         if msg.is_reply:   # the VMM never sends requests on this channel
             log.warning("%s: unexpected %r on the back-end request channel", label, msg)
             msg.close_fds()
@@ -605,8 +611,18 @@ def serve_backend_requests(sock: socket.socket, handle: Callable[[Message], int 
             try:
                 p.send_ack(sock, msg.request, status, channel=p.Channel.BACKEND)
             except OSError as e:
-                log.warning("%s: cannot ack %s: %s", label, msg.name, e)
-                return
+                return _distrust(sock, label, f"cannot ack {msg.name}: {e}")
+
+
+def _distrust(sock: socket.socket, label: str, reason: str) -> str:
+    """End the back-end request channel for good: the socket is shut down so that the
+    back-end's pending and later requests fail at once; the caller reports ``reason``."""
+    log.debug("%s: back-end request channel shut down: %s", label, reason)
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    return reason
 
 
 def _config(offset: int, data: bytes, flags: int) -> p.VhostUserConfig:

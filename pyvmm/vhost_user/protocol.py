@@ -325,7 +325,12 @@ class ProtocolError(ValueError):
 
 
 class PeerClosed(ConnectionError):
-    """The peer closed the socket (at a message boundary or in the middle of one)."""
+    """The peer closed the socket (at a message boundary or, ``mid_message``, in the
+    middle of one: a short read)."""
+
+    def __init__(self, message: str, *, mid_message: bool = False) -> None:
+        super().__init__(message)
+        self.mid_message = mid_message
 
 
 class Channel(enum.Enum):
@@ -809,31 +814,33 @@ def _wait_readable(sock: socket.socket, deadline: float | None) -> None:
             return
 
 
-def _collect_fds(ancdata: list, msg_flags: int, fds: list[int]) -> None:
+def _collect_fds(ancdata: list, msg_flags: int, fds: list[int]) -> bool:
+    """Add the received descriptors to ``fds``; True when some were cut off (MSG_CTRUNC)."""
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             arr = array.array("i")
             arr.frombytes(data[:len(data) - len(data) % arr.itemsize])
             fds.extend(arr)
-    if msg_flags & socket.MSG_CTRUNC:
-        raise ProtocolError(f"more than {MAX_FDS_PER_MESSAGE} file descriptors were sent with "
-                            "one message (ancillary data truncated)", in_sync=False)
+    return bool(msg_flags & socket.MSG_CTRUNC)
 
 
 def _recv_exact(sock: socket.socket, n: int, fds: list[int], deadline: float | None,
-                what: str) -> bytes:
+                what: str) -> tuple[bytes, bool]:
+    """Exactly ``n`` bytes (PeerClosed when the stream ends first), and whether
+    descriptors sent with them were cut off."""
     buf = bytearray()
+    truncated = False
     while len(buf) < n:
         _wait_readable(sock, deadline)
         data, ancdata, msg_flags, _ = sock.recvmsg(n - len(buf), _ANCBUF, socket.MSG_CMSG_CLOEXEC)
-        _collect_fds(ancdata, msg_flags, fds)
+        truncated |= _collect_fds(ancdata, msg_flags, fds)
         if not data:
             if what == "header" and not buf:
                 raise PeerClosed("the peer closed the connection")
             raise PeerClosed(f"the peer closed the connection in the middle of a message "
-                             f"({len(buf)} of {n} {what} bytes)")
+                             f"({len(buf)} of {n} {what} bytes)", mid_message=True)
         buf += data
-    return bytes(buf)
+    return bytes(buf), truncated
 
 
 def recv_message(sock: socket.socket, *, channel: Channel = Channel.FRONTEND,
@@ -841,20 +848,34 @@ def recv_message(sock: socket.socket, *, channel: Channel = Channel.FRONTEND,
     """Receive and decode exactly one message.
 
     Raises PeerClosed (EOF), TimeoutError (``timeout`` seconds passed; the stream may be
-    mid-message afterwards), ProtocolError (see ``decode``; ``in_sync`` says whether the
-    whole message was consumed) or OSError.  Descriptors are closed on every error.
-    Reads never go past the end of this message, so its successor's fds stay queued.
+    mid-message afterwards), ProtocolError (see ``decode``) or OSError.  Descriptors are
+    closed on every error.  Reads never go past the end of this message, so its
+    successor's fds stay queued.
+
+    The stream is framed by the header's size field alone: whenever that is at most
+    ``MAX_PAYLOAD_SIZE`` the whole message is consumed, also when its header is wrong
+    otherwise (version, reserved flags) or it came with more than 8 descriptors, and the
+    ProtocolError says ``in_sync`` (the receiver can refuse it and go on).  Only a size
+    beyond the maximum leaves the stream out of step (``in_sync`` False).
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     fds: list[int] = []
     try:
-        head = _recv_exact(sock, VHOST_USER_HDR_SIZE, fds, deadline, "header")
-        try:
-            hdr = parse_header(head)
-        except ProtocolError as e:
-            e.in_sync = False   # its payload (if any) is still unread
-            raise
-        payload = _recv_exact(sock, hdr.size, fds, deadline, "payload") if hdr.size else b""
+        head, truncated = _recv_exact(sock, VHOST_USER_HDR_SIZE, fds, deadline, "header")
+        hdr = VhostUserHeader.from_buffer_copy(head)
+        if hdr.size > MAX_PAYLOAD_SIZE:   # its payload is not read: out of step from here
+            raise ProtocolError(f"{request_name(hdr.request, channel)}: payload size {hdr.size} "
+                                f"exceeds the {MAX_PAYLOAD_SIZE}-byte limit", in_sync=False,
+                                request=hdr.request, flags=hdr.flags)
+        payload = b""
+        if hdr.size:
+            payload, cut = _recv_exact(sock, hdr.size, fds, deadline, "payload")
+            truncated |= cut
+        if truncated:
+            raise ProtocolError(f"{request_name(hdr.request, channel)}: more than "
+                                f"{MAX_FDS_PER_MESSAGE} file descriptors were sent with one "
+                                "message (ancillary data truncated)",
+                                request=hdr.request, flags=hdr.flags)
     except BaseException:
         close_fds(fds)
         raise

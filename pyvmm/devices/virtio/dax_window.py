@@ -16,6 +16,11 @@ Rules this module keeps (docs/vhost-user-dax.md 6):
   the file offset), an open regular file whose access mode allows the
   protection asked for.  An invalid request raises ``DaxRequestError`` (a
   ``ValueError``) with a one-line reason and changes nothing.
+* The window keeps a table of its mappings, one entry per mapping as it was
+  made, bounded (``max_mappings``).  SHMEM_MAP/SHMEM_UNMAP name whole
+  mappings (``exclusive``/``exact``: no overlap but the very same range, no
+  partial or unknown unmap); the legacy FS_MAP/FS_UNMAP replace and cut
+  (docs/vhost-user-dax.md 2.6).
 * Nothing is ever mapped outside ``[host_addr, host_addr + size)``: each
   ``mmap(MAP_FIXED)`` is preceded by an explicit bounds check that holds under
   ``python -O`` too.  The window never has an unmapped gap that a later
@@ -157,6 +162,10 @@ for _f in (_process_vm_readv, _process_vm_writev):
                    ctypes.c_ulong, ctypes.c_ulong]
 
 FILE_IO_CHUNK = 1 << 20          # FS_IO bounce buffer: the file I/O runs without the lock
+# The mapping table's bound: one entry per page at most (entries are disjoint and page
+# granular), and never more than this (Linux maps 2 MiB ranges: 65536 of them fill a
+# 128 GiB window).  A request that would need more is refused.
+MAX_MAPPINGS = 1 << 16
 
 
 class DaxRequestError(ValueError):
@@ -230,8 +239,11 @@ class DaxWindow:
                              f"or PROT_READ | PROT_WRITE")
         self.size = size
         self.hole_prot = hole_prot
+        self.max_mappings = min(size // PAGE_SIZE, MAX_MAPPINGS)
         self._lock = threading.Lock()
-        self._maps: list[DaxMapping] = []    # sorted by offset, disjoint, merged
+        # The mapping table: each entry one mapping as it was asked for (SHMEM_UNMAP names
+        # whole mappings), sorted by offset, disjoint, at most max_mappings entries.
+        self._maps: list[DaxMapping] = []
         self._starts: list[int] = []         # offsets of _maps, for bisect
         self._closed = False
         self.host_addr = self._reserve(size)
@@ -312,22 +324,23 @@ class DaxWindow:
                                  f"{self.host_addr:#x}+{self.size:#x}")
 
     # --- requests --------------------------------------------------------------------------
-    def map(self, offset: int, length: int, fd: int, fd_offset: int, writable: bool) -> None:
+    def map(self, offset: int, length: int, fd: int, fd_offset: int, writable: bool, *,
+            exclusive: bool = False) -> None:
         """Map ``length`` bytes of file ``fd`` at ``fd_offset`` to window ``offset``.
 
-        Whatever was at that range is replaced, as mmap(MAP_FIXED) does (this is
-        how the guest's read-to-write upgrade of an existing range works, without
-        a gap another vCPU could hit).  The caller keeps ``fd``; the mapping
-        holds its own reference to the file.  On a host failure (``OSError``) the
-        range is left unmapped.
+        By default (the legacy FS_MAP) whatever was at that range is replaced, as
+        mmap(MAP_FIXED) does.  ``exclusive`` (SHMEM_MAP) keeps the table's rules: the
+        range must be free, or be exactly one existing mapping, which is then replaced
+        (the guest's read-to-write upgrade of a range, without a gap another vCPU could
+        hit); any other overlap is refused.  The caller keeps ``fd``; the mapping holds
+        its own reference to the file.  On a host failure (``OSError``) the range is
+        left unmapped.
         """
         if not (isinstance(writable, bool) or (_is_int(writable) and writable in (0, 1))):
             raise DaxRequestError(f"writable flag {writable!r} is not a boolean")
         writable = bool(writable)
         with self._lock:
-            self._check_open()
-            self._check_range(offset, length)
-            st = self._check_file(fd, fd_offset, length, writable)
+            st = self._check_map(offset, length, fd, fd_offset, writable, exclusive)
             addr = self.host_addr + offset
             prot = PROT_READ | (PROT_WRITE if writable else 0)
             self._assert_inside(addr, length)
@@ -356,15 +369,56 @@ class DaxWindow:
         log.debug("DAX map %#x+%#x <- dev %#x ino %d at %#x %s", offset, length, st.st_dev,
                   st.st_ino, fd_offset, "rw" if writable else "ro")
 
-    def unmap(self, offset: int, length: int) -> None:
+    def check_map(self, offset: int, length: int, fd: int, fd_offset: int, writable: bool, *,
+                  exclusive: bool = False) -> None:
+        """Validate a ``map`` request without doing it (DaxRequestError when invalid):
+        how a request of several entries is checked whole before any is mapped."""
+        if not (isinstance(writable, bool) or (_is_int(writable) and writable in (0, 1))):
+            raise DaxRequestError(f"writable flag {writable!r} is not a boolean")
+        with self._lock:
+            self._check_map(offset, length, fd, fd_offset, bool(writable), exclusive)
+
+    def _check_map(self, offset: int, length: int, fd: int, fd_offset: int, writable: bool,
+                   exclusive: bool) -> os.stat_result:
+        """Every check of a map request (lock held); the file's stat."""
+        self._check_open()
+        self._check_range(offset, length)
+        st = self._check_file(fd, fd_offset, length, writable)
+        hit = self._overlapping(offset, offset + length)
+        if exclusive and hit and not (len(hit) == 1 and (hit[0].offset, hit[0].length) == (offset, length)):
+            m = hit[0]
+            raise DaxRequestError(f"window range {offset:#x}+{length:#x} overlaps the mapping "
+                                  f"{m.offset:#x}+{m.length:#x} (only the very same range may be "
+                                  "mapped again)")
+        self._check_room(offset, offset + length, hit, adding=1)
+        return st
+
+    def _check_room(self, start: int, end: int, hit: list[DaxMapping], adding: int) -> None:
+        """The table stays within max_mappings when [start, end) is cut out of it and
+        ``adding`` entries go in (lock held)."""
+        kept = int(bool(hit) and hit[0].offset < start) + int(bool(hit) and hit[-1].end > end)
+        if len(self._maps) - len(hit) + kept + adding > self.max_mappings:
+            raise DaxRequestError(f"the DAX window's mapping table is full ({self.max_mappings} "
+                                  "mappings)")
+
+    def unmap(self, offset: int, length: int, *, exact: bool = False) -> None:
         """Put ``[offset, offset + length)`` back to the reserved (hole) state.
 
-        Holes inside the range are allowed (unmapping is idempotent); a caller
-        that wants the strict SHMEM_UNMAP rule checks ``overlapping`` first.
+        By default (the legacy FS_UNMAP, FUSE_REMOVEMAPPING's ranges) the range may
+        hold holes and cover mappings in part, which are then cut.  ``exact``
+        (SHMEM_UNMAP) requires the range to be exactly one whole mapping.
         """
         with self._lock:
             self._check_open()
             self._check_range(offset, length)
+            hit = self._overlapping(offset, offset + length)
+            if exact and not (len(hit) == 1 and (hit[0].offset, hit[0].length) == (offset, length)):
+                what = (f"covers {len(hit)} mappings" if len(hit) > 1 else
+                        f"is part of or more than the mapping {hit[0].offset:#x}+{hit[0].length:#x}"
+                        if hit else "is not mapped")
+                raise DaxRequestError(f"window range {offset:#x}+{length:#x} {what}: an unmap must "
+                                      "name exactly one whole mapping")
+            self._check_room(offset, offset + length, hit, adding=0)
             self._cut(offset, offset + length)
             self._fill_hole(offset, length)
         log.debug("DAX unmap %#x+%#x", offset, length)
@@ -477,17 +531,22 @@ class DaxWindow:
 
     # --- queries ---------------------------------------------------------------------------
     def mappings(self) -> list[DaxMapping]:
-        """Every mapping, by window offset; adjacent ranges of one file at
+        """What the window shows, by window offset: adjacent ranges of one file at
         consecutive file offsets with the same protection are merged."""
+        with self._lock:
+            return _merged(self._maps)
+
+    def entries(self) -> list[DaxMapping]:
+        """The mapping table itself: one entry per mapping as it was made."""
         with self._lock:
             return list(self._maps)
 
     def overlapping(self, offset: int, length: int) -> list[DaxMapping]:
-        """The recorded mappings that intersect the (validated) range, unclipped."""
+        """The (merged) mappings that intersect the (validated) range, unclipped."""
         with self._lock:
             self._check_open()
             self._check_range(offset, length)
-            return self._overlapping(offset, offset + length)
+            return [m for m in _merged(self._maps) if m.offset < offset + length and offset < m.end]
 
     def resolve(self, offset: int, length: int) -> list[DaxSegment]:
         """Which file bytes back window bytes ``[offset, offset + length)``.
@@ -537,19 +596,8 @@ class DaxWindow:
         self._starts[i:i + len(hit)] = [m.offset for m in keep]
 
     def _insert(self, new: DaxMapping) -> None:
-        """Insert into a gap of the record, merging with neighbours that continue it."""
+        """Insert into a gap of the table."""
         i = bisect.bisect_left(self._starts, new.offset)
-        if i > 0 and self._maps[i - 1].continues(new):
-            i -= 1
-            prev = self._maps.pop(i)
-            self._starts.pop(i)
-            new = DaxMapping(prev.offset, prev.length + new.length, new.writable, new.dev, new.ino,
-                             prev.fd_offset)
-        if i < len(self._maps) and new.continues(self._maps[i]):
-            nxt = self._maps.pop(i)
-            self._starts.pop(i)
-            new = DaxMapping(new.offset, new.length + nxt.length, new.writable, new.dev, new.ino,
-                             new.fd_offset)
         self._maps.insert(i, new)
         self._starts.insert(i, new.offset)
 
@@ -564,6 +612,19 @@ class DaxWindow:
                          self.host_addr, self.size, offset, length, error)
             raise error
         self._dontdump(addr, length)
+
+
+def _merged(maps: list[DaxMapping]) -> list[DaxMapping]:
+    """``maps`` (sorted, disjoint) with each run of continuing mappings made one."""
+    out: list[DaxMapping] = []
+    for m in maps:
+        if out and out[-1].continues(m):
+            prev = out[-1]
+            out[-1] = DaxMapping(prev.offset, prev.length + m.length, m.writable, m.dev, m.ino,
+                                 prev.fd_offset)
+        else:
+            out.append(m)
+    return out
 
 
 def _regular_file(fd: int) -> tuple[os.stat_result, int]:
@@ -716,6 +777,43 @@ class DaxShm:
         with self._lock:
             self._drop_slot()
             self.window.close()
+
+
+class DaxWindows:
+    """Every DAX window of one VM, by the guest-physical range it is at now.
+
+    FS_IO is how a back-end reaches a FUSE buffer that lies in a DAX window: its
+    memory table covers guest RAM only.  That window need not be its own device's:
+    a guest program that uses a DAX mapping of share A as the buffer of an O_DIRECT
+    read() of a file on share B puts A's window pages on B's queue.  So every
+    virtio-fs device of a VM shares one registry and FS_IO is routed by address to
+    the window that holds it.  One entry per device, added when it is built.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._shms: list[DaxShm] = []
+
+    def add(self, shm: DaxShm) -> None:
+        with self._lock:
+            if shm not in self._shms:
+                self._shms.append(shm)
+
+    def remove(self, shm: DaxShm) -> None:
+        with self._lock:
+            if shm in self._shms:
+                self._shms.remove(shm)
+
+    def locate(self, gpa: int, length: int) -> tuple[DaxWindow, int] | None:
+        """(window, offset) of the window that holds guest range [gpa, gpa + length)
+        whole, at the address its BAR decodes now; None when no window does."""
+        with self._lock:
+            shms = list(self._shms)
+        for shm in shms:
+            offset = shm.window_offset(gpa, length)
+            if offset is not None:
+                return shm.window, offset
+        return None
 
 
 def _hex(value: int | None) -> str:

@@ -32,7 +32,7 @@ from ...vhost_user import protocol as vu
 from ...vhost_user.frontend import (DEFAULT_PROTOCOL_FEATURES, BackendError, VhostUserError,
                                     VhostUserFrontend, guest_memory_regions, serve_backend_requests)
 from ...snapshot.fields import SaveRefused, expect_keys, items, optional, text, uint
-from .dax_window import VIRTIO_FS_SHMCAP_ID_CACHE, DaxShm, DaxWindow
+from .dax_window import VIRTIO_FS_SHMCAP_ID_CACHE, DaxShm, DaxWindow, DaxWindows
 from .device import VIRTIO_ID_FS, VirtioDevice
 
 log = logging.getLogger(__name__)
@@ -50,32 +50,35 @@ FUSE_OUT_HEADER_SIZE = 16       # struct fuse_out_header: len u32, error s32, un
 _STATE_KEYS = ("tag", "num_request_queues", "queue_size", "dax", "ring_bases")
 
 
-def handle_dax_request(window: DaxWindow, msg: vu.Message, shm: DaxShm | None = None) -> int:
-    """One backend request on the DAX window: FS_MAP/FS_UNMAP/FS_SYNC (legacy, up to
-    8 entries), SHMEM_MAP/SHMEM_UNMAP, or FS_IO (needs ``shm``, the window's current
-    guest address).  Invalid requests raise ValueError (DaxWindow validates every
-    offset and length before any mmap), which becomes a failure ack."""
+def handle_dax_request(window: DaxWindow | None, msg: vu.Message,
+                       windows: DaxWindows | None = None) -> int:
+    """One back-end request on the DAX window: FS_MAP/FS_UNMAP/FS_SYNC (legacy, up to
+    8 entries), SHMEM_MAP/SHMEM_UNMAP, or FS_IO (routed through ``windows``, the VM's
+    windows at their current guest addresses).  ``window`` is the device's own (None:
+    a device without DAX, which serves FS_IO only).  Invalid requests raise ValueError
+    (DaxWindow validates every offset and length before any mmap), which becomes a
+    failure ack.
+
+    The rules (docs/vhost-user-dax.md 2.6): SHMEM_MAP may not overlap a mapping but
+    may replace exactly one of the very same range; SHMEM_UNMAP names exactly one whole
+    mapping.  The legacy family keeps its own meaning: FS_MAP replaces what is there,
+    FS_UNMAP may cover holes and parts of mappings; an FS_MAP of several entries is all
+    or nothing (every entry is checked before the first is mapped)."""
     if msg.request == vu.VHOST_USER_BACKEND_FS_IO:
-        return _fs_io(window, shm, msg)
-    if msg.request in (vu.VHOST_USER_BACKEND_FS_MAP, vu.VHOST_USER_BACKEND_FS_UNMAP,
-                       vu.VHOST_USER_BACKEND_FS_SYNC):
-        for fd_offset, c_offset, length, flags in msg.body.entries():
-            if msg.request == vu.VHOST_USER_BACKEND_FS_MAP:
-                if not flags & (vu.VHOST_USER_FS_FLAG_MAP_R | vu.VHOST_USER_FS_FLAG_MAP_W):
-                    raise ValueError("FS_MAP entry asks for neither read nor write access")
-                if len(msg.fds) != 1:
-                    raise ValueError(f"FS_MAP needs exactly one fd, got {len(msg.fds)}")
-                window.map(c_offset, length, msg.fds[0], fd_offset,
-                           writable=bool(flags & vu.VHOST_USER_FS_FLAG_MAP_W))
-            elif msg.request == vu.VHOST_USER_BACKEND_FS_UNMAP:
-                if length == FS_UNMAP_ALL:
-                    window.unmap_all()
-                else:
-                    window.unmap(c_offset, length)
-            else:
+        return _fs_io(windows, msg)
+    if window is None:
+        raise ValueError(f"{msg.name}: this virtio-fs device has no DAX window")
+    if msg.request == vu.VHOST_USER_BACKEND_FS_MAP:
+        _fs_map(window, msg)
+    elif msg.request in (vu.VHOST_USER_BACKEND_FS_UNMAP, vu.VHOST_USER_BACKEND_FS_SYNC):
+        for _, c_offset, length, _ in msg.body.entries():
+            if msg.request == vu.VHOST_USER_BACKEND_FS_SYNC:
                 window.sync(c_offset, length)
-        return 0
-    if msg.request in (vu.VHOST_USER_BACKEND_SHMEM_MAP, vu.VHOST_USER_BACKEND_SHMEM_UNMAP):
+            elif length == FS_UNMAP_ALL:
+                window.unmap_all()
+            else:
+                window.unmap(c_offset, length)
+    elif msg.request in (vu.VHOST_USER_BACKEND_SHMEM_MAP, vu.VHOST_USER_BACKEND_SHMEM_UNMAP):
         body = msg.body
         if body.shmid != VIRTIO_FS_SHMCAP_ID_CACHE:
             raise ValueError(f"shared memory region {body.shmid} does not exist")
@@ -83,25 +86,50 @@ def handle_dax_request(window: DaxWindow, msg: vu.Message, shm: DaxShm | None = 
             if len(msg.fds) != 1:
                 raise ValueError(f"SHMEM_MAP needs exactly one fd, got {len(msg.fds)}")
             window.map(body.shm_offset, body.len, msg.fds[0], body.fd_offset,
-                       writable=bool(body.flags & vu.VHOST_USER_FLAG_MAP_RW))
+                       writable=bool(body.flags & vu.VHOST_USER_FLAG_MAP_RW), exclusive=True)
         else:
-            window.unmap(body.shm_offset, body.len)
-        return 0
-    raise ValueError(f"{msg.name} is not a request pyvmm serves")
+            window.unmap(body.shm_offset, body.len, exact=True)
+    else:
+        raise ValueError(f"{msg.name} is not a request pyvmm serves")
+    return 0
 
 
-def _fs_io(window: DaxWindow, shm: DaxShm | None, msg: vu.Message) -> int:
-    """FS_IO: copy between the attached file and guest buffers that lie in the DAX
-    window (a backend's memory table does not cover it).  Each entry's c_offset is
-    a guest-physical address; MAP_W moves guest bytes to the file.  The ack is the
-    total moved; a short copy (end of file) ends the request there."""
+def _fs_map(window: DaxWindow, msg: vu.Message) -> None:
+    """Legacy FS_MAP, all or nothing: every entry is validated before any is mapped, and
+    a host failure part-way unmaps the entries this request already mapped."""
+    if len(msg.fds) != 1:
+        raise ValueError(f"FS_MAP needs exactly one fd, got {len(msg.fds)}")
+    entries = []
+    for fd_offset, c_offset, length, flags in msg.body.entries():
+        if not flags & (vu.VHOST_USER_FS_FLAG_MAP_R | vu.VHOST_USER_FS_FLAG_MAP_W):
+            raise ValueError("FS_MAP entry asks for neither read nor write access")
+        entry = (c_offset, length, msg.fds[0], fd_offset, bool(flags & vu.VHOST_USER_FS_FLAG_MAP_W))
+        window.check_map(*entry)
+        entries.append(entry)
+    done = []
+    try:
+        for entry in entries:
+            window.map(*entry)
+            done.append(entry)
+    except (OSError, ValueError):
+        for c_offset, length, *_ in done:
+            window.unmap(c_offset, length)
+        raise
+
+
+def _fs_io(windows: DaxWindows | None, msg: vu.Message) -> int:
+    """FS_IO: copy between the attached file and guest buffers that lie in a DAX window
+    of this VM, whichever device's (a back-end's memory table does not cover them).
+    Each entry's c_offset is a guest-physical address; MAP_W moves guest bytes to the
+    file.  The ack is the total moved; a short copy (end of file) ends the request."""
     if len(msg.fds) != 1:
         raise ValueError(f"FS_IO needs exactly one fd, got {len(msg.fds)}")
     total = 0
     for fd_offset, gpa, length, flags in msg.body.entries():
-        offset = shm.window_offset(gpa, length) if shm is not None else None
-        if offset is None:
-            raise OSError(errno.EFAULT, f"FS_IO range {gpa:#x}+{length:#x} is not in the DAX window")
+        found = windows.locate(gpa, length) if windows is not None else None
+        if found is None:
+            raise OSError(errno.EFAULT, f"FS_IO range {gpa:#x}+{length:#x} is not in a DAX window")
+        window, offset = found
         try:
             moved = window.file_io(offset, length, msg.fds[0], fd_offset,
                                    to_file=bool(flags & vu.VHOST_USER_FS_FLAG_MAP_W))
@@ -132,7 +160,7 @@ class VirtioFs(VirtioDevice):
 
     def __init__(self, tag: str, socket_path: str, num_request_queues: int = 1,
                  queue_size: int = DEFAULT_QUEUE_SIZE, dax_window: int | None = None,
-                 slots=None) -> None:
+                 slots=None, windows: DaxWindows | None = None) -> None:
         super().__init__()
         raw = tag.encode()
         if not raw or len(raw) > VIRTIO_FS_TAG_LEN or b"\0" in raw:
@@ -165,6 +193,11 @@ class VirtioFs(VirtioDevice):
                             "expecting the legacy FS_MAP requests (a backend without DAX, such "
                             "as Debian's C virtiofsd, cannot serve a DAX mount)", tag)
             self.dax = DaxShm(DaxWindow(dax_window), slots, VIRTIO_FS_SHMCAP_ID_CACHE)
+        # The VM's DAX windows, for FS_IO: a buffer on this device's queue may lie in any
+        # device's window (docs/vhost-user-dax.md 2.1).
+        self.windows = windows if windows is not None else DaxWindows()
+        if self.dax is not None:
+            self.windows.add(self.dax)
         self._started = False      # this connection has the device's features and memory
         self._ring_bases: dict[int, int] | None = None   # rings stopped by stop_backend
         self._backend_gone = False
@@ -190,6 +223,11 @@ class VirtioFs(VirtioDevice):
             return
         for index, q in enumerate(self.queues):
             if q.ready:
+                # A request's data buffers may lie in a DAX window (O_DIRECT I/O into a DAX
+                # mapping); its FUSE headers are in RAM, which is all an error reply needs.
+                # Refused as a bad chain, it would complete with nothing written, and the
+                # guest would take that for success.
+                q.foreign_buffers = True
                 try:
                     q.resume_from_ring()
                 except ValueError as e:  # the ring is not in guest RAM any more
@@ -238,17 +276,32 @@ class VirtioFs(VirtioDevice):
         if self.dax is not None:
             self.dax.shm_moved(old, new)
 
-    def _serve_dax_requests(self) -> None:
-        """Open the backend request channel and serve FS_MAP & co. on a thread."""
+    def _wants_request_channel(self) -> bool:
+        """A DAX device always; one without DAX when the back-end can send FS_IO (it
+        needs BACKEND_REQ, BACKEND_SEND_FD for the file and REPLY_ACK for the count)."""
+        if self.dax is not None:
+            return True
+        return all(self.frontend.has_protocol_feature(bit) for bit in (
+            vu.VHOST_USER_PROTOCOL_F_BACKEND_REQ, vu.VHOST_USER_PROTOCOL_F_BACKEND_SEND_FD,
+            vu.VHOST_USER_PROTOCOL_F_REPLY_ACK))
+
+    def _serve_backend_requests(self) -> None:
+        """Open the back-end request channel and serve FS_MAP, FS_IO & co. on a thread."""
         if self._request_channel is not None:
             return
         self._request_channel = self.frontend.set_backend_req_fd()
-        window = self.dax.window
-        threading.Thread(target=serve_backend_requests,
-                         args=(self._request_channel,
-                               lambda msg: handle_dax_request(window, msg, self.dax)),
-                         kwargs={"label": f"virtio-fs {self.tag.decode()}"},
-                         name=f"virtio-fs-{self.tag.decode()}-dax", daemon=True).start()
+        threading.Thread(target=self._backend_request_loop, args=(self._request_channel,),
+                         name=f"virtio-fs-{self.tag.decode()}-backend-req", daemon=True).start()
+
+    def _backend_request_loop(self, channel) -> None:
+        window = self.dax.window if self.dax is not None else None
+        tag = self.tag.decode()
+        reason = serve_backend_requests(channel, lambda msg: handle_dax_request(window, msg, self.windows),
+                                        label=f"virtio-fs {tag}")
+        if reason is not None and not self._closed.is_set():
+            log.error("virtio-fs %s: back-end request channel closed, its stream cannot be "
+                      "trusted (%s): no more DAX mappings or FS_IO for this share, the guest "
+                      "gets errors for new mappings; the VM keeps running", tag, reason)
 
     def start_backend(self, kick_fds: list[int], call_fds: list[int], take_over=None) -> None:
         """DRIVER_OK: hand guest memory and every ready ring to the backend.  After
@@ -266,8 +319,8 @@ class VirtioFs(VirtioDevice):
                            used=q.device_addr, kick_fd=kick_fds[index], call_fd=call_fds[index],
                            base=bases.get(index, 0))
         self._ring_bases = None
-        if self.dax is not None:
-            self._serve_dax_requests()
+        if self._wants_request_channel():
+            self._serve_backend_requests()
         self._started = True
         log.info("virtio-fs %s: backend %s serves %d queues%s", self.tag.decode(), self.socket_path,
                  sum(q.ready for q in self.queues),
@@ -361,6 +414,7 @@ class VirtioFs(VirtioDevice):
             self._request_channel.close()
         self.frontend.close()
         if self.dax is not None:
+            self.windows.remove(self.dax)
             self.dax.close()
 
 
