@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "yet) write the machine to DIR and exit 0")
     run.add_argument("--snapshot-and-continue", action="store_true",
                      help="with --snapshot: go on running after writing it")
+    run.add_argument("--gdb", metavar="PORT|unix:PATH",
+                     help="serve GDB's remote protocol on 127.0.0.1:PORT or a Unix socket; "
+                     "the guest waits for the debugger before its first instruction")
     add_host_side_args(run)
     restore = sub.add_parser("restore", help="resume a guest from a snapshot directory",
                              epilog=EXIT_STATUS_TABLE,
@@ -146,6 +149,7 @@ class RunPlan:
     shares: list[ShareConfig] = field(default_factory=list)
     exec_command: str | None = None
     timeout: float | None = None
+    gdb: str | None = None   # --gdb: where the GDB stub listens
 
 
 def parse_cpus_memory(args: argparse.Namespace) -> tuple[int, int]:
@@ -273,7 +277,16 @@ def run_plan(args: argparse.Namespace, flavour) -> RunPlan:
                            agent_words=" ".join(share_words) if agent else None,
                            agent_socket=agent_socket, snapshot_path=snapshot,
                            snapshot_continue=args.snapshot_and_continue)
-    return RunPlan(config, shares, args.exec, parse_timeout(args.timeout))
+    return RunPlan(config, shares, args.exec, parse_timeout(args.timeout), parse_gdb(args.gdb))
+
+
+def parse_gdb(text: str | None) -> str | None:
+    from .gdbstub import parse_address
+
+    try:
+        return None if text is None else parse_address(text)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def restore_plan(args: argparse.Namespace, flavour) -> tuple[RunPlan, "Snapshot"]:
@@ -442,6 +455,10 @@ def launch(plan: RunPlan, flavour, snapshot: "Snapshot | None" = None) -> int:
         try:
             if plan.exec_command is not None:
                 start_exec(machine, plan.exec_command)
+            if plan.gdb is not None:
+                from .gdbstub import start_for
+
+                start_for(machine, plan.gdb)
             status = machine.run(plan.timeout)
         finally:
             machine.close()
