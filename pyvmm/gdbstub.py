@@ -413,6 +413,14 @@ def _hex(data: bytes) -> bytes:
     return data.hex().encode()
 
 
+def _numbers(text: bytes, sep: bytes = b",") -> list[int]:
+    """Hex fields of a packet, each below 2**64 (a ValueError otherwise)."""
+    values = [int(x, 16) for x in text.split(sep)]
+    if any(not 0 <= v < 1 << 64 for v in values):
+        raise ValueError(f"number out of range in {text[:40]!r}")
+    return values
+
+
 class GdbStub:
     """One GDB connection at a time on ``address`` (a TCP port on 127.0.0.1, or
     ``unix:PATH``); serves the debugger until the VM ends."""
@@ -491,7 +499,6 @@ class GdbStub:
         sel.register(conn, selectors.EVENT_READ, "conn")
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._running = False
-        self._ack = True
         try:
             while not self.stopping.is_set():
                 for key, _ in sel.select(0.25):
@@ -521,8 +528,7 @@ class GdbStub:
         elif event.kind == "bad":
             self.conn.sendall(b"-")
         elif event.kind == "packet":
-            if self._ack:
-                self.conn.sendall(b"+")
+            self.conn.sendall(b"+")
             reply = self.handle(event.payload)
             if reply is not None:
                 self.conn.sendall(frame(reply))
@@ -553,7 +559,7 @@ class GdbStub:
             if cmd == b"H":
                 return self._set_thread(args)
             if cmd == b"T":
-                return b"OK" if 0 <= int(args, 16) - 1 < len(self.debugger.vcpus) else b"E01"
+                return b"OK" if 0 <= _numbers(args)[0] - 1 < len(self.debugger.vcpus) else b"E01"
             if cmd in (b"D", b"k"):
                 if cmd == b"k":
                     self._kill()
@@ -563,19 +569,19 @@ class GdbStub:
             if cmd == b"g":
                 return b"".join(_hex(v) for v in self._values())
             if cmd == b"p":
-                n = int(args, 16)
+                n, = _numbers(args)
                 return _hex(self._values()[n]) if n < len(REGISTERS) else b"E45"
             if cmd == b"G":
                 return self._write_registers(bytes.fromhex(args.decode()))
             if cmd == b"P":
                 n, value = args.split(b"=", 1)
-                return self._write_register(int(n, 16), bytes.fromhex(value.decode()))
+                return self._write_register(_numbers(n)[0], bytes.fromhex(value.decode()))
             if cmd == b"m":
-                addr, size = (int(x, 16) for x in args.split(b","))
+                addr, size = _numbers(args)
                 return _hex(self.debugger.read(self.current, addr, min(size, MAX_MEMORY_READ)))
             if cmd == b"M":
                 where, data = args.split(b":", 1)
-                addr, size = (int(x, 16) for x in where.split(b","))
+                addr, size = _numbers(where)
                 data = bytes.fromhex(data.decode())
                 if len(data) != size:
                     return b"E22"
@@ -597,7 +603,7 @@ class GdbStub:
         if packet.startswith(b"qSupported"):
             return (b"PacketSize=%x;qXfer:features:read+;swbreak+;hwbreak+" % PACKET_SIZE)
         if packet.startswith(b"qXfer:features:read:target.xml:"):
-            offset, length = (int(x, 16) for x in packet.split(b":")[4].split(b","))
+            offset, length = _numbers(packet.split(b":")[4])
             chunk = TARGET_XML[offset:offset + min(length, PACKET_SIZE - 16)]
             return (b"l" if offset + len(chunk) >= len(TARGET_XML) else b"m") + chunk
         if packet == b"qAttached":
@@ -608,13 +614,10 @@ class GdbStub:
             return b"m" + b",".join(b"%x" % (i + 1) for i in range(len(self.debugger.vcpus)))
         if packet == b"qsThreadInfo":
             return b"l"
-        if packet == b"QStartNoAckMode":
-            self._ack = False
-            return b"OK"
         return b""
 
     def _set_thread(self, args: bytes) -> bytes:
-        op, tid = args[:1], int(args[1:], 16)
+        op, tid = args[:1], (-1 if args[1:] == b"-1" else _numbers(args[1:])[0])
         index = None if tid in (0, -1) else tid - 1   # 0: any thread, -1: all
         if index is not None and not 0 <= index < len(self.debugger.vcpus):
             return b"E01"
@@ -651,7 +654,7 @@ class GdbStub:
         return b"OK"
 
     def _breakpoint(self, insert: bool, args: bytes) -> bytes:
-        kind, addr, length = (int(x, 16) for x in args.split(b";")[0].split(b","))
+        kind, addr, length = _numbers(args.split(b";")[0])
         dbg = self.debugger
         if kind == 0:
             if insert:
@@ -680,7 +683,7 @@ class GdbStub:
         if args:
             vcpu = self.debugger.vcpus[index].vcpu
             regs = vcpu.get_regs()
-            regs.rip = int(args, 16)
+            regs.rip = _numbers(args)[0]
             vcpu.set_regs(regs)
         self._running = True
         self.debugger.resume(index if step else None)

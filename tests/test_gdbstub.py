@@ -14,8 +14,9 @@ import threading
 import pytest
 from hypothesis import given, strategies as st
 
-from pyvmm import gdbstub
+from pyvmm import gdbstub, kvm
 from pyvmm.gdbstub import Event, PacketReader, checksum, frame
+from pyvmm.memory import GuestMemoryError
 
 # --- framing (no KVM) --------------------------------------------------------------------
 
@@ -93,6 +94,104 @@ def test_parse_address(text, ok):
     else:
         with pytest.raises(ValueError):
             gdbstub.parse_address(text)
+
+
+# --- any packet from GDB: a reply or an error, never an exception (fakes, no KVM) --------
+
+
+class FakeVcpu:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.regs = kvm.kvm_regs(rip=0x1000, rflags=2)
+        self.debug: list[int] = []
+
+    def get_regs(self):
+        return kvm.kvm_regs.from_buffer_copy(self.regs)
+
+    def set_regs(self, regs) -> None:
+        self.regs = kvm.kvm_regs.from_buffer_copy(regs)
+
+    def get_sregs(self):
+        return kvm.kvm_sregs()
+
+    def get_fpu(self):
+        return kvm.kvm_fpu()
+
+    def translate(self, addr: int):
+        return kvm.kvm_translation(linear_address=addr, physical_address=addr, valid=addr < 0x10000)
+
+    def set_guest_debug(self, control: int, debugreg=None) -> None:
+        self.debug.append(control)
+
+
+class FakeThread:
+    def __init__(self, index: int) -> None:
+        self.vcpu = FakeVcpu(index)
+        self.pause_requested, self.paused = threading.Event(), threading.Event()
+        self.paused.set()
+        self.thread = threading.current_thread()
+
+    def request_pause(self) -> None:
+        self.pause_requested.set()
+
+    def resume(self) -> None:
+        self.pause_requested.clear()
+
+
+class FakeMemory:
+    def __init__(self) -> None:
+        self.ram = bytearray(range(256)) * 256
+
+    def read(self, gpa: int, size: int) -> bytes:
+        if gpa + size > len(self.ram):
+            raise GuestMemoryError("not RAM")
+        return bytes(self.ram[gpa:gpa + size])
+
+    def write(self, gpa: int, data: bytes) -> None:
+        if gpa + len(data) > len(self.ram):
+            raise GuestMemoryError("not RAM")
+        self.ram[gpa:gpa + len(data)] = data
+
+
+@pytest.fixture(scope="module")
+def fake_stub(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gdb") / "s"
+    stub = gdbstub.GdbStub(f"unix:{path}", [FakeThread(0), FakeThread(1)], FakeMemory(),
+                           threading.Event(), kill=lambda: None)
+    yield stub
+    stub.listener.close()
+
+
+COMMANDS = [b"m", b"M", b"g", b"G", b"p", b"P", b"Z0,", b"z0,", b"Z1,", b"Z2,", b"z2,", b"Hg",
+            b"Hc", b"T", b"c", b"s", b"C", b"S", b"?", b"qC", b"qfThreadInfo", b"qSupported",
+            b"qXfer:features:read:target.xml:", b"vCont?", b"X"]
+
+
+@given(st.one_of(st.binary(max_size=80),
+                 st.builds(bytes.__add__, st.sampled_from(COMMANDS),
+                           st.text("0123456789abcdefABx,;:=-", max_size=60).map(str.encode))))
+def test_any_packet_gets_a_reply_not_an_exception(fake_stub, packet):
+    fake_stub._running = False
+    fake_stub.debugger.stop = gdbstub.Stop(0, gdbstub.SIGTRAP)
+    reply = fake_stub.handle(packet)
+    assert reply is None or isinstance(reply, bytes)
+    if reply is None:
+        assert packet[:1] in (b"c", b"s", b"C", b"S", b"k")
+    assert len(fake_stub.debugger.sw) <= gdbstub.MAX_SW_BREAKPOINTS
+    assert sum(bp is not None for bp in fake_stub.debugger.hw) <= gdbstub.NUM_HW_BREAKPOINTS
+    assert 0 <= fake_stub.current < 2
+
+
+def test_software_breakpoints_on_fake_memory(fake_stub):
+    fake_stub._running = False
+    mem = fake_stub.debugger.memory
+    orig = mem.read(0x123, 1)
+    assert fake_stub.handle(b"Z0,123,1") == b"OK" and mem.read(0x123, 1) == b"\xcc"
+    assert fake_stub.handle(b"m122,3") == mem.read(0x122, 3).replace(b"\xcc", orig).hex().encode()
+    assert fake_stub.handle(b"M123,1:55") == b"OK" and mem.read(0x123, 1) == b"\xcc"
+    assert fake_stub.handle(b"z0,123,1") == b"OK" and mem.read(0x123, 1) == b"\x55"
+    assert fake_stub.handle(b"Z0,20000,1") == b"E14"        # not mapped
+    assert fake_stub.handle(b"m1%s,1" % (b"0" * 16)) == b"E22"   # above 2**64
 
 
 # --- a scripted client on a tiny guest ------------------------------------------------------
