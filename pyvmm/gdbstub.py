@@ -427,8 +427,12 @@ class GdbStub:
 
     def __init__(self, address: str, vcpus: list["VcpuThread"], memory: "GuestMemory",
                  stopping: threading.Event, kill: Callable[[], None],
-                 exit_status: Callable[[], int | None] = lambda: None) -> None:
+                 exit_status: Callable[[], int | None] = lambda: None,
+                 watchpoints: bool = True) -> None:
         self.stopping = stopping
+        # PVM's emulator does not check data breakpoints (docs/gdb.md): there GDB is told
+        # that Z2-Z4 are not supported, instead of watchpoints that never fire.
+        self.watchpoints = watchpoints
         self._kill = kill
         self._exit_status = exit_status
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -662,7 +666,7 @@ class GdbStub:
             else:
                 dbg.remove_sw(addr)
             return b"OK"
-        if kind not in DR7_RW or (kind != 1 and length not in DR7_LEN):
+        if kind not in DR7_RW or (kind != 1 and (length not in DR7_LEN or not self.watchpoints)):
             return b""
         bp = HwBreakpoint(kind, addr, length)
         if insert:
@@ -696,7 +700,8 @@ def start_for(machine, address: str) -> GdbStub:
     try:
         stub = GdbStub(address, machine.vcpus, machine.memory, machine.stopping,
                        kill=lambda: machine.request_exit(0, "killed by gdb"),
-                       exit_status=lambda: machine.exit_status)
+                       exit_status=lambda: machine.exit_status,
+                       watchpoints=not machine.flavour.is_pvm)
     except OSError as e:
         raise ValueError(f"--gdb {address}: cannot listen: {e.strerror}") from None
     stub.start()

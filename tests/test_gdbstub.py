@@ -251,7 +251,7 @@ def debugged(kvm_host, tmp_path):
         path = str(tmp_path / "gdb.sock")
         stub = gdbstub.GdbStub(f"unix:{path}", [vm.thread], vm.mem, vm.stopping,
                                kill=lambda: vm._exit(9, "killed by gdb"),
-                               exit_status=lambda: vm.status)
+                               exit_status=lambda: vm.status, watchpoints=kvm_host != "pvm")
         stub.start()
         vm.thread.start()
         client = Client(path)
@@ -323,12 +323,15 @@ def test_registers_memory_breakpoints_step_and_continue(debugged, kvm_host):
     data = CODE_ADDR + 0x100
     assert gdb.send(b"M%x,4:78563412" % data) == b"OK"
     assert vm.mem.read(data, 4) == bytes.fromhex("78563412")
-    assert gdb.send(b"Z2,%x,4" % data) == b"OK"
-    assert gdb.send(b"c", reply=False) is None
     if kvm_host == "pvm":
-        # PVM's emulator does not check data breakpoints at CPL0 (docs/gdb.md): the guest ends
+        # PVM's emulator does not check data breakpoints at CPL0 (docs/gdb.md): the stub
+        # says it has no watchpoints; GDB can still single-step and compare
+        assert gdb.send(b"Z2,%x,4" % data) == b""
+        assert gdb.send(b"c", reply=False) is None
         assert gdb.reply() == b"W2a"
     else:
+        assert gdb.send(b"Z2,%x,4" % data) == b"OK"
+        assert gdb.send(b"c", reply=False) is None
         assert gdb.reply() == b"T05thread:1;watch:%x;" % data
         assert gdb.send(b"m%x,4" % data) == b"44332211"
         assert gdb.send(b"z2,%x,4" % data) == b"OK"
@@ -394,3 +397,22 @@ def test_bad_packets_get_errors_not_crashes(debugged):
     gdb.sock.sendall(b"$g#00")
     assert gdb._next() == Event("nack")
     assert gdb.send(b"?") == b"T05thread:1;"
+
+
+def test_data_breakpoints_through_kvm(kvm_host):
+    """The measured fact behind the stub's watchpoints: a write watchpoint in DR0/DR7
+    (KVM_GUESTDBG_USE_HW_BP) ends KVM_RUN with KVM_EXIT_DEBUG on hardware KVM, but is
+    never checked by PVM's emulator at CPL0, where the guest runs to its end."""
+    from tinyguest import CODE_ADDR, TinyVm, assemble
+
+    vm = TinyVm(assemble(f".org 0\n movl $1, data(%rip)\n mov $0x2a, %al\n{EXIT}\n.org 0x100\ndata: .long 0\n"))
+    try:
+        regs = gdbstub.debugreg([gdbstub.HwBreakpoint(2, CODE_ADDR + 0x100, 4), None, None, None])
+        vm.thread.vcpu.set_guest_debug(kvm.KVM_GUESTDBG_ENABLE | kvm.KVM_GUESTDBG_USE_HW_BP, regs)
+        status = vm.run()
+        if kvm_host == "pvm":
+            assert status == 0x2A, vm.reason
+        else:
+            assert status == 1 and "KVM_EXIT_DEBUG" in vm.reason
+    finally:
+        vm.close()
