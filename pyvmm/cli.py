@@ -281,10 +281,12 @@ def run_plan(args: argparse.Namespace, flavour) -> RunPlan:
 
 
 def parse_gdb(text: str | None) -> str | None:
+    if text is None:
+        return None
     from .gdbstub import parse_address
 
     try:
-        return None if text is None else parse_address(text)
+        return parse_address(text)
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -155,7 +155,7 @@ class VcpuThread:
         self.pause_requested = threading.Event()
         self.paused = threading.Event()
         self.fixups: dict[str, int] = {}
-        # --gdb: pyvmm.gdbstub.GuestDebugger (debug exits, breakpoint int3s on PVM)
+        # --gdb: pyvmm.gdbstub.debugger.GuestDebugger (debug exits, breakpoint int3s on PVM)
         self.debugger = None
         self.exits = 0
         self.memory_faults = 0

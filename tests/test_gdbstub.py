@@ -14,8 +14,9 @@ import threading
 import pytest
 from hypothesis import given, strategies as st
 
-from pyvmm import gdbstub, kvm
-from pyvmm.gdbstub import Event, PacketReader, checksum, frame
+from pyvmm import kvm
+from pyvmm.gdbstub import debugger, packets, registers, server
+from pyvmm.gdbstub.packets import Event, PacketReader, checksum, frame
 from pyvmm.memory import GuestMemoryError
 
 # --- framing (no KVM) --------------------------------------------------------------------
@@ -38,7 +39,7 @@ def test_framed_body_has_no_bare_special_bytes(payload):
     body = wire[1:-3]
     assert b"#" not in body and b"$" not in body
     assert wire[-3:-2] == b"#" and int(wire[-2:], 16) == checksum(body)
-    assert gdbstub.unescape(body) == payload
+    assert packets.unescape(body) == payload
 
 
 @given(st.binary(min_size=1, max_size=100), st.integers(1, 255))
@@ -66,34 +67,56 @@ def test_known_packets():
 
 def test_an_overlong_packet_is_dropped_and_the_next_one_parses():
     reader = PacketReader()
-    big = b"M0," + b"0" * (gdbstub.PACKET_SIZE * 3)
+    big = b"M0," + b"0" * (packets.PACKET_SIZE * 3)
     events = reader.feed(b"$" + big + b"#%02x" % checksum(big) + frame(b"g"))
     assert events == [Event("bad"), Event("packet", b"g")]
     assert len(reader._body or b"") == 0
 
 
 def test_debugreg_encodes_dr7():
-    bps = [gdbstub.HwBreakpoint(1, 0x1000, 1), None, gdbstub.HwBreakpoint(2, 0x2000, 4), None]
-    regs = gdbstub.debugreg(bps)
+    bps = [debugger.HwBreakpoint(1, 0x1000, 1), None, debugger.HwBreakpoint(2, 0x2000, 4), None]
+    regs = debugger.debugreg(bps)
     assert regs[0] == 0x1000 and regs[2] == 0x2000
     # L0; L2, R/W2 = 01 (write) at bits 24-25, LEN2 = 11 (4 bytes) at bits 26-27
     assert regs[7] == 0b1 | 0b10000 | (0b01 << 24) | (0b11 << 26)
 
 
 def test_register_layout_is_gdbs_amd64():
-    assert gdbstub.REGISTERS[16] == ("rip", 8) and gdbstub.REGISTERS[17] == ("eflags", 4)
-    assert gdbstub.REGISTER_INDEX["xmm0"] == 40 and gdbstub.REGISTER_INDEX["mxcsr"] == 56
-    assert gdbstub.G_PACKET_SIZE == 17 * 8 + 7 * 4 + 8 * 10 + 8 * 4 + 16 * 16 + 4 + 16
+    assert registers.REGISTERS[16] == ("rip", 8) and registers.REGISTERS[17] == ("eflags", 4)
+    assert registers.REGISTER_INDEX["xmm0"] == 40 and registers.REGISTER_INDEX["mxcsr"] == 56
+    assert registers.G_PACKET_SIZE == 17 * 8 + 7 * 4 + 8 * 10 + 8 * 4 + 16 * 16 + 4 + 16
 
 
 @pytest.mark.parametrize("text, ok", [("1234", True), ("unix:/tmp/x", True), ("0", False),
                                       ("70000", False), ("abc", False), ("unix:", False)])
 def test_parse_address(text, ok):
     if ok:
-        assert gdbstub.parse_address(text) == text
+        assert server.parse_address(text) == text
     else:
         with pytest.raises(ValueError):
-            gdbstub.parse_address(text)
+            server.parse_address(text)
+
+
+def test_an_address_we_cannot_listen_on_is_bad_input(tmp_path):
+    from pyvmm.platform import Flavour
+
+    class Machine:
+        vcpus, memory, stopping = [], None, threading.Event()
+        flavour = Flavour("pvm", "kvm_pvm", "")
+
+    with pytest.raises(ValueError, match="--gdb unix:.*: cannot listen: No such file or directory"):
+        server.start_for(Machine(), f"unix:{tmp_path}/no-such-dir/gdb.sock")
+
+
+def test_a_unix_path_that_is_not_a_socket_is_kept(tmp_path):
+    path = tmp_path / "precious"
+    path.write_text("data")
+    with pytest.raises(OSError):
+        server.listen(f"unix:{path}")
+    assert path.read_text() == "data"
+    stale = tmp_path / "stale.sock"
+    server.listen(f"unix:{stale}").close()
+    server.listen(f"unix:{stale}").close()   # a socket left behind is replaced
 
 
 # --- any packet from GDB: a reply or an error, never an exception (fakes, no KVM) --------
@@ -156,10 +179,11 @@ class FakeMemory:
 @pytest.fixture(scope="module")
 def fake_stub(tmp_path_factory):
     path = tmp_path_factory.mktemp("gdb") / "s"
-    stub = gdbstub.GdbStub(f"unix:{path}", [FakeThread(0), FakeThread(1)], FakeMemory(),
+    stub = server.GdbStub(f"unix:{path}", [FakeThread(0), FakeThread(1)], FakeMemory(),
                            threading.Event(), kill=lambda: None)
     yield stub
-    stub.listener.close()
+    for sock in (stub.listener, stub._wake_r, stub._wake_w):
+        sock.close()
 
 
 COMMANDS = [b"m", b"M", b"g", b"G", b"p", b"P", b"Z0,", b"z0,", b"Z1,", b"Z2,", b"z2,", b"Hg",
@@ -172,13 +196,13 @@ COMMANDS = [b"m", b"M", b"g", b"G", b"p", b"P", b"Z0,", b"z0,", b"Z1,", b"Z2,", 
                            st.text("0123456789abcdefABx,;:=-", max_size=60).map(str.encode))))
 def test_any_packet_gets_a_reply_not_an_exception(fake_stub, packet):
     fake_stub._running = False
-    fake_stub.debugger.stop = gdbstub.Stop(0, gdbstub.SIGTRAP)
+    fake_stub.debugger.stop = debugger.Stop(0, debugger.SIGTRAP)
     reply = fake_stub.handle(packet)
     assert reply is None or isinstance(reply, bytes)
     if reply is None:
         assert packet[:1] in (b"c", b"s", b"C", b"S", b"k")
-    assert len(fake_stub.debugger.sw) <= gdbstub.MAX_SW_BREAKPOINTS
-    assert sum(bp is not None for bp in fake_stub.debugger.hw) <= gdbstub.NUM_HW_BREAKPOINTS
+    assert len(fake_stub.debugger.sw) <= debugger.MAX_SW_BREAKPOINTS
+    assert sum(bp is not None for bp in fake_stub.debugger.hw) <= debugger.NUM_HW_BREAKPOINTS
     assert 0 <= fake_stub.current < 2
 
 
@@ -229,7 +253,7 @@ class Client:
     def regs(self) -> dict[str, int]:
         raw = bytes.fromhex(self.send(b"g").decode())
         out, offset = {}, 0
-        for name, size in gdbstub.REGISTERS:
+        for name, size in registers.REGISTERS:
             out[name] = int.from_bytes(raw[offset:offset + size], "little")
             offset += size
         assert offset == len(raw)
@@ -249,7 +273,7 @@ def debugged(kvm_host, tmp_path):
     def make(source: str):
         vm = TinyVm(assemble(f".org 0\n{source}"))
         path = str(tmp_path / "gdb.sock")
-        stub = gdbstub.GdbStub(f"unix:{path}", [vm.thread], vm.mem, vm.stopping,
+        stub = server.GdbStub(f"unix:{path}", [vm.thread], vm.mem, vm.stopping,
                                kill=lambda: vm._exit(9, "killed by gdb"),
                                exit_status=lambda: vm.status, watchpoints=kvm_host != "pvm")
         stub.start()
@@ -388,7 +412,7 @@ def test_detach_lets_the_guest_run_and_restores_breakpoints(debugged):
 
 
 def test_bad_packets_get_errors_not_crashes(debugged):
-    vm, gdb = debugged("1: jmp 1b\n")
+    _, gdb = debugged("1: jmp 1b\n")
     for bad in (b"mzz,1", b"m1", b"Z0,", b"P99=00", b"Pzz", b"Hgzz", b"Z9,0,1", b"Z2,0,3",
                 b"M0,2:00", b"T99", b"G00"):
         reply = gdb.send(bad)
@@ -407,7 +431,7 @@ def test_data_breakpoints_through_kvm(kvm_host):
 
     vm = TinyVm(assemble(f".org 0\n movl $1, data(%rip)\n mov $0x2a, %al\n{EXIT}\n.org 0x100\ndata: .long 0\n"))
     try:
-        regs = gdbstub.debugreg([gdbstub.HwBreakpoint(2, CODE_ADDR + 0x100, 4), None, None, None])
+        regs = debugger.debugreg([debugger.HwBreakpoint(2, CODE_ADDR + 0x100, 4), None, None, None])
         vm.thread.vcpu.set_guest_debug(kvm.KVM_GUESTDBG_ENABLE | kvm.KVM_GUESTDBG_USE_HW_BP, regs)
         status = vm.run()
         if kvm_host == "pvm":
