@@ -126,7 +126,7 @@ class FakeVcpu:
     def __init__(self, index: int) -> None:
         self.index = index
         self.regs = kvm.kvm_regs(rip=0x1000, rflags=2)
-        self.debug: list[int] = []
+        self.debug: list[tuple[int, list[int] | None]] = []
 
     def get_regs(self):
         return kvm.kvm_regs.from_buffer_copy(self.regs)
@@ -144,7 +144,7 @@ class FakeVcpu:
         return kvm.kvm_translation(linear_address=addr, physical_address=addr, valid=addr < 0x10000)
 
     def set_guest_debug(self, control: int, debugreg=None) -> None:
-        self.debug.append(control)
+        self.debug.append((control, debugreg))
 
 
 class FakeThread:
@@ -216,6 +216,44 @@ def test_software_breakpoints_on_fake_memory(fake_stub):
     assert fake_stub.handle(b"z0,123,1") == b"OK" and mem.read(0x123, 1) == b"\x55"
     assert fake_stub.handle(b"Z0,20000,1") == b"E14"        # not mapped
     assert fake_stub.handle(b"m1%s,1" % (b"0" * 16)) == b"E22"   # above 2**64
+
+
+def test_debug_exits_as_hardware_kvm_reports_them():
+    """The KVM_EXIT_DEBUG paths that PVM never takes (it reports int3 as an emulation
+    failure): GDB's int3, the guest's own int3 and #DB, a watchpoint, a step."""
+    threads = [FakeThread(0), FakeThread(1)]
+    stops = []
+    dbg = debugger.GuestDebugger(threads, FakeMemory(), lambda: stops.append(dbg.stop))
+    dbg.insert_sw(0, 0x100)
+    dbg.hw[1] = debugger.HwBreakpoint(2, 0x2000, 4)
+    dbg.resume()
+    assert not any(t.pause_requested.is_set() for t in threads)
+
+    own = kvm.kvm_debug_exit_arch(exception=3, pc=0x200)      # the guest's own int3
+    dbg.debug_exit(threads[1], own)
+    control, regs = threads[1].vcpu.debug[-1]
+    assert control & kvm.KVM_GUESTDBG_INJECT_BP and regs[1] == 0x2000 and regs[7] & 0b1100
+    assert dbg.stop is None and stops == []
+
+    dbg.debug_exit(threads[1], kvm.kvm_debug_exit_arch(exception=1, dr6=0xFFFF0FF2))  # DR1 hit
+    assert stops == [debugger.Stop(1, debugger.SIGTRAP, "watch:2000;")]
+    assert all(t.pause_requested.is_set() for t in threads)
+    dbg.debug_exit(threads[0], kvm.kvm_debug_exit_arch(exception=3, pc=0x100))  # seen again later
+    assert len(stops) == 1
+
+    dbg.resume(step=0)
+    assert threads[0].vcpu.debug[-1][0] & kvm.KVM_GUESTDBG_SINGLESTEP
+    assert not threads[1].vcpu.debug[-1][0] & kvm.KVM_GUESTDBG_SINGLESTEP
+    assert threads[1].pause_requested.is_set() and not threads[0].pause_requested.is_set()
+    dbg.debug_exit(threads[0], kvm.kvm_debug_exit_arch(exception=1, dr6=0xFFFF4FF0))  # BS
+    assert stops[-1] == debugger.Stop(0, debugger.SIGTRAP)
+
+    dbg.resume()
+    dbg.debug_exit(threads[0], kvm.kvm_debug_exit_arch(exception=3, pc=0x100))  # GDB's int3
+    assert stops[-1] == debugger.Stop(0, debugger.SIGTRAP, "swbreak:;")
+    dbg.resume()
+    dbg.debug_exit(threads[0], kvm.kvm_debug_exit_arch(exception=1, dr6=0xFFFF4FF0))  # not stepping
+    assert threads[0].vcpu.debug[-1][0] & kvm.KVM_GUESTDBG_INJECT_DB and dbg.stop is None
 
 
 # --- a scripted client on a tiny guest ------------------------------------------------------
@@ -295,6 +333,7 @@ def debugged(kvm_host, tmp_path):
 EXIT = "mov $0x501, %dx\n out %al, %dx\n"
 
 
+@pytest.mark.kvm
 def test_registers_memory_breakpoints_step_and_continue(debugged, kvm_host):
     from tinyguest import CODE_ADDR
 
@@ -364,6 +403,7 @@ def test_registers_memory_breakpoints_step_and_continue(debugged, kvm_host):
     assert vm.status == 0x2A
 
 
+@pytest.mark.kvm
 def test_register_writes_and_ctrl_c(debugged):
     from tinyguest import CODE_ADDR
 
@@ -397,6 +437,7 @@ def test_register_writes_and_ctrl_c(debugged):
     assert gdb.reply() == b"W07"
 
 
+@pytest.mark.kvm
 def test_detach_lets_the_guest_run_and_restores_breakpoints(debugged):
     from tinyguest import CODE_ADDR
 
@@ -411,6 +452,7 @@ def test_detach_lets_the_guest_run_and_restores_breakpoints(debugged):
     assert vm.status == 3 and vm.mem.read(CODE_ADDR + 1, 1) != b"\xcc"
 
 
+@pytest.mark.kvm
 def test_bad_packets_get_errors_not_crashes(debugged):
     _, gdb = debugged("1: jmp 1b\n")
     for bad in (b"mzz,1", b"m1", b"Z0,", b"P99=00", b"Pzz", b"Hgzz", b"Z9,0,1", b"Z2,0,3",
@@ -423,6 +465,7 @@ def test_bad_packets_get_errors_not_crashes(debugged):
     assert gdb.send(b"?") == b"T05thread:1;"
 
 
+@pytest.mark.kvm
 def test_data_breakpoints_through_kvm(kvm_host):
     """The measured fact behind the stub's watchpoints: a write watchpoint in DR0/DR7
     (KVM_GUESTDBG_USE_HW_BP) ends KVM_RUN with KVM_EXIT_DEBUG on hardware KVM, but is

@@ -96,7 +96,6 @@ class GuestDebugger:
         self.hw: list[HwBreakpoint | None] = [None] * NUM_HW_BREAKPOINTS
         self.stepping: int | None = None
         self.singlestep_flags = kvm.KVM_GUESTDBG_SINGLESTEP
-        self.attached = False
 
     def start_paused(self) -> None:
         """Before the vCPU threads start: they park at once, until GDB says ``c``."""
@@ -118,7 +117,7 @@ class GuestDebugger:
             if arch.pc in self.sw:
                 self._stopped(thread, Stop(index, SIGTRAP, "swbreak:;"))
             else:
-                thread.vcpu.set_guest_debug(self.control(index) | kvm.KVM_GUESTDBG_INJECT_BP)
+                self._reinject(thread, kvm.KVM_GUESTDBG_INJECT_BP)
             return
         if arch.dr6 & DR6_B_MASK:
             slot = (arch.dr6 & DR6_B_MASK).bit_length() - 1
@@ -129,7 +128,12 @@ class GuestDebugger:
         elif arch.dr6 & DR6_BS and self.stepping == index:
             self._stopped(thread, Stop(index, SIGTRAP))
         else:
-            thread.vcpu.set_guest_debug(self.control(index) | kvm.KVM_GUESTDBG_INJECT_DB)
+            self._reinject(thread, kvm.KVM_GUESTDBG_INJECT_DB)
+
+    def _reinject(self, thread: "VcpuThread", flag: int) -> None:
+        """The guest's own #BP or #DB (hardware KVM): KVM queues it for the guest
+        (api.rst 4.87), the debugger's settings unchanged."""
+        thread.vcpu.set_guest_debug(self.control(thread.vcpu.index) | flag, debugreg(self.hw))
 
     def emulation_failure(self, thread: "VcpuThread", insn: bytes) -> bool:
         """PVM: an ``int3`` at one of GDB's breakpoints is a stop (True); anything

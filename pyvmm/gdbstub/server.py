@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 MAX_MEMORY_READ = (PACKET_SIZE - 16) // 2   # an 'm' reply is hex: 2 characters a byte
 
+
 def _hex(data: bytes) -> bytes:
     return data.hex().encode()
 
@@ -65,6 +66,7 @@ class GdbStub:
         self.current = 0            # Hg: the vCPU for registers and memory
         self.cont_thread: int | None = None   # Hc: the vCPU to step
         self.conn: socket.socket | None = None
+        self._running = False       # after c or s, until the stop reply
         self.thread = threading.Thread(target=self._main, name="gdbstub", daemon=True)
 
     def start(self) -> None:
@@ -144,16 +146,21 @@ class GdbStub:
                             return
             status = self._exit_status()
             conn.sendall(frame(b"W%02x" % ((status or 0) & 0xFF)))
-            conn.settimeout(1)
-            conn.recv(16)   # GDB's ack, so that it does not write to a closed socket
+            self._last_ack()
         finally:
             sel.close()
+
+    def _last_ack(self) -> None:
+        """Before hanging up after a reply: GDB's ack, so that it does not write to a
+        closed socket."""
+        self.conn.settimeout(1)
+        self.conn.recv(16)
 
     def _event(self, event: Event) -> bool:
         """False: the session is over."""
         if event.kind == "interrupt":
             if self._running and self.debugger.stop is None:
-                self.debugger.interrupt(self.cont_thread or self.current)
+                self.debugger.interrupt(self.current if self.cont_thread is None else self.cont_thread)
         elif event.kind == "bad":
             self.conn.sendall(b"-")
         elif event.kind == "packet":
@@ -161,6 +168,8 @@ class GdbStub:
             reply = self.handle(event.payload)
             if reply is not None:
                 self.conn.sendall(frame(reply))
+            if event.payload[:1] == b"D":
+                self._last_ack()
             if event.payload[:1] in (b"D", b"k"):
                 return False
         return True
