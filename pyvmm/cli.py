@@ -277,6 +277,9 @@ def run_plan(args: argparse.Namespace, flavour) -> RunPlan:
                            agent_words=" ".join(share_words) if agent else None,
                            agent_socket=agent_socket, snapshot_path=snapshot,
                            snapshot_continue=args.snapshot_and_continue)
+    if snapshot and args.gdb is not None:
+        # a snapshot would keep GDB's int3 bytes, and both pause the vCPUs their own way
+        raise UsageError("--gdb and --snapshot cannot be combined")
     return RunPlan(config, shares, args.exec, parse_timeout(args.timeout), parse_gdb(args.gdb))
 
 

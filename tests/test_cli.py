@@ -158,6 +158,12 @@ def test_bad_gdb(capsys, some_file, spec, words):
     assert_usage_error(*run_main(capsys, ["run", "--kernel", some_file, f"--gdb={spec}"]), words)
 
 
+def test_gdb_and_snapshot_are_refused_together(capsys, some_file, tmp_path):
+    assert_usage_error(*run_main(capsys, ["run", "--kernel", some_file, "--gdb", "1234",
+                                          "--snapshot", str(tmp_path / "snap")]),
+                       "--gdb and --snapshot cannot be combined")
+
+
 @pytest.mark.parametrize("argv, words", [
     (["run", "--bogus"], "unrecognized arguments: --bogus"),
     (["--bogus"], "unrecognized arguments: --bogus"),
