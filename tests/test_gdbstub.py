@@ -483,3 +483,38 @@ def test_data_breakpoints_through_kvm(kvm_host):
             assert status == 1 and "KVM_EXIT_DEBUG" in vm.reason
     finally:
         vm.close()
+
+
+@pytest.mark.kvm
+def test_user_mode_and_the_debugger(kvm_host):
+    """Guest user mode (CPL3) with a hardware breakpoint on its second instruction and
+    KVM_GUESTDBG_USE_SW_BP: on hardware KVM the breakpoint ends KVM_RUN; on PVM, where
+    user mode runs natively, it never fires and the user-mode int3 goes straight to
+    the guest's #BP handler (docs/gdb.md "What works where")."""
+    from tinyguest import CODE_ADDR, ENTER_USER_MODE, TinyVm, assemble
+
+    vm = TinyVm(assemble(f""".org 0
+        {ENTER_USER_MODE}
+    user:
+        mov $1, %eax
+        mov $2, %ebx                 # the hardware breakpoint
+        int3
+    1:  jmp 1b
+    .org 0x200                       # the #BP handler, at CPL0
+        mov $0xbb, %al
+        {EXIT}
+    """))
+    try:
+        vm.allow_user_mode()
+        vm.set_idt({3: CODE_ADDR + 0x200})
+        second = CODE_ADDR + len(assemble(f".org 0\n{ENTER_USER_MODE}\nuser:\n")) + 5
+        regs = debugger.debugreg([debugger.HwBreakpoint(1, second, 1), None, None, None])
+        vm.thread.vcpu.set_guest_debug(kvm.KVM_GUESTDBG_ENABLE | kvm.KVM_GUESTDBG_USE_SW_BP
+                                       | kvm.KVM_GUESTDBG_USE_HW_BP, regs)
+        status = vm.run()
+        if kvm_host == "pvm":
+            assert status == 0xBB, vm.reason
+        else:
+            assert status == 1 and "KVM_EXIT_DEBUG" in vm.reason
+    finally:
+        vm.close()
