@@ -51,11 +51,13 @@ def main() -> None:
     # 4.7 KVM_CREATE_VCPU, then 4.5 KVM_GET_VCPU_MMAP_SIZE and an mmap of the vCPU fd:
     # the shared struct kvm_run (5. "The kvm_run structure") is vcpu.kvm_run.
     vcpu = vm.create_vcpu(0)
-    # 4.13/4.14 KVM_GET/SET_SREGS and 4.11/4.12 KVM_GET/SET_REGS.  LWN's example starts
-    # in real mode; we start where a 64-bit kernel does: long mode at CPL0.  On a PVM
-    # host (docs/pvm.md) CPL0 code runs in KVM's instruction emulator, which runs real
-    # mode and long mode but not a 32-bit protected-mode iret, so pyvmm's tiny test
-    # guests and this example stay in long mode, whose iretq it does run.
+    # 4.13/4.14 KVM_GET/SET_SREGS and 4.11/4.12 KVM_GET/SET_REGS.  LWN's example stays in
+    # real mode; we start where a 64-bit kernel starts, in long mode at CPL0:
+    # set_boot_regs writes a GDT and identity page tables (4 GiB in 2 MiB pages) into
+    # RAM and sets CR0.PE|PG, CR4.PAE, EFER.LME|LMA, CR3, a 64-bit CS, RIP and RSP.
+    # On a PVM host (docs/pvm.md) CPL0 code runs in KVM's instruction emulator, which
+    # runs real mode and long mode but fails on a 32-bit protected-mode iret; pyvmm's
+    # tiny test guests stay in long mode for that reason, and so does this example.
     cpu.set_boot_regs(vcpu, ram, "long64", CODE_ADDR)
     regs = vcpu.get_regs()
     regs.rax, regs.rbx = 2, 2
