@@ -473,12 +473,19 @@ def test_data_breakpoints_through_kvm(kvm_host):
     from tinyguest import CODE_ADDR, TinyVm, assemble
 
     vm = TinyVm(assemble(f".org 0\n movl $1, data(%rip)\n mov $0x2a, %al\n{EXIT}\n.org 0x100\ndata: .long 0\n"))
+    expect_debug_exit_unless_pvm(kvm_host, vm, debugger.HwBreakpoint(2, CODE_ADDR + 0x100, 4), 0x2A)
+
+
+def expect_debug_exit_unless_pvm(kvm_host: str, vm, bp, pvm_status: int, flags: int = 0) -> None:
+    """Run ``vm`` with ``bp`` in DR0 through KVM_SET_GUEST_DEBUG and no debugger behind it:
+    hardware KVM must end KVM_RUN with KVM_EXIT_DEBUG (the VM stops with status 1),
+    PVM lets the guest run to ``pvm_status``."""
     try:
-        regs = debugger.debugreg([debugger.HwBreakpoint(2, CODE_ADDR + 0x100, 4), None, None, None])
-        vm.thread.vcpu.set_guest_debug(kvm.KVM_GUESTDBG_ENABLE | kvm.KVM_GUESTDBG_USE_HW_BP, regs)
+        regs = debugger.debugreg([bp, None, None, None])
+        vm.thread.vcpu.set_guest_debug(kvm.KVM_GUESTDBG_ENABLE | kvm.KVM_GUESTDBG_USE_HW_BP | flags, regs)
         status = vm.run()
         if kvm_host == "pvm":
-            assert status == 0x2A, vm.reason
+            assert status == pvm_status, vm.reason
         else:
             assert status == 1 and "KVM_EXIT_DEBUG" in vm.reason
     finally:
@@ -504,17 +511,8 @@ def test_user_mode_and_the_debugger(kvm_host):
         mov $0xbb, %al
         {EXIT}
     """))
-    try:
-        vm.allow_user_mode()
-        vm.set_idt({3: CODE_ADDR + 0x200})
-        second = CODE_ADDR + len(assemble(f".org 0\n{ENTER_USER_MODE}\nuser:\n")) + 5
-        regs = debugger.debugreg([debugger.HwBreakpoint(1, second, 1), None, None, None])
-        vm.thread.vcpu.set_guest_debug(kvm.KVM_GUESTDBG_ENABLE | kvm.KVM_GUESTDBG_USE_SW_BP
-                                       | kvm.KVM_GUESTDBG_USE_HW_BP, regs)
-        status = vm.run()
-        if kvm_host == "pvm":
-            assert status == 0xBB, vm.reason
-        else:
-            assert status == 1 and "KVM_EXIT_DEBUG" in vm.reason
-    finally:
-        vm.close()
+    vm.allow_user_mode()
+    vm.set_idt({3: CODE_ADDR + 0x200})
+    second = CODE_ADDR + len(assemble(f".org 0\n{ENTER_USER_MODE}\nuser:\n")) + 5
+    expect_debug_exit_unless_pvm(kvm_host, vm, debugger.HwBreakpoint(1, second, 1), 0xBB,
+                                 kvm.KVM_GUESTDBG_USE_SW_BP)
