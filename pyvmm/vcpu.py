@@ -35,6 +35,7 @@ from .bus import Bus
 from .status import ExitStatus
 
 if TYPE_CHECKING:
+    from .gdbstub.debugger import GuestDebugger
     from .kvm import Vcpu
 
 log = logging.getLogger(__name__)
@@ -155,8 +156,8 @@ class VcpuThread:
         self.pause_requested = threading.Event()
         self.paused = threading.Event()
         self.fixups: dict[str, int] = {}
-        # --gdb: pyvmm.gdbstub.debugger.GuestDebugger (debug exits, breakpoint int3s on PVM)
-        self.debugger = None
+        # --gdb: debug exits, and breakpoint int3s on PVM (pyvmm.gdbstub.debugger)
+        self.debugger: GuestDebugger | None = None
         self.exits = 0
         self.memory_faults = 0
         self._fault_rip: int | None = None
