@@ -457,15 +457,18 @@ def launch(plan: RunPlan, flavour, snapshot: "Snapshot | None" = None) -> int:
             machine = Machine(config, flavour, console, restore_from=snapshot)
         except (KernelFormatError, ValueError) as e:  # a kernel, disk or snapshot we cannot use
             raise UsageError(str(e)) from None
+        stub = None
         try:
             if plan.exec_command is not None:
                 start_exec(machine, plan.exec_command)
             if plan.gdb is not None:
                 from .gdbstub import start_for
 
-                start_for(machine, plan.gdb)
+                stub = start_for(machine, plan.gdb)
             status = machine.run(plan.timeout)
         finally:
+            if stub is not None:
+                stub.close()
             machine.close()
     except ValueError as e:   # a share's back-end did not start
         raise UsageError(str(e)) from None

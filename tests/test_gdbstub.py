@@ -119,6 +119,17 @@ def test_a_unix_path_that_is_not_a_socket_is_kept(tmp_path):
     server.listen(f"unix:{stale}").close()   # a socket left behind is replaced
 
 
+def test_the_unix_socket_is_gone_when_the_vm_has_stopped(tmp_path):
+    path = tmp_path / "gdb.sock"
+    stopping = threading.Event()
+    stub = server.GdbStub(f"unix:{path}", [], FakeMemory(), stopping, kill=lambda: None)
+    stub.start()
+    assert path.exists()
+    stopping.set()
+    stub.close()
+    assert not path.exists() and not stub.thread.is_alive()
+
+
 # --- any packet from GDB: a reply or an error, never an exception (fakes, no KVM) --------
 
 

@@ -74,6 +74,10 @@ class GdbStub:
         self.debugger.start_paused()
         self.thread.start()
 
+    def close(self, timeout: float = 2.0) -> None:
+        """After the VM has stopped: let the stub's thread end (it removes its Unix socket)."""
+        self.thread.join(timeout)
+
     def _wake_stub(self) -> None:
         try:
             self._wake_w.send(b"!")
