@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "yet) write the machine to DIR and exit 0")
     run.add_argument("--snapshot-and-continue", action="store_true",
                      help="with --snapshot: go on running after writing it")
+    run.add_argument("--gdb", metavar="PORT|unix:PATH",
+                     help="serve GDB's remote protocol on 127.0.0.1:PORT or a Unix socket; "
+                     "the guest waits for the debugger before its first instruction")
     add_host_side_args(run)
     restore = sub.add_parser("restore", help="resume a guest from a snapshot directory",
                              epilog=EXIT_STATUS_TABLE,
@@ -152,6 +155,7 @@ class RunPlan:
     shares: list[ShareConfig] = field(default_factory=list)
     exec_command: str | None = None
     timeout: float | None = None
+    gdb: str | None = None   # --gdb: where the GDB stub listens
 
 
 def parse_cpus_memory(args: argparse.Namespace) -> tuple[int, int]:
@@ -291,7 +295,21 @@ def run_plan(args: argparse.Namespace, flavour) -> RunPlan:
                            agent_socket=agent_socket, snapshot_path=snapshot,
                            snapshot_continue=args.snapshot_and_continue,
                            trace=trace, stats=args.stats)
-    return RunPlan(config, shares, args.exec, parse_timeout(args.timeout))
+    if snapshot and args.gdb is not None:
+        # a snapshot would keep GDB's int3 bytes, and both pause the vCPUs their own way
+        raise UsageError("--gdb and --snapshot cannot be combined")
+    return RunPlan(config, shares, args.exec, parse_timeout(args.timeout), parse_gdb(args.gdb))
+
+
+def parse_gdb(text: str | None) -> str | None:
+    if text is None:
+        return None
+    from .gdbstub import parse_address
+
+    try:
+        return parse_address(text)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def restore_plan(args: argparse.Namespace, flavour) -> tuple[RunPlan, "Snapshot"]:
@@ -465,13 +483,20 @@ def launch(plan: RunPlan, flavour, snapshot: "Snapshot | None" = None) -> int:
             machine = Machine(config, flavour, console, restore_from=snapshot, trace=trace)
         except (KernelFormatError, ValueError) as e:  # a kernel, disk or snapshot we cannot use
             raise UsageError(str(e)) from None
+        stub = None
         try:
             if plan.exec_command is not None:
                 start_exec(machine, plan.exec_command)
+            if plan.gdb is not None:
+                from .gdbstub import start_for
+
+                stub = start_for(machine, plan.gdb)
             status = machine.run(plan.timeout)
             if config.stats:
                 sys.stderr.write(machine.stats_report())
         finally:
+            if stub is not None:
+                stub.close()
             machine.close()
     except ValueError as e:   # a share's back-end did not start
         raise UsageError(str(e)) from None

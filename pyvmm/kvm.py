@@ -280,6 +280,31 @@ class kvm_debugregs(ctypes.Structure):
                 ("reserved", c_uint64 * 9)]
 
 
+# api.rst 4.87 KVM_SET_GUEST_DEBUG (asm/kvm.h struct kvm_guest_debug_arch: DR0-DR7)
+class kvm_guest_debug_arch(ctypes.Structure):
+    _fields_ = [("debugreg", c_uint64 * 8)]
+
+
+class kvm_guest_debug(ctypes.Structure):
+    _fields_ = [("control", c_uint32), ("pad", c_uint32), ("arch", kvm_guest_debug_arch)]
+
+
+KVM_GUESTDBG_ENABLE = 0x00000001
+KVM_GUESTDBG_SINGLESTEP = 0x00000002
+KVM_GUESTDBG_USE_SW_BP = 0x00010000
+KVM_GUESTDBG_USE_HW_BP = 0x00020000
+KVM_GUESTDBG_INJECT_DB = 0x00040000
+KVM_GUESTDBG_INJECT_BP = 0x00080000
+KVM_GUESTDBG_BLOCKIRQ = 0x00100000
+
+
+# api.rst 4.15 KVM_TRANSLATE: a guest-virtual address through the vCPU's page tables
+class kvm_translation(ctypes.Structure):
+    _fields_ = [("linear_address", c_uint64), ("physical_address", c_uint64),
+                ("valid", c_uint8), ("writeable", c_uint8), ("usermode", c_uint8),
+                ("pad", c_uint8 * 5)]
+
+
 # api.rst 4.26/4.27 KVM_GET/SET_IRQCHIP (asm/kvm.h)
 class kvm_pic_state(ctypes.Structure):
     _fields_ = [(n, c_uint8) for n in (
@@ -358,6 +383,17 @@ class kvm_run_mmio(ctypes.Structure):
                 ("is_write", c_uint8)]
 
 
+class kvm_debug_exit_arch(ctypes.Structure):
+    """KVM_EXIT_DEBUG (api.rst 5 "The kvm_run structure"; asm/kvm.h): the exception vector
+    (1 #DB, 3 #BP), the guest RIP and, for #DB, DR6/DR7."""
+    _fields_ = [("exception", c_uint32), ("pad", c_uint32), ("pc", c_uint64),
+                ("dr6", c_uint64), ("dr7", c_uint64)]
+
+
+class kvm_run_debug(ctypes.Structure):
+    _fields_ = [("arch", kvm_debug_exit_arch)]
+
+
 class kvm_run_fail_entry(ctypes.Structure):
     _fields_ = [("hardware_entry_failure_reason", c_uint64), ("cpu", c_uint32)]
 
@@ -389,7 +425,8 @@ KVM_SYSTEM_EVENT_CRASH = 3
 
 class _kvm_run_exit(ctypes.Union):
     _fields_ = [("hw", c_uint64), ("io", kvm_run_io), ("mmio", kvm_run_mmio),
-                ("fail_entry", kvm_run_fail_entry), ("internal", kvm_run_internal),
+                ("fail_entry", kvm_run_fail_entry), ("debug", kvm_run_debug),
+                ("internal", kvm_run_internal),
                 ("emulation_failure", kvm_run_emulation_failure),
                 ("system_event", kvm_run_system_event), ("padding", ctypes.c_char * 256)]
 
@@ -432,6 +469,8 @@ for _s, _n in ((kvm_userspace_memory_region, 32), (kvm_regs, 144), (kvm_segment,
                (kvm_debugregs, 128), (kvm_pic_state, 16), (kvm_ioapic_state, 216),
                (kvm_irqchip, 520), (kvm_pit_channel_state, 24), (kvm_pit_state2, 112),
                (kvm_clock_data, 48), (kvm_run_io, 16), (kvm_run_mmio, 24),
+               (kvm_guest_debug_arch, 64), (kvm_guest_debug, 72), (kvm_translation, 24),
+               (kvm_debug_exit_arch, 32),
                (kvm_run_emulation_failure, 32), (_kvm_run_exit, 256), (kvm_run, 2352)):
     _check_size(_s, _n)
 assert kvm_run.exit.offset == 32 and kvm_run.s.offset == 304
@@ -466,6 +505,7 @@ KVM_SIGNAL_MSI = _IOW(0xA5, kvm_msi)
 # vCPU ioctls
 KVM_RUN = _IO(0x80)
 KVM_GET_REGS = _IOR(0x81, kvm_regs)
+KVM_TRANSLATE = _IOWR(0x85, kvm_translation)    # api.rst 4.15
 KVM_SET_REGS = _IOW(0x82, kvm_regs)
 KVM_GET_SREGS = _IOR(0x83, kvm_sregs)
 KVM_SET_SREGS = _IOW(0x84, kvm_sregs)
@@ -479,6 +519,7 @@ KVM_SET_CPUID2 = _IOW(0x90, kvm_cpuid2)
 KVM_GET_CPUID2 = _IOWR(0x91, kvm_cpuid2)        # the counterpart of api.rst 4.20's SET
 KVM_GET_MP_STATE = _IOR(0x98, kvm_mp_state)
 KVM_SET_MP_STATE = _IOW(0x99, kvm_mp_state)
+KVM_SET_GUEST_DEBUG = _IOW(0x9B, kvm_guest_debug)  # api.rst 4.87
 KVM_GET_VCPU_EVENTS = _IOR(0x9F, kvm_vcpu_events)
 KVM_SET_VCPU_EVENTS = _IOW(0xA0, kvm_vcpu_events)
 KVM_GET_DEBUGREGS = _IOR(0xA1, kvm_debugregs)   # api.rst 4.33
@@ -504,6 +545,7 @@ KVM_CAP_MP_STATE = 14
 KVM_CAP_IRQ_ROUTING = 25
 KVM_CAP_IRQFD = 32
 KVM_CAP_PIT2 = 33
+KVM_CAP_SET_GUEST_DEBUG = 23
 KVM_CAP_IOEVENTFD = 36
 KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
 KVM_CAP_PIT_STATE2 = 35
@@ -519,6 +561,7 @@ KVM_CAP_IOEVENTFD_ANY_LENGTH = 122
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_SIGNAL_MSI = 77
 KVM_CAP_IMMEDIATE_EXIT = 136
+KVM_CAP_SET_GUEST_DEBUG2 = 195   # api.rst 4.87: the KVM_GUESTDBG_* flags supported
 KVM_CAP_EXIT_ON_EMULATION_FAILURE = 204
 KVM_CAP_XSAVE2 = 208
 
@@ -791,6 +834,21 @@ class Vcpu:
 
     def set_regs(self, r: kvm_regs) -> None:
         ioctl(self.fd, KVM_SET_REGS, r)
+
+    def translate(self, linear_address: int) -> kvm_translation:
+        """KVM_TRANSLATE (api.rst 4.15): a guest-virtual address through this vCPU's
+        current page tables (``valid`` 0: not mapped)."""
+        t = kvm_translation(linear_address=linear_address)
+        ioctl(self.fd, KVM_TRANSLATE, t)
+        return t
+
+    def set_guest_debug(self, control: int, debugreg: list[int] | None = None) -> None:
+        """KVM_SET_GUEST_DEBUG (api.rst 4.87): KVM_GUESTDBG_* flags and, with
+        KVM_GUESTDBG_USE_HW_BP, DR0-DR3 and DR7 in ``debugreg`` (8 entries: DR0-DR7)."""
+        req = kvm_guest_debug(control=control)
+        for i, value in enumerate(debugreg or []):
+            req.arch.debugreg[i] = value
+        ioctl(self.fd, KVM_SET_GUEST_DEBUG, req)
 
     def get_sregs(self) -> kvm_sregs:
         s = kvm_sregs()

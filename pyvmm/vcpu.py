@@ -12,6 +12,9 @@ when KVM hands an exit back to user space, dispatches it:
 * KVM_EXIT_SYSTEM_EVENT -> guest shutdown/reset: ``on_guest_end`` (the machine
   decides: 0, or "died" when the guest was asked to run a program first);
 * KVM_EXIT_INTR -> another thread kicked us (stop, or a register-dump request);
+* KVM_EXIT_DEBUG -> a breakpoint or step of the GDB stub (``debugger``,
+  pyvmm.gdbstub), which also sees emulation failures first: on PVM an
+  ``int3`` at one of GDB's breakpoints comes back as one;
 * KVM_RUN failing with EFAULT -> the guest touched guest-physical memory whose
   host mapping cannot serve the access (e.g. a store into a read-only part of a
   DAX window).  The guest gets a #GP(0), as a bus error on real hardware would
@@ -36,6 +39,7 @@ from .bus import Bus
 from .status import ExitStatus
 
 if TYPE_CHECKING:
+    from .gdbstub.debugger import GuestDebugger
     from .kvm import Vcpu
     from .trace import VcpuWatch
 
@@ -158,6 +162,8 @@ class VcpuThread:
         self.pause_requested = threading.Event()
         self.paused = threading.Event()
         self.fixups: dict[str, int] = {}
+        # --gdb: debug exits, and breakpoint int3s on PVM (pyvmm.gdbstub.debugger)
+        self.debugger: GuestDebugger | None = None
         self.exits = 0
         self.memory_faults = 0
         # --stats/--trace (pyvmm.trace): counts and traces exits; None: the plain loop.
@@ -248,6 +254,8 @@ class VcpuThread:
                     log.warning("%s", format_regs(self.vcpu))
             elif reason == kvm.KVM_EXIT_INTERNAL_ERROR:
                 self._internal_error(kvm_run)
+            elif reason == kvm.KVM_EXIT_DEBUG and self.debugger is not None:
+                self.debugger.debug_exit(self, kvm_run.exit.debug.arch)
             elif reason == kvm.KVM_EXIT_SYSTEM_EVENT:
                 self._system_event(kvm_run.exit.system_event)
             elif reason == kvm.KVM_EXIT_SHUTDOWN:
@@ -320,6 +328,8 @@ class VcpuThread:
             insn = b""
             if ef.ndata >= 3 and ef.flags & kvm.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
                 insn = bytes(ef.insn_bytes[:min(ef.insn_size, 15)])
+            if self.debugger is not None and self.debugger.emulation_failure(self, insn):
+                return
             name = fixup_instruction(self.vcpu, insn)
             if name is not None:
                 self.fixups[name] = self.fixups.get(name, 0) + 1

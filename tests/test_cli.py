@@ -148,6 +148,22 @@ def test_bad_serial(capsys, some_file, spec, words):
     assert_usage_error(*run_main(capsys, ["run", "--kernel", some_file, f"--serial={spec}"]), words)
 
 
+@pytest.mark.parametrize("spec, words", [
+    ("abc", "--gdb 'abc': expected a TCP port (1-65535) or unix:PATH"),
+    ("0", "expected a TCP port"),
+    ("65536", "expected a TCP port"),
+    ("unix:", "--gdb unix:PATH needs a path"),
+])
+def test_bad_gdb(capsys, some_file, spec, words):
+    assert_usage_error(*run_main(capsys, ["run", "--kernel", some_file, f"--gdb={spec}"]), words)
+
+
+def test_gdb_and_snapshot_are_refused_together(capsys, some_file, tmp_path):
+    assert_usage_error(*run_main(capsys, ["run", "--kernel", some_file, "--gdb", "1234",
+                                          "--snapshot", str(tmp_path / "snap")]),
+                       "--gdb and --snapshot cannot be combined")
+
+
 @pytest.mark.parametrize("argv, words", [
     (["run", "--bogus"], "unrecognized arguments: --bogus"),
     (["--bogus"], "unrecognized arguments: --bogus"),

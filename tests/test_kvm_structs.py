@@ -78,6 +78,9 @@ KNOWN_IOCTLS = {
     "KVM_SET_XCRS": 0x4188AEA7,
     "KVM_KVMCLOCK_CTRL": 0xAEAD,
     "KVM_GET_XSAVE2": 0x9000AECF,
+    # the GDB stub (pyvmm.gdbstub)
+    "KVM_TRANSLATE": 0xC018AE85,
+    "KVM_SET_GUEST_DEBUG": 0x4048AE9B,
 }
 
 
@@ -117,6 +120,8 @@ def _ioc_by_hand(direction: int, nr: int, size: int) -> int:
     ("KVM_SET_CLOCK", 1, 0x7B, 48),
     ("KVM_SET_TSC_KHZ", 0, 0xA2, 0),
     ("KVM_KVMCLOCK_CTRL", 0, 0xAD, 0),
+    ("KVM_TRANSLATE", 3, 0x85, 24),
+    ("KVM_SET_GUEST_DEBUG", 1, 0x9B, 72),
 ])
 def test_ioctl_number_computed_by_hand(name, direction, nr, size):
     assert getattr(kvm, name) == _ioc_by_hand(direction, nr, size) == KNOWN_IOCTLS[name]
@@ -161,6 +166,7 @@ C_STRUCTS = [
     "kvm_run",
     "kvm_xsave", "kvm_xcr", "kvm_xcrs", "kvm_debugregs", "kvm_pic_state", "kvm_ioapic_state",
     "kvm_irqchip", "kvm_pit_channel_state", "kvm_pit_state2", "kvm_clock_data",
+    "kvm_guest_debug", "kvm_guest_debug_arch", "kvm_translation", "kvm_debug_exit_arch",
 ]
 # pyvmm field path -> C member designator, where they differ (None: skip the node itself
 # but compare its members, which C reaches through an anonymous union)
