@@ -1474,3 +1474,81 @@ def test_caller_ids_of_minus_one_are_refused(tmp_path):
         assert not (tmp_path / "d").exists()
     finally:
         fs.close()
+
+
+# --- sizes are capped at what INIT announced (issue 11.4) -------------------------------------
+def overlapping_reply(total: int, piece: int = 1 << 20) -> tuple[IoVec, bytearray]:
+    """A reply area of ``total`` bytes made of one ``piece``-byte buffer repeated, as
+    overlapping writable descriptors would give it: no memory of that size behind it."""
+    buf = bytearray(piece)
+    return IoVec([memoryview(buf)] * (total // piece + 1)), buf
+
+
+def exchange(server: FuseServer, data: bytes, reply: IoVec) -> abi.fuse_out_header:
+    used = server.handle(IoVec.of(data), reply)
+    header = abi.fuse_out_header.from_buffer_copy(reply.read(0, OUT))
+    assert header.len == used
+    return header
+
+
+def test_read_is_capped_at_max_pages_whatever_the_reply_room(client, share):
+    (share / "big").write_bytes(b"\xab" * (2 << 20))
+    e = client.lookup(b"big")
+    fh = client.open(e.nodeid).fh
+    reply, _ = overlapping_reply(5 << 30)         # more than fuse_out_header.len can say
+    header = exchange(client.server, request(abi.FUSE_READ, bytes(abi.fuse_read_in(
+        fh=fh, size=0xFFFFFFFF)), nodeid=e.nodeid), reply)
+    assert header.error == 0 and header.len == OUT + MAX_PAGES * 4096
+
+
+def test_read_cap_without_max_pages_is_the_kernels_default(fs, share):
+    (share / "big").write_bytes(b"\xab" * (1 << 20))
+    c = FuseClient(FuseServer(fs))
+    out = c.init(flags=LINUX_FLAGS & ~abi.FUSE_MAX_PAGES)
+    assert out.max_pages == 0
+    e = c.lookup(b"big")
+    fh = c.open(e.nodeid).fh
+    assert len(c.read(e.nodeid, fh, 0, 1 << 20)) == 32 * 4096
+
+
+def test_write_beyond_max_write_is_refused(client, share):
+    e, o = client.create(b"w")
+    args = bytes(abi.fuse_write_in(fh=o.fh, size=MAX_WRITE + 1)) + bytes(MAX_WRITE + 1)
+    assert client.error_of(abi.FUSE_WRITE, args, nodeid=e.nodeid) == errno.EINVAL
+    assert client.write(e.nodeid, o.fh, 0, bytes(MAX_WRITE)) == MAX_WRITE
+
+
+def test_readdir_is_capped_at_max_pages(fs, share):
+    for i in range(1200):     # ~150 KiB of 128-byte dirents: more than 32 pages
+        (share / f"{i:0100d}").write_bytes(b"")
+    c = FuseClient(FuseServer(fs))
+    c.init(flags=LINUX_FLAGS & ~abi.FUSE_MAX_PAGES)
+    fh = c.opendir(1)
+    for plus in (False, True):
+        reply, _ = overlapping_reply(5 << 30)
+        header = exchange(c.server, request(abi.FUSE_READDIRPLUS if plus else abi.FUSE_READDIR,
+                                            bytes(abi.fuse_read_in(fh=fh, size=0xFFFFFFFF))),
+                          reply)
+        assert header.error == 0 and OUT < header.len <= OUT + 32 * 4096
+
+
+@pytest.mark.parametrize("opcode", [abi.FUSE_GETXATTR, abi.FUSE_LISTXATTR])
+def test_xattr_sizes_are_capped(client, share, opcode):
+    os.setxattr(share / "file", "user.x", b"v" * 100)
+    e = client.lookup(b"file")
+    args = bytes(abi.fuse_getxattr_in(size=0xFFFFFFFF)) + (cstr(b"user.x") if opcode == abi.FUSE_GETXATTR else b"")
+    reply, _ = overlapping_reply(5 << 30)
+    header = exchange(client.server, request(opcode, args, nodeid=e.nodeid), reply)
+    assert header.error == 0 and OUT < header.len <= OUT + 4096
+
+
+def test_a_bug_in_a_handler_is_an_eio_reply(client, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(client.server, "_handle", broken)
+    raw = client.exchange(request(abi.FUSE_GETATTR, bytes(16), unique=99))
+    assert raw.header.error == -errno.EIO and raw.header.unique == 99 and raw.used == OUT
+    assert client.server.handle(IoVec.of(request(abi.FUSE_GETATTR, bytes(16))),
+                                IoVec.of(bytes(OUT - 1))) == 0    # no room: used length 0
+    assert client.server.fail(IoVec.of(b"short"), IoVec.of(bytes(64))) == 0
