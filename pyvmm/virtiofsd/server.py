@@ -34,7 +34,7 @@ import stat
 import threading
 from ctypes import sizeof
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 from . import fuse_abi as abi
 from .dax_mapper import DaxMapper
@@ -662,11 +662,22 @@ class FuseServer:
         m = parse_struct(req.args, abi.fuse_fsync_in)
         self.fs.fsyncdir(m.fh, bool(m.fsync_flags & abi.FUSE_FSYNC_FDATASYNC))
 
+    def _dir_entries(self, fh: int, offset: int, room: int) -> Iterator[DirEntry]:
+        """The directory's entries from ``offset`` on, read a batch of about ``room``
+        bytes at a time, for as long as the caller takes them (it stops when its
+        reply is full, so nothing beyond one batch is read ahead)."""
+        while True:
+            batch = self.fs.readdir(fh, offset, room)
+            if not batch:
+                return
+            yield from batch
+            offset = batch[-1].offset
+
     def _readdir(self, req: Request, reply: IoVec) -> Reply:
         m = parse_struct(req.args, abi.fuse_read_in)
         room = self._reply_room(m.size, reply)
         out = bytearray()
-        for ent in self.fs.readdir(m.fh, m.offset):
+        for ent in self._dir_entries(m.fh, m.offset, room):
             record = _dirent_record(ent.ino, ent.type, ent)
             if len(out) + len(record) > room:
                 break
@@ -689,7 +700,7 @@ class FuseServer:
                 self.fs.forget(nodeid, 1)
 
         try:
-            for ent in self.fs.readdir(m.fh, m.offset):
+            for ent in self._dir_entries(m.fh, m.offset, room):
                 size = abi.FUSE_DIRENT_ALIGN(abi.FUSE_NAME_OFFSET_DIRENTPLUS + len(ent.name))
                 if len(out) + size > room:
                     break
