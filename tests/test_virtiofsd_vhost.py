@@ -259,6 +259,20 @@ def test_bad_vring_requests_are_refused(rig, request_, payload):
     assert rig.fe.get_queue_num() == MAX_QUEUES   # the connection is still fine
 
 
+def test_backend_channel_that_is_not_a_socket_is_refused_without_a_leak(rig):
+    """Found by fuzz/virtiofsd_messages.py: the fd of a refused SET_BACKEND_REQ_FD
+    stayed open."""
+    before = set(os.listdir("/proc/self/fd"))
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        with pytest.raises(BackendError):
+            rig.fe._call(p.VHOST_USER_SET_BACKEND_REQ_FD, None, [efd])
+    finally:
+        os.close(efd)
+    assert set(os.listdir("/proc/self/fd")) == before
+    assert rig.server.dax is None and rig.fe.get_queue_num() == MAX_QUEUES
+
+
 def test_ring_address_outside_the_memory_table(rig):
     rig.fe.set_mem_table(guest_memory_regions(rig.mem))
     rig.fe.set_vring_num(1, 8)

@@ -756,9 +756,14 @@ class VhostUserFsBackend:
         if not self._has(p.VHOST_USER_PROTOCOL_F_BACKEND_REQ):
             raise RequestRefused("SET_BACKEND_REQ_FD without BACKEND_REQ")
         fd = msg.take_fds()[0]
+        try:
+            channel = socket.socket(fileno=fd)
+        except OSError:   # not a socket: refused, and the fd is ours to close
+            os.close(fd)
+            raise
         if self.backend_channel is not None:
             self.backend_channel.close()
-        self.backend_channel = socket.socket(fileno=fd)
+        self.backend_channel = channel
         needed = (p.VHOST_USER_PROTOCOL_F_REPLY_ACK, p.VHOST_USER_PROTOCOL_F_BACKEND_SEND_FD)
         if all(self._has(b) for b in needed):
             self.mapper = BackendChannelMapper(self.backend_channel,
