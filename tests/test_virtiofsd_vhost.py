@@ -191,6 +191,26 @@ def test_a_failing_request_never_stops_the_ring(tmp_path, pool):
         r.close()
 
 
+def test_a_call_fd_that_cannot_be_written_does_not_stop_the_ring(rig):
+    d = rig.start()
+    bad = os.open("/dev/null", os.O_RDONLY)
+    try:
+        rig.fe.set_vring_call(1, bad)
+        before = d.used_idx()
+        rig.mem.write(DATA, b"first".ljust(16))
+        d.add(out=[(DATA, 16)], in_=[(DATA + 0x1000, 64)])
+        os.eventfd_write(rig.kick, 1)
+        deadline = time.monotonic() + 5
+        while d.used_idx() == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert d.used_idx() == before + 1
+        rig.fe.set_vring_call(1, rig.call)
+        written, at = rig.request(d, b"still serving".ljust(16))
+        assert written == 16
+    finally:
+        os.close(bad)
+
+
 def test_read_of_4gib_into_overlapping_descriptors(tmp_path):
     """READ of 0xFFFFFFFF bytes from a 5 GiB file with writable descriptors that
     overlap to more than 4 GiB: the reply is capped at max_pages, the ring lives on."""

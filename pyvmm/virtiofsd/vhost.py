@@ -517,7 +517,10 @@ class Vring:
         with self._lock:
             q.push(head, written)
             if q.should_interrupt() and self.call_fd is not None:
-                os.eventfd_write(self.call_fd, 1)
+                try:
+                    os.eventfd_write(self.call_fd, 1)
+                except OSError as e:   # a call fd the front-end broke: the ring goes on
+                    log.warning("vring %d: call fd: %s", self.index, e)
 
 
 def _pieces(mem: BackendMemory, buffers) -> list[Piece]:
