@@ -671,6 +671,8 @@ class FuseServer:
             if not batch:
                 return
             yield from batch
+            if batch[-1].offset == offset:   # a file system that does not move on
+                return
             offset = batch[-1].offset
 
     def _readdir(self, req: Request, reply: IoVec) -> Reply:
