@@ -1,4 +1,4 @@
-"""What every fuzz target shares: a byte reader, the atheris driver, fake peers.
+"""What every fuzz target shares: a byte reader, bug checks, the atheris driver.
 
 A target is a module in fuzz/ with
 
@@ -24,7 +24,7 @@ import sys
 import threading
 from contextlib import contextmanager
 from types import ModuleType
-from typing import Callable, Iterator
+from typing import Iterator
 
 FUZZ_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(FUZZ_DIR)
@@ -108,12 +108,15 @@ def _thread_failed(args: threading.ExceptHookArgs) -> None:
 def checked() -> Iterator[None]:
     """Wrap one input: a bug the code logged, or an exception that ended one of its
     threads, is raised here as AssertionError."""
-    root = logging.getLogger()
-    if _recorder not in root.handlers:
-        root.addHandler(_recorder)
-        threading.excepthook = _thread_failed
+    root, hook = logging.getLogger(), threading.excepthook
+    root.addHandler(_recorder)
+    threading.excepthook = _thread_failed
     _recorder.bugs.clear()
-    yield
+    try:
+        yield
+    finally:
+        root.removeHandler(_recorder)
+        threading.excepthook = hook
     if _recorder.bugs:
         bug = _recorder.bugs[0]
         _recorder.bugs.clear()
@@ -155,7 +158,7 @@ def run(path: str) -> None:
     import atheris
 
     logging.getLogger().setLevel(logging.ERROR)
-    logging.getLogger().addHandler(_recorder)      # the last-resort handler stays quiet
+    logging.getLogger().addHandler(logging.NullHandler())   # no last-resort printing
     with atheris.instrument_imports(include=["pyvmm"]):
         target = load_target(os.path.splitext(os.path.basename(path))[0])
     atheris.Setup(sys.argv, target.fuzz_one)

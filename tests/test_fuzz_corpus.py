@@ -35,3 +35,30 @@ def test_corpus_replays(name, path):
         _targets[name] = fuzzing.load_target(name)
     with open(path, "rb") as f:
         _targets[name].fuzz_one(f.read())
+
+
+def test_a_logged_bug_or_a_dead_thread_fails_the_input():
+    import logging
+    import threading
+
+    with pytest.raises(AssertionError, match="logged a bug"):
+        with fuzzing.checked():
+            try:
+                raise KeyError("a bug")
+            except KeyError:
+                logging.getLogger("pyvmm.x").exception("caught")
+    with pytest.raises(AssertionError, match="ZeroDivisionError"):
+        with fuzzing.checked():
+            t = threading.Thread(target=lambda: 1 / 0)
+            t.start()
+            t.join()
+    with fuzzing.checked():     # a refusal (OSError) is not a bug
+        try:
+            raise OSError(22, "refused")
+        except OSError:
+            logging.getLogger("pyvmm.x").exception("refused")
+
+
+def test_input_reader_pads_with_zeros():
+    inp = fuzzing.Input(b"\x01\x02")
+    assert (inp.u16(), inp.u32(), len(inp)) == (0x0201, 0, 0)
