@@ -101,7 +101,7 @@ fuzz: $(VENV)/.fuzz-installed
 	@for t in $(FUZZ_TARGETS); do \
 		mkdir -p $(FUZZ_WORK)/$$t; \
 		echo "fuzz: $$t, $(FUZZ_RUNS) runs"; \
-		nice -n 10 $(PY) fuzz/$$t.py -atheris_runs=$(FUZZ_RUNS) -print_final_stats=1 \
+		nice -n 10 $(PY) fuzz/$$t.py -atheris_runs=$(FUZZ_RUNS) \
 			-artifact_prefix=$(FUZZ_WORK)/$$t- $(FUZZ_WORK)/$$t fuzz/corpus/$$t || exit 1; \
 	done
 
