@@ -27,7 +27,7 @@ define apt_ensure
 	fi
 endef
 
-.PHONY: setup setup-test guest demo test test-fast bench bench-deps bench-boot bench-blk bench-fs bench-exit bench-plot soak clean
+.PHONY: setup setup-test guest demo test test-fast bench bench-deps bench-boot bench-blk bench-fs bench-exit bench-plot soak fuzz clean
 
 # --- set-up ---------------------------------------------------------------------
 setup: $(VENV)/.installed
@@ -108,5 +108,24 @@ SOAK_KILLS ?= 20
 soak: guest setup
 	$(PY) -m bench.soak --boots $(SOAK_BOOTS) --kills $(SOAK_KILLS)
 
+# --- fuzzing (not part of `make test`, which only replays fuzz/corpus/) ---------------
+# Each target in turn, niced, for FUZZ_RUNS inputs; new inputs go to $(FUZZ_WORK)/TARGET,
+# crashes to $(FUZZ_WORK)/TARGET-crash-*.  `make fuzz FUZZ_RUNS=1000000` is the full run.
+FUZZ_RUNS ?= 100000
+FUZZ_WORK ?= .fuzz
+FUZZ_TARGETS ?= virtqueue virtio_pci vhost_user_protocol virtiofsd_messages dax_requests fuse_server
+
+$(VENV)/.fuzz-installed: pyproject.toml $(VENV)/.installed
+	$(VENV)/bin/pip install -q -e '.[test,fuzz]'
+	@touch $@
+
+fuzz: $(VENV)/.fuzz-installed
+	@for t in $(FUZZ_TARGETS); do \
+		mkdir -p $(FUZZ_WORK)/$$t; \
+		echo "fuzz: $$t, $(FUZZ_RUNS) runs"; \
+		nice -n 10 $(PY) fuzz/$$t.py -atheris_runs=$(FUZZ_RUNS) \
+			-artifact_prefix=$(FUZZ_WORK)/$$t- $(FUZZ_WORK)/$$t fuzz/corpus/$$t || exit 1; \
+	done
+
 clean:
-	rm -rf $(GUEST) $(VENV) .apt-stamp .apt-test-stamp .pytest_cache
+	rm -rf $(GUEST) $(VENV) .apt-stamp .apt-test-stamp .pytest_cache $(FUZZ_WORK)

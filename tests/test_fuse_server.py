@@ -13,11 +13,15 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import tempfile
 import threading
 import time
+import tracemalloc
 from ctypes import sizeof
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fuse_fakes import (IN, LINUX_FLAGS, OUT, FakeDax, FuseClient, FuseError, cstr,
                         in_header, open_fds, request)
@@ -812,7 +816,7 @@ def test_readdir_lists_everything_once(client, share):
     names = [e.name for e in ents]
     assert sorted(names) == sorted([b".", b"..", b"dir", b"file", b"sl"] +
                                    [f"f{i:03d}".encode() for i in range(100)])
-    assert [e.off for e in ents] == list(range(1, len(ents) + 1))
+    assert len({e.off for e in ents}) == len(ents) and 0 not in {e.off for e in ents}
     by_name = {e.name: e for e in ents}
     assert by_name[b"dir"].type == stat.S_IFDIR >> 12
     assert by_name[b"file"].type == stat.S_IFREG >> 12
@@ -821,24 +825,109 @@ def test_readdir_lists_everything_once(client, share):
     assert by_name[b".."].ino == by_name[b"."].ino == os.stat(share).st_ino   # root's parent hidden
 
 
-def test_readdir_offsets_are_stable_while_the_directory_changes(client, share):
+def test_readdir_resumes_at_the_hosts_offsets_while_the_directory_changes(client, share):
     for i in range(30):
         (share / f"f{i:02d}").write_bytes(b"")
     fh = client.opendir(1)
     first = client.readdir(1, fh, 0, size=256)
+    seen = {e.name for e in first}
     for i in range(30):
-        os.unlink(share / f"f{i:02d}")
+        if f"f{i:02d}".encode() not in seen:
+            os.unlink(share / f"f{i:02d}")
     (share / "late").write_bytes(b"")
     rest, offset = [], first[-1].off
     while page := client.readdir(1, fh, offset, size=256):
         rest += page
         offset = page[-1].off
-    assert len(first) + len(rest) == 34          # the snapshot taken at offset 0
-    assert b"late" not in [e.name for e in first + rest]
+    names = [e.name for e in first + rest]
+    assert len(names) == len(set(names))
+    assert set(names) - {b"late"} == {b".", b"..", b"dir", b"file"} | seen
     fresh = client.readdir(1, fh, 0, size=4096)    # offset 0 reads the directory again
-    assert sorted(e.name for e in fresh) == [b".", b"..", b"dir", b"file", b"late"]
-    assert client.readdir(1, fh, 10**9) == []
+    assert sorted(e.name for e in fresh) == sorted({b".", b"..", b"dir", b"file", b"late"} | seen)
+    assert client.readdir(1, fh, offset) == []      # the end stays the end
+    assert client.error_of(abi.FUSE_READDIR, bytes(abi.fuse_read_in(fh=fh, offset=2**63,
+                                                                      size=4096))) == errno.EINVAL
     client.release(1, fh, abi.FUSE_RELEASEDIR)
+
+
+@st.composite
+def paging_sessions(draw):
+    """Initial names, then pages of random sizes (READDIR or READDIRPLUS), each
+    followed by names added and removed on the host."""
+    initial = draw(st.integers(0, 60))
+    steps = draw(st.lists(st.tuples(st.integers(64, 2048), st.booleans(),
+                                    st.integers(0, 5), st.lists(st.integers(0, 200), max_size=5)),
+                          min_size=1, max_size=25))
+    return initial, steps
+
+
+@settings(max_examples=40, deadline=None)
+@given(paging_sessions())
+def test_readdir_paging_with_changes_returns_every_stable_entry_once(session):
+    """Whatever the page sizes and the changes between pages: no name comes twice,
+    every name present from start to end comes once, nothing that never existed
+    comes (issue 11.3: offsets are the host's, nothing is cached per handle)."""
+    initial, steps = session
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
+        present = {f"i{i:03d}".encode() for i in range(initial)}
+        for name in present:
+            open(os.path.join(d, os.fsdecode(name)), "wb").close()
+        ever, removed, added = set(present), set(), 0
+        fs = Passthrough(d)
+        try:
+            client = FuseClient(FuseServer(fs))
+            client.init()
+            fh = client.opendir(1)
+            offset, got = 0, []
+            for size, plus, adds, removes in steps:
+                page = client.readdir(1, fh, offset, size=size, plus=plus)
+                got += [e.name for e in page]
+                if page:
+                    offset = page[-1].off
+                for _ in range(adds):
+                    name = f"a{added:03d}".encode()
+                    added += 1
+                    open(os.path.join(d, os.fsdecode(name)), "wb").close()
+                    present.add(name)
+                    ever.add(name)
+                for k in removes:
+                    if present:
+                        name = sorted(present)[k % len(present)]
+                        os.unlink(os.path.join(d, os.fsdecode(name)))
+                        present.discard(name)
+                        removed.add(name)
+            while page := client.readdir(1, fh, offset, size=4096):
+                got += [e.name for e in page]
+                offset = page[-1].off
+        finally:
+            fs.close()
+        assert len(got) == len(set(got)), "a name came twice"
+        stable = (ever - removed) - {f"a{i:03d}".encode() for i in range(added)}
+        assert stable | {b".", b".."} <= set(got)
+        assert set(got) <= ever | {b".", b".."}
+
+
+def test_directory_handles_hold_no_listing(client, share):
+    """100 handles paging through a 3000-entry directory: the memory they hold does
+    not grow with handles x entries (it was a whole listing per handle)."""
+    for i in range(3000):
+        (share / f"entry-{i:05d}").write_bytes(b"")
+    fhs = [client.opendir(1) for _ in range(100)]
+    for fh in fhs[:2]:      # warm-up: first-call allocations are not the handles'
+        client.readdir(1, fh, 0, size=4096)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for fh in fhs:
+            page = client.readdir(1, fh, 0, size=4096)
+            client.readdir(1, fh, page[-1].off, size=4096)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    held = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert held < 100 * 1024, f"{held} bytes held by 100 directory handles"
+    for fh in fhs:
+        client.release(1, fh, abi.FUSE_RELEASEDIR)
 
 
 def test_readdir_in_subdirectory(client, share):
@@ -888,10 +977,11 @@ def test_readdirplus_whole_directory_then_forget(client, share, fs):
 def test_readdirplus_skips_entries_that_vanished(client, share, fs):
     (share / "gone").write_bytes(b"")
     fh = client.opendir(1)
-    snapshot = [e.name for e in client.readdir(1, fh, 0, size=4096)]
+    listing = client.readdir(1, fh, 0, size=4096)
     os.unlink(share / "gone")
-    rest = [e.name for e in client.readdir(1, fh, 1, size=4096, plus=True)]
-    assert rest == [n for n in snapshot[1:] if n != b"gone"]
+    # READDIR and READDIRPLUS share offsets: resume after the first entry with PLUS
+    rest = [e.name for e in client.readdir(1, fh, listing[0].off, size=4096, plus=True)]
+    assert rest == [e.name for e in listing[1:] if e.name != b"gone"]
     assert fs.counts() == (1 + len([n for n in rest if n not in (b".", b"..")]), 1)
 
 
@@ -1474,3 +1564,81 @@ def test_caller_ids_of_minus_one_are_refused(tmp_path):
         assert not (tmp_path / "d").exists()
     finally:
         fs.close()
+
+
+# --- sizes are capped at what INIT announced (issue 11.4) -------------------------------------
+def overlapping_reply(total: int, piece: int = 1 << 20) -> tuple[IoVec, bytearray]:
+    """A reply area of ``total`` bytes made of one ``piece``-byte buffer repeated, as
+    overlapping writable descriptors would give it: no memory of that size behind it."""
+    buf = bytearray(piece)
+    return IoVec([memoryview(buf)] * (total // piece + 1)), buf
+
+
+def exchange(server: FuseServer, data: bytes, reply: IoVec) -> abi.fuse_out_header:
+    used = server.handle(IoVec.of(data), reply)
+    header = abi.fuse_out_header.from_buffer_copy(reply.read(0, OUT))
+    assert header.len == used
+    return header
+
+
+def test_read_is_capped_at_max_pages_whatever_the_reply_room(client, share):
+    (share / "big").write_bytes(b"\xab" * (2 << 20))
+    e = client.lookup(b"big")
+    fh = client.open(e.nodeid).fh
+    reply, _ = overlapping_reply(5 << 30)         # more than fuse_out_header.len can say
+    header = exchange(client.server, request(abi.FUSE_READ, bytes(abi.fuse_read_in(
+        fh=fh, size=0xFFFFFFFF)), nodeid=e.nodeid), reply)
+    assert header.error == 0 and header.len == OUT + MAX_PAGES * 4096
+
+
+def test_read_cap_without_max_pages_is_the_kernels_default(fs, share):
+    (share / "big").write_bytes(b"\xab" * (1 << 20))
+    c = FuseClient(FuseServer(fs))
+    out = c.init(flags=LINUX_FLAGS & ~abi.FUSE_MAX_PAGES)
+    assert out.max_pages == 0
+    e = c.lookup(b"big")
+    fh = c.open(e.nodeid).fh
+    assert len(c.read(e.nodeid, fh, 0, 1 << 20)) == 32 * 4096
+
+
+def test_write_beyond_max_write_is_refused(client, share):
+    e, o = client.create(b"w")
+    args = bytes(abi.fuse_write_in(fh=o.fh, size=MAX_WRITE + 1)) + bytes(MAX_WRITE + 1)
+    assert client.error_of(abi.FUSE_WRITE, args, nodeid=e.nodeid) == errno.EINVAL
+    assert client.write(e.nodeid, o.fh, 0, bytes(MAX_WRITE)) == MAX_WRITE
+
+
+def test_readdir_is_capped_at_max_pages(fs, share):
+    for i in range(1200):     # ~150 KiB of 128-byte dirents: more than 32 pages
+        (share / f"{i:0100d}").write_bytes(b"")
+    c = FuseClient(FuseServer(fs))
+    c.init(flags=LINUX_FLAGS & ~abi.FUSE_MAX_PAGES)
+    fh = c.opendir(1)
+    for plus in (False, True):
+        reply, _ = overlapping_reply(5 << 30)
+        header = exchange(c.server, request(abi.FUSE_READDIRPLUS if plus else abi.FUSE_READDIR,
+                                            bytes(abi.fuse_read_in(fh=fh, size=0xFFFFFFFF))),
+                          reply)
+        assert header.error == 0 and OUT < header.len <= OUT + 32 * 4096
+
+
+@pytest.mark.parametrize("opcode", [abi.FUSE_GETXATTR, abi.FUSE_LISTXATTR])
+def test_xattr_sizes_are_capped(client, share, opcode):
+    os.setxattr(share / "file", "user.x", b"v" * 100)
+    e = client.lookup(b"file")
+    args = bytes(abi.fuse_getxattr_in(size=0xFFFFFFFF)) + (cstr(b"user.x") if opcode == abi.FUSE_GETXATTR else b"")
+    reply, _ = overlapping_reply(5 << 30)
+    header = exchange(client.server, request(opcode, args, nodeid=e.nodeid), reply)
+    assert header.error == 0 and OUT < header.len <= OUT + 4096
+
+
+def test_a_bug_in_a_handler_is_an_eio_reply(client, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(client.server, "_handle", broken)
+    raw = client.exchange(request(abi.FUSE_GETATTR, bytes(16), unique=99))
+    assert raw.header.error == -errno.EIO and raw.header.unique == 99 and raw.used == OUT
+    assert client.server.handle(IoVec.of(request(abi.FUSE_GETATTR, bytes(16))),
+                                IoVec.of(bytes(OUT - 1))) == 0    # no room: used length 0
+    assert client.server.fail(IoVec.of(b"short"), IoVec.of(bytes(64))) == 0

@@ -150,7 +150,8 @@ def test_sdist_contents(sdist):
         names = {n.removeprefix(f"{NAME}/") for n in tar.getnames()}
     for name in ["LICENSE", "README.md", "Makefile", "MANIFEST.in", "pyproject.toml", "PKG-INFO",
                  "pyvmm/__init__.py", "pyvmm/guest_build.py", "tests/conftest.py",
-                 "tests/test_guest_build.py", "tests/cheader.py", "bench/boot.py"]:
+                 "tests/test_guest_build.py", "tests/cheader.py", "bench/boot.py",
+                 "fuzz/fuzzing.py", "fuzz/corpus/virtqueue/seed-00"]:
         assert name in names, name
     assert {f"guest/{n}" for n in expected_guest_files()} <= names
     assert not [n for n in names if n.startswith("guest/build/") or n == "guest/build"]
@@ -166,7 +167,7 @@ def test_wheel_contents(which, request):
         modes = {i.filename: i.external_attr >> 16 for i in z.infolist()}
     assert {f"pyvmm/_guest/{n}" for n in expected_guest_files()} <= names
     assert not [n for n in names if n.startswith("pyvmm/_guest/build/")]
-    assert not [n for n in names if n.startswith(("tests/", "bench/", "guest/"))]
+    assert not [n for n in names if n.startswith(("tests/", "bench/", "guest/", "fuzz/"))]
     assert f"{NAME}.dist-info/licenses/LICENSE" in names
     assert {"pyvmm/cli.py", "pyvmm/guest_build.py", "pyvmm/pci/msix.py",
             "pyvmm/virtiofsd/cli.py"} <= names

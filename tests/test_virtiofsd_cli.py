@@ -113,35 +113,79 @@ def test_not_a_socket(tmp_path):
 SANDBOX_PROBE = """
 import json, os, sys
 from pyvmm.virtiofsd.sandbox import enter_sandbox, open_proc_self_fd
-proc_fd = open_proc_self_fd()
-root = enter_sandbox(sys.argv[1], sys.argv[2])
+
+def opens(proc_fd, path):
+    try:
+        os.close(os.open(path, os.O_RDONLY, dir_fd=proc_fd))
+    except OSError:
+        return False
+    return True
+
+host_pids = [1, os.getpid(), int(sys.argv[3])]        # host init, this process, pytest
+escapes = [f"../../{pid}/root/etc/hostname" for pid in host_pids]
+host_proc = open_proc_self_fd()
+before = [opens(host_proc, path) for path in escapes]
+os.close(host_proc)
+sandbox = enter_sandbox(sys.argv[1], sys.argv[2])
 fd = os.open("inside.txt", os.O_PATH)
-reopened = os.open(str(fd), os.O_RDONLY, dir_fd=proc_fd)    # I/O re-open without /proc
-print(json.dumps({"root": root, "listing": sorted(os.listdir("/")),
+reopened = os.open(str(fd), os.O_RDONLY, dir_fd=sandbox.proc_self_fd)   # I/O re-open without /proc
+print(json.dumps({"root": sandbox.root, "pid": os.getpid(), "listing": sorted(os.listdir("/")),
                   "data": os.read(reopened, 100).decode(),
-                  "etc": os.path.exists("/etc/hostname"), "dotdot": sorted(os.listdir("/.."))}))
+                  "etc": os.path.exists("/etc/hostname"), "dotdot": sorted(os.listdir("/..")),
+                  "escapes before": before,
+                  "escapes": [opens(sandbox.proc_self_fd, path) for path in escapes],
+                  "own root": opens(sandbox.proc_self_fd, "../../1/root/inside.txt")}))
 """
 
 
 @pytest.mark.parametrize("mode", ["chroot", "namespace"])
 def test_sandbox_confines_to_the_shared_dir(tmp_path, mode):
+    """Also through its /proc/self/fd: a new PID namespace with its own procfs, where
+    ../../PID/root leads to no host process's root (issue 11.12)."""
     if os.geteuid() != 0:
         pytest.skip("chroot and namespaces need root")
     shared = tmp_path / "shared"
     shared.mkdir()
     (shared / "inside.txt").write_text("inside")
-    r = subprocess.run([sys.executable, "-c", SANDBOX_PROBE, mode, str(shared)],
+    r = subprocess.run([sys.executable, "-c", SANDBOX_PROBE, mode, str(shared), str(os.getpid())],
                        capture_output=True, text=True, timeout=30, cwd="/",
                        env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
-    assert got == {"root": "/", "listing": ["inside.txt"], "data": "inside", "etc": False,
-                   "dotdot": ["inside.txt"]}
+    before = got.pop("escapes before")
+    assert before[1:] == [True, True]    # the host's procfs leads out (host init: if visible)
+    assert got == {"root": "/", "pid": 1, "listing": ["inside.txt"], "data": "inside",
+                   "etc": False, "dotdot": ["inside.txt"], "escapes": [False] * 3,
+                   "own root": True}
     # the host's mounts are untouched by the namespace
     assert os.path.exists("/etc/hostname") or os.path.exists("/etc/os-release")
 
 
+def test_sandbox_parent_passes_signals_and_status(tmp_path):
+    """The process that forked into the PID namespace waits for the daemon, passes
+    SIGTERM on, and exits with the daemon's status."""
+    if os.geteuid() != 0:
+        pytest.skip("namespaces need root")
+    probe = ("import os, signal, sys, time\n"
+             "from pyvmm.virtiofsd.sandbox import enter_sandbox\n"
+             "enter_sandbox('namespace', sys.argv[1])\n"
+             "signal.signal(signal.SIGTERM, lambda *a: os._exit(7))\n"
+             "print('ready', flush=True)\n"
+             "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", probe, str(tmp_path)], stdout=subprocess.PIPE,
+                            text=True, cwd="/", env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.terminate()
+        assert proc.wait(10) == 7
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_sandbox_none_changes_nothing(tmp_path):
-    assert enter_sandbox("none", str(tmp_path)) == os.path.realpath(tmp_path)
+    sandbox = enter_sandbox("none", str(tmp_path))
+    assert sandbox.root == os.path.realpath(tmp_path)
+    os.close(sandbox.proc_self_fd)
     with pytest.raises(ValueError):
         enter_sandbox("jail", str(tmp_path))

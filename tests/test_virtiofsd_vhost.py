@@ -51,11 +51,18 @@ class EchoServer:
         if data.startswith(b"READFILE"):          # file -> reply buffers (maybe foreign)
             fd, off = struct.unpack_from("<II", data, 8)
             return reply.read_from_file(fd, off, 0, len(reply))
+        if data.startswith(b"RAISE"):
+            raise RuntimeError("a bug in the handler")
+        if data.startswith(b"HUGE"):              # a used length the reply cannot hold
+            return len(reply) + 1
         if data.startswith(b"MAP"):
             fd, off = struct.unpack_from("<II", data, 8)
             self.dax.setup_mapping(fd, 0, off, 2 * MiB, writable=False)
             return reply.write(0, b"mapped")
         return reply.write(0, data)
+
+    def fail(self, request: IoVec, reply: IoVec) -> int:
+        return reply.write(0, b"failed")
 
     def destroy(self) -> None:
         self.destroyed += 1
@@ -64,12 +71,12 @@ class EchoServer:
 class Rig:
     """A back-end thread on a socket, a connected front-end, guest RAM."""
 
-    def __init__(self, tmp_path, pool: int = 0) -> None:
+    def __init__(self, tmp_path, pool: int = 0, server=None, ram: int = RAM) -> None:
         path = str(tmp_path / "vu.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
         listener.listen(1)
-        self.server = EchoServer()
+        self.server = EchoServer() if server is None else server
         self.done = threading.Event()
 
         def run() -> None:
@@ -85,7 +92,7 @@ class Rig:
         threading.Thread(target=run, daemon=True).start()
         self.fe = VhostUserFrontend(path, timeout=5)
         self.features = self.fe.negotiate(min_queues=2)
-        self.mem = GuestMemory(RAM)
+        self.mem = GuestMemory(ram)
         self.kick = os.eventfd(0, os.EFD_CLOEXEC)
         self.call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
@@ -167,6 +174,82 @@ def test_bad_chain_fails_only_that_request(rig):
     assert written == 16 and rig.mem.read(at, 5) == b"after"
 
 
+@pytest.mark.parametrize("pool", [0, 2])
+def test_a_failing_request_never_stops_the_ring(tmp_path, pool):
+    """A handler that raises or claims more than its reply buffers: that request gets
+    the server's failure reply (``fail``), the next one is served (issue 11.4)."""
+    r = Rig(tmp_path, pool=pool)
+    try:
+        d = r.start()
+        for bad in (b"RAISE", b"HUGE"):
+            written, at = r.request(d, bad.ljust(16))
+            assert r.mem.read(at, written) == b"failed"
+            written, at = r.request(d, b"still serving".ljust(16))
+            assert written == 16 and r.mem.read(at, 13) == b"still serving"
+        assert r.backend.vrings[1].running
+    finally:
+        r.close()
+
+
+def test_a_call_fd_that_cannot_be_written_does_not_stop_the_ring(rig):
+    d = rig.start()
+    bad = os.open("/dev/null", os.O_RDONLY)
+    try:
+        rig.fe.set_vring_call(1, bad)
+        before = d.used_idx()
+        rig.mem.write(DATA, b"first".ljust(16))
+        d.add(out=[(DATA, 16)], in_=[(DATA + 0x1000, 64)])
+        os.eventfd_write(rig.kick, 1)
+        deadline = time.monotonic() + 5
+        while d.used_idx() == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert d.used_idx() == before + 1
+        rig.fe.set_vring_call(1, rig.call)
+        written, at = rig.request(d, b"still serving".ljust(16))
+        assert written == 16
+    finally:
+        os.close(bad)
+
+
+def test_read_of_4gib_into_overlapping_descriptors(tmp_path):
+    """READ of 0xFFFFFFFF bytes from a 5 GiB file with writable descriptors that
+    overlap to more than 4 GiB: the reply is capped at max_pages, the ring lives on."""
+    from fuse_fakes import FuseClient, request as fuse_request
+    from pyvmm.virtiofsd import fuse_abi as abi
+    from pyvmm.virtiofsd.passthrough import Passthrough
+    from pyvmm.virtiofsd.server import MAX_PAGES, FuseServer
+
+    share = tmp_path / "share"
+    share.mkdir()
+    with open(share / "sparse", "wb") as f:
+        f.truncate(5 << 30)
+    fs = Passthrough(str(share))
+    server = FuseServer(fs)
+    r = Rig(tmp_path, server=server, ram=16 * MiB)
+    try:
+        client = FuseClient(server)
+        client.init()
+        e = client.lookup(b"sparse")
+        fh = client.open(e.nodeid).fh
+        d = r.start()
+        req = fuse_request(abi.FUSE_READ, bytes(abi.fuse_read_in(fh=fh, size=0xFFFFFFFF)),
+                           nodeid=e.nodeid, unique=5)
+        r.mem.write(DATA, req)
+        before = d.used_idx()
+        d.add(out=[(DATA, len(req))], in_=[(8 * MiB, 8 * MiB)] * 600, indirect=True)
+        os.eventfd_write(r.kick, 1)
+        r.wait_call()
+        assert d.used_idx() == before + 1
+        _, written = d.used_elem(before % d.size)
+        header = abi.fuse_out_header.from_buffer_copy(r.mem.read(8 * MiB, 16))
+        assert written == header.len == 16 + MAX_PAGES * 4096 and header.unique == 5
+        written, at = r.request(d, fuse_request(abi.FUSE_GETATTR, bytes(16), unique=6), 200)
+        assert written == 16 + 104
+    finally:
+        r.close()
+        fs.close()
+
+
 def test_get_vring_base_stops_the_ring(rig):
     d = rig.start()
     rig.request(d, b"one".ljust(16))
@@ -194,6 +277,20 @@ def test_bad_vring_requests_are_refused(rig, request_, payload):
     with pytest.raises(BackendError):
         rig.fe._call(request_, payload)
     assert rig.fe.get_queue_num() == MAX_QUEUES   # the connection is still fine
+
+
+def test_backend_channel_that_is_not_a_socket_is_refused_without_a_leak(rig):
+    """Found by fuzz/virtiofsd_messages.py: the fd of a refused SET_BACKEND_REQ_FD
+    stayed open."""
+    before = set(os.listdir("/proc/self/fd"))
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        with pytest.raises(BackendError):
+            rig.fe._call(p.VHOST_USER_SET_BACKEND_REQ_FD, None, [efd])
+    finally:
+        os.close(efd)
+    assert set(os.listdir("/proc/self/fd")) == before
+    assert rig.server.dax is None and rig.fe.get_queue_num() == MAX_QUEUES
 
 
 def test_ring_address_outside_the_memory_table(rig):

@@ -22,7 +22,7 @@ import sys
 
 from .. import __version__
 from .passthrough import Passthrough
-from .sandbox import SANDBOX_MODES, enter_sandbox, open_proc_self_fd
+from .sandbox import SANDBOX_MODES, enter_sandbox
 from .server import FuseServer
 from .vhost import VhostUserFsBackend
 
@@ -134,10 +134,9 @@ def run(args: argparse.Namespace) -> int:
     listener = listen(sock_path)
     sock_dir = os.open(os.path.dirname(sock_path), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        proc_self_fd = open_proc_self_fd()
-        root = enter_sandbox(args.sandbox, args.shared_dir)
-        fs = Passthrough(root, cache=args.cache, readonly=args.readonly,
-                         proc_self_fd=proc_self_fd)
+        sandbox = enter_sandbox(args.sandbox, args.shared_dir)   # may fork: see sandbox.py
+        fs = Passthrough(sandbox.root, cache=args.cache, readonly=args.readonly,
+                         proc_self_fd=sandbox.proc_self_fd)
         server = FuseServer(fs)
         log.info("serving %s%s on %s (cache=%s, sandbox=%s, thread pool %d)",
                  args.shared_dir, " read-only" if args.readonly else "", sock_path,

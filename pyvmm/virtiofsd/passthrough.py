@@ -52,7 +52,6 @@ import errno
 import logging
 import os
 import stat
-import struct
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -107,8 +106,10 @@ _FOPEN_DIRECT_IO = 1 << 0      # fuse_abi.FOPEN_DIRECT_IO
 _FOPEN_KEEP_CACHE = 1 << 1     # fuse_abi.FOPEN_KEEP_CACHE
 CACHE_OPEN_FLAGS = {"auto": 0, "always": _FOPEN_KEEP_CACHE, "never": _FOPEN_DIRECT_IO}
 
-_GETDENTS_BUFFER = 64 * 1024
-_LINUX_DIRENT64 = struct.Struct("<QqHB")     # d_ino, d_off, d_reclen, d_type; then d_name
+#: getdents64 buffer of one READDIR: at least one entry of the longest name (19 + 256,
+#: aligned), at most what one reply could carry of the shortest fuse_dirents.
+DIRENT_BATCH_MIN = 280
+DIRENT_BATCH_MAX = 256 * 1024
 _MAX_OFF_T = (1 << 63) - 1
 #: copy_file_range's reply carries a u32 byte count: copy at most this much per request
 _MAX_COPY = 0xFFFFF000
@@ -229,13 +230,12 @@ class _Inode(_Held):
 class _Handle(_Held):
     """An open file or directory the guest knows by ``fh``.
 
-    Directories also keep a snapshot of their listing, taken when the guest reads
-    from offset 0, so that READDIR offsets stay stable while the directory
-    changes: entry i of the snapshot has offset i + 1 (the "next" offset FUSE
-    wants in each dirent).
+    A directory handle keeps nothing of its listing: each READDIR seeks the
+    directory fd to the guest's offset and reads one batch (``lock`` keeps the
+    seek and the read of one request together).
     """
 
-    __slots__ = ("fh", "nodeid", "is_dir", "lock", "listing")
+    __slots__ = ("fh", "nodeid", "is_dir", "lock")
 
     def __init__(self, fd: int, fh: int, nodeid: int, is_dir: bool) -> None:
         super().__init__(fd)
@@ -243,7 +243,6 @@ class _Handle(_Held):
         self.nodeid = nodeid
         self.is_dir = is_dir
         self.lock = threading.Lock()
-        self.listing: list[DirEntry] | None = None
 
 
 @dataclass(frozen=True)
@@ -265,7 +264,8 @@ class Entry:
 
 @dataclass(frozen=True)
 class DirEntry:
-    """One directory entry: ``offset`` is where the *next* entry starts (index + 1)."""
+    """One directory entry: ``offset`` is where the *next* entry starts: the host's
+    ``d_off`` cookie, which the guest sends back to continue after this entry."""
 
     name: bytes
     ino: int
@@ -887,36 +887,33 @@ class Passthrough:
             fd = self._reopen(node, os.O_RDONLY)
         return self._add_handle(fd, nodeid, is_dir=True)
 
-    def readdir(self, fh: int, offset: int) -> Iterator[DirEntry]:
-        """The entries of directory handle ``fh`` from ``offset`` on ("." and ".."
-        included).  Offset 0 (re)reads the directory; later offsets index the
-        snapshot, so entries neither repeat nor vanish while the guest pages through."""
+    def readdir(self, fh: int, offset: int, size: int) -> list[DirEntry]:
+        """The next entries of directory handle ``fh`` from ``offset`` on ("." and
+        ".." included): one getdents64 of at most ``size`` bytes (at least one
+        entry's worth), so a request never holds more than that.  ``offset`` is 0
+        or the ``offset`` of an entry returned before: the host's d_off, so the
+        listing resumes where the host file system says (entries added or removed
+        meanwhile may or may not show up; the others come exactly once).  An empty
+        list is the end of the directory."""
+        check_offset(offset)
+        size = min(max(size, DIRENT_BATCH_MIN), DIRENT_BATCH_MAX)
         with self._handle(fh, is_dir=True) as handle:
+            buf = ctypes.create_string_buffer(size)
             with handle.lock:
-                if offset == 0 or handle.listing is None:
-                    handle.listing = self._list(handle)
-                listing = handle.listing
-        return (listing[i] for i in range(offset, len(listing)))
-
-    def _list(self, handle: _Handle) -> list[DirEntry]:
-        """Every entry of the directory, read with getdents64 from the start."""
-        os.lseek(handle.fd, 0, os.SEEK_SET)
-        buf = ctypes.create_string_buffer(_GETDENTS_BUFFER)
-        raw: list[tuple[bytes, int, int]] = []
-        while True:
-            n = self.host.getdents64(handle.fd, buf)
-            if n == 0:
-                break
-            raw.extend(_parse_dirents(buf.raw[:n]))
+                os.lseek(handle.fd, offset, os.SEEK_SET)
+                n = self.host.getdents64(handle.fd, buf)
+        entries = [DirEntry(name, ino, dtype, off) for name, ino, dtype, off
+                   in parse_dirents(buf.raw[:n])]
         if handle.nodeid == FUSE_ROOT_ID:
-            raw = self._hide_roots_parent(raw)
-        return [DirEntry(name, ino, dtype, i + 1) for i, (name, ino, dtype) in enumerate(raw)]
+            entries = self._hide_roots_parent(entries)
+        return entries
 
-    def _hide_roots_parent(self, raw: list[tuple[bytes, int, int]]) -> list[tuple[bytes, int, int]]:
+    def _hide_roots_parent(self, entries: list[DirEntry]) -> list[DirEntry]:
         """At the root, ".." would show the inode number of a host directory outside
         the share: show the root's own, as the guest sees the root as its own parent."""
         root_ino = self._root_key[1]
-        return [(n, root_ino if n == b".." else ino, t) for n, ino, t in raw]
+        return [DirEntry(e.name, root_ino, e.type, e.offset) if e.name == b".." else e
+                for e in entries]
 
     def fsyncdir(self, fh: int, datasync: bool) -> None:
         self.fsync(fh, datasync, is_dir=True)
@@ -1013,17 +1010,31 @@ class Passthrough:
             return len(self._inodes), len(self._handles)
 
 
-def _parse_dirents(data: bytes) -> Iterator[tuple[bytes, int, int]]:
-    """(name, d_ino, d_type) of each struct linux_dirent64 in a getdents64 buffer."""
-    pos = 0
-    while pos + _LINUX_DIRENT64.size <= len(data):
-        ino, _off, reclen, dtype = _LINUX_DIRENT64.unpack_from(data, pos)
-        if reclen < _LINUX_DIRENT64.size:
+class linux_dirent64(ctypes.LittleEndianStructure):
+    """struct linux_dirent64 (getdents64(2)) without its name: d_name follows, NUL
+    terminated, and d_reclen covers the whole record (8-byte aligned)."""
+
+    _pack_ = 1
+    _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64),
+                ("d_reclen", ctypes.c_uint16), ("d_type", ctypes.c_uint8)]
+
+
+assert ctypes.sizeof(linux_dirent64) == 19
+
+
+def parse_dirents(data: bytes) -> Iterator[tuple[bytes, int, int, int]]:
+    """(name, d_ino, d_type, d_off) of each struct linux_dirent64 in a getdents64
+    buffer; a record that does not fit or has no NUL ends the walk."""
+    pos, head = 0, ctypes.sizeof(linux_dirent64)
+    while pos + head <= len(data):
+        d = linux_dirent64.from_buffer_copy(data, pos)
+        if d.d_reclen < head or pos + d.d_reclen > len(data):
             break
-        start = pos + _LINUX_DIRENT64.size
-        end = data.index(b"\0", start, pos + reclen)
-        yield data[start:end], ino, dtype
-        pos += reclen
+        end = data.find(b"\0", pos + head, pos + d.d_reclen)
+        if end < 0:
+            break
+        yield data[pos + head:end], d.d_ino, d.d_type, d.d_off
+        pos += d.d_reclen
 
 
 __all__ = [

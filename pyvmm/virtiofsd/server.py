@@ -34,7 +34,7 @@ import stat
 import threading
 from ctypes import sizeof
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 from . import fuse_abi as abi
 from .dax_mapper import DaxMapper
@@ -52,6 +52,12 @@ MIN_MINOR_VERSION = 12
 #: Largest WRITE payload we accept, and the page count the kernel may put in one request.
 MAX_WRITE = 1 << 20
 MAX_PAGES = 256
+#: What the kernel assumes when FUSE_MAX_PAGES was not agreed (fs/fuse/fuse_i.h
+#: FUSE_DEFAULT_MAX_PAGES_PER_REQ), and the guest's page size (x86-64).
+DEFAULT_MAX_PAGES = 32
+GUEST_PAGE_SIZE = 4096
+#: fuse_out_header.len is a u32: no reply may be longer.
+MAX_REPLY_LEN = 0xFFFFFFFF
 #: Arguments (everything after the header) larger than this are refused, so a guest
 #: cannot make us copy a huge buffer into Python; the largest legitimate one is a
 #: SETXATTR with a 64 KiB value.  WRITE data is not copied and not limited by this.
@@ -197,10 +203,20 @@ class Reply:
 
 @dataclass(frozen=True)
 class Session:
-    """What INIT agreed on."""
+    """What INIT agreed on.
+
+    ``max_pages`` bounds every buffer the guest hands us: READ, READDIR(PLUS),
+    GETXATTR and LISTXATTR sizes are capped at ``max_read`` bytes, WRITE is refused
+    beyond ``max_write``, whatever the request or its descriptors claim."""
 
     minor: int
     flags: int
+    max_pages: int = DEFAULT_MAX_PAGES
+    max_write: int = MAX_WRITE
+
+    @property
+    def max_read(self) -> int:
+        return self.max_pages * GUEST_PAGE_SIZE
 
 
 Handler = Callable[[Request, IoVec], "Reply | None"]
@@ -259,6 +275,19 @@ class FuseServer:
             return self._handle(request, reply)
         except Exception:   # a bug of ours: never let it reach the transport
             log.exception("unexpected failure serving a FUSE request")
+            return self.fail(request, reply)
+
+    def fail(self, request: IoVec, reply: IoVec) -> int:
+        """Answer ``request`` with -EIO if its header is readable and the reply has
+        room (else used length 0); what the transport calls when serving a request
+        went wrong in a way ``handle`` could not answer itself.  Never raises."""
+        try:
+            header = self._read_header(request)
+            if header is None or header.opcode in NO_REPLY_OPCODES:
+                return 0
+            return self._send_error(reply, header.unique, errno.EIO)
+        except Exception:
+            log.exception("cannot even fail a FUSE request")
             return 0
 
     def _handle(self, request: IoVec, reply: IoVec) -> int:
@@ -350,6 +379,10 @@ class FuseServer:
         if len(reply) < OUT_HEADER_SIZE:
             log.warning("request %#x: no room for a reply", unique)
             return 0
+        if total > MAX_REPLY_LEN and not error:   # the caps make this impossible
+            log.error("request %#x: reply of %d bytes does not fit fuse_out_header.len",
+                      unique, total)
+            error = -errno.EIO
         if error:
             total = OUT_HEADER_SIZE
         out = abi.fuse_out_header(len=total, error=error, unique=unique)
@@ -388,15 +421,16 @@ class FuseServer:
         out.flags = flags & 0xFFFFFFFF
         out.max_write = MAX_WRITE
         out.time_gran = 1
+        max_pages = DEFAULT_MAX_PAGES
         if flags & abi.FUSE_MAX_PAGES:
-            out.max_pages = MAX_PAGES
+            out.max_pages = max_pages = MAX_PAGES
         if flags & abi.FUSE_MAP_ALIGNMENT:
             out.map_alignment = self.dax.map_alignment
         with self._lock:
             if self._session is not None:
                 log.warning("INIT on a live session: releasing the old one")
                 self.fs.reset()
-            self._session = Session(out.minor, flags)
+            self._session = Session(out.minor, flags, max_pages, MAX_WRITE)
         log.info("FUSE %d.%d session: flags %#x%s", out.major, out.minor, flags,
                  f", DAX alignment 2^{out.map_alignment}" if flags & abi.FUSE_MAP_ALIGNMENT else "")
         size = (abi.FUSE_COMPAT_INIT_OUT_SIZE if init.minor < 5 else
@@ -459,6 +493,15 @@ class FuseServer:
         sec, nsec = _split_seconds(self.fs.timeout)
         out = abi.fuse_attr_out(attr_valid=sec, attr_valid_nsec=nsec, attr=attr_from_stat(st))
         return Reply(bytes(out))
+
+    def _limits(self) -> Session:
+        """The session's size limits (the defaults if DESTROY raced this request)."""
+        return self._session or Session(abi.SUPPORTED_MINOR_VERSION, 0)
+
+    def _reply_room(self, size: int, reply: IoVec) -> int:
+        """A data size the guest asked for, capped at the room after the out header
+        and at max_read (descriptors may claim more than any reply can be)."""
+        return max(0, min(size, len(reply) - OUT_HEADER_SIZE, self._limits().max_read))
 
     def _lookup(self, req: Request, reply: IoVec) -> Reply:
         (name,), _ = parse_names(req.args, 1)
@@ -566,10 +609,9 @@ class FuseServer:
         """READ: file bytes go straight from the host file into the guest's buffer
         (``preadv``, or the DAX resolver for a buffer inside the window)."""
         m = parse_struct(req.args, abi.fuse_read_in)
-        room = len(reply) - OUT_HEADER_SIZE
-        if room < 0:
+        if len(reply) < OUT_HEADER_SIZE:
             raise _invalid("no room for the reply header")
-        size = min(m.size, room)
+        size = self._reply_room(m.size, reply)
         return Reply(data_len=self.fs.read(m.fh, m.offset, size, reply, OUT_HEADER_SIZE))
 
     def _write(self, req: Request, reply: IoVec) -> Reply:
@@ -577,6 +619,8 @@ class FuseServer:
         guest memory to the file without a copy through Python."""
         m = parse_struct(req.args, abi.fuse_write_in)
         data_offset = IN_HEADER_SIZE + sizeof(m)
+        if m.size > self._limits().max_write:
+            raise _invalid(f"WRITE of {m.size} bytes, max_write is {self._limits().max_write}")
         if data_offset + m.size > req.header.len:
             raise _invalid(f"WRITE of {m.size} bytes carries {req.header.len - data_offset}")
         n = self.fs.write(m.fh, m.offset, m.size, req.raw, data_offset,
@@ -618,11 +662,24 @@ class FuseServer:
         m = parse_struct(req.args, abi.fuse_fsync_in)
         self.fs.fsyncdir(m.fh, bool(m.fsync_flags & abi.FUSE_FSYNC_FDATASYNC))
 
+    def _dir_entries(self, fh: int, offset: int, room: int) -> Iterator[DirEntry]:
+        """The directory's entries from ``offset`` on, read a batch of about ``room``
+        bytes at a time, for as long as the caller takes them (it stops when its
+        reply is full, so nothing beyond one batch is read ahead)."""
+        while True:
+            batch = self.fs.readdir(fh, offset, room)
+            if not batch:
+                return
+            yield from batch
+            if batch[-1].offset == offset:   # a file system that does not move on
+                return
+            offset = batch[-1].offset
+
     def _readdir(self, req: Request, reply: IoVec) -> Reply:
         m = parse_struct(req.args, abi.fuse_read_in)
-        room = min(m.size, max(0, len(reply) - OUT_HEADER_SIZE))
+        room = self._reply_room(m.size, reply)
         out = bytearray()
-        for ent in self.fs.readdir(m.fh, m.offset):
+        for ent in self._dir_entries(m.fh, m.offset, room):
             record = _dirent_record(ent.ino, ent.type, ent)
             if len(out) + len(record) > room:
                 break
@@ -636,7 +693,7 @@ class FuseServer:
         do not fit are not looked up at all; if the reply cannot be delivered, the
         lookups are forgotten again."""
         m = parse_struct(req.args, abi.fuse_read_in)
-        room = min(m.size, max(0, len(reply) - OUT_HEADER_SIZE))
+        room = self._reply_room(m.size, reply)
         out = bytearray()
         counted: list[int] = []
 
@@ -645,7 +702,7 @@ class FuseServer:
                 self.fs.forget(nodeid, 1)
 
         try:
-            for ent in self.fs.readdir(m.fh, m.offset):
+            for ent in self._dir_entries(m.fh, m.offset, room):
                 size = abi.FUSE_DIRENT_ALIGN(abi.FUSE_NAME_OFFSET_DIRENTPLUS + len(ent.name))
                 if len(out) + size > room:
                     break
@@ -699,12 +756,13 @@ class FuseServer:
     def _getxattr(self, req: Request, reply: IoVec) -> Reply:
         m = parse_struct(req.args, abi.fuse_getxattr_in)
         (name,), _ = parse_names(req.args, 1, sizeof(m))
-        return _sized_reply(self.fs.getxattr(req.nodeid, _xattr_name(name)), m.size)
+        return _sized_reply(self.fs.getxattr(req.nodeid, _xattr_name(name)),
+                            min(m.size, self._limits().max_read))
 
     def _listxattr(self, req: Request, reply: IoVec) -> Reply:
         m = parse_struct(req.args, abi.fuse_getxattr_in)
         names = b"".join(n + b"\0" for n in self.fs.listxattr(req.nodeid))
-        return _sized_reply(names, m.size)
+        return _sized_reply(names, min(m.size, self._limits().max_read))
 
     def _removexattr(self, req: Request, reply: IoVec) -> None:
         (name,), _ = parse_names(req.args, 1)

@@ -34,7 +34,7 @@ import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 from ..devices.virtio.queue import ChainError, DescriptorChain, Virtqueue, VirtqueueError
 from ..memory import GuestMemoryError
@@ -312,7 +312,14 @@ def _fs_msg(entries: Sequence[tuple[int, int, int, int]]) -> p.VhostUserFSBacken
 
 
 # --- one virtqueue -------------------------------------------------------------------------
-Handler = Callable[[IoVec, IoVec], int]
+class Handler(Protocol):
+    """What a ring serves requests with (``server.FuseServer``)."""
+
+    def handle(self, request: IoVec, reply: IoVec) -> int:
+        """Serve one request; the used length."""
+
+    def fail(self, request: IoVec, reply: IoVec) -> int:
+        """Fail a request ``handle`` could not serve; the used length."""
 
 
 class Vring:
@@ -476,24 +483,44 @@ class Vring:
 
     def _serve(self, q: Virtqueue, chain: DescriptorChain, handler: Handler,
                resolver: Callable | None) -> None:
+        """One request: whatever goes wrong in it fails that request only (an error
+        reply from ``handler.fail`` if it can write one, else used length 0); the
+        ring goes on.  Only a used ring we cannot write stops it (VirtqueueError)."""
         request = IoVec(_pieces(q.mem, chain.readable), resolver)
         reply = IoVec(_pieces(q.mem, chain.writable), resolver)
         try:
-            written = handler(request, reply)
-        except Exception:
-            log.exception("vring %d: request %d failed", self.index, chain.head)
-            written = 0
+            written = self._call(handler.handle, request, reply, chain.head)
+            if written is None:
+                written = self._call(handler.fail, request, reply, chain.head) or 0
         finally:
             for piece in request.pieces + reply.pieces:
                 if isinstance(piece, memoryview):
                     piece.release()
         self._complete(q, chain.head, written)
 
+    def _call(self, fn: Callable[[IoVec, IoVec], int], request: IoVec, reply: IoVec,
+              head: int) -> int | None:
+        """``fn(request, reply)`` if it returns a used length that fits the reply
+        buffers, else None (logged)."""
+        try:
+            written = fn(request, reply)
+        except Exception:
+            log.exception("vring %d: request %d failed", self.index, head)
+            return None
+        if not isinstance(written, int) or not 0 <= written <= len(reply):
+            log.error("vring %d: request %d: used length %r, the reply has %d bytes",
+                      self.index, head, written, len(reply))
+            return None
+        return written
+
     def _complete(self, q: Virtqueue, head: int, written: int) -> None:
         with self._lock:
             q.push(head, written)
             if q.should_interrupt() and self.call_fd is not None:
-                os.eventfd_write(self.call_fd, 1)
+                try:
+                    os.eventfd_write(self.call_fd, 1)
+                except OSError as e:   # a call fd the front-end broke: the ring goes on
+                    log.warning("vring %d: call fd: %s", self.index, e)
 
 
 def _pieces(mem: BackendMemory, buffers) -> list[Piece]:
@@ -514,7 +541,7 @@ class RequestRefused(Exception):
 class VhostUserFsBackend:
     """Serves one front-end connection for a FUSE ``server`` until it closes.
 
-    ``server`` has ``handle(request: IoVec, reply: IoVec) -> int``, ``destroy()``
+    ``server`` has ``handle`` and ``fail`` (``Handler``), ``destroy()``
     and a ``dax`` attribute that we set to a ``BackendChannelMapper`` once the
     front-end opened the back-end request channel with the features DAX needs.
     """
@@ -717,7 +744,7 @@ class VhostUserFsBackend:
             raise RequestRefused("ring start before SET_MEM_TABLE")
         if not self.features & (1 << p.VHOST_USER_F_PROTOCOL_FEATURES):
             vr.enabled = True   # without protocol features rings start enabled
-        vr.start(self.mem, self.features, self.server.handle, self._shared,
+        vr.start(self.mem, self.features, self.server, self._shared,
                  self._file_io, self._pool)
 
     def _file_io(self, gpa: int, length: int, fd: int, file_offset: int, to_file: bool) -> int:
@@ -732,9 +759,14 @@ class VhostUserFsBackend:
         if not self._has(p.VHOST_USER_PROTOCOL_F_BACKEND_REQ):
             raise RequestRefused("SET_BACKEND_REQ_FD without BACKEND_REQ")
         fd = msg.take_fds()[0]
+        try:
+            channel = socket.socket(fileno=fd)
+        except OSError:   # not a socket: refused, and the fd is ours to close
+            os.close(fd)
+            raise
         if self.backend_channel is not None:
             self.backend_channel.close()
-        self.backend_channel = socket.socket(fileno=fd)
+        self.backend_channel = channel
         needed = (p.VHOST_USER_PROTOCOL_F_REPLY_ACK, p.VHOST_USER_PROTOCOL_F_BACKEND_SEND_FD)
         if all(self._has(b) for b in needed):
             self.mapper = BackendChannelMapper(self.backend_channel,
