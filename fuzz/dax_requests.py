@@ -25,7 +25,7 @@ if __name__ == "__main__":
 
 from fuzzing import Input, checked, pack  # noqa: E402
 
-from pyvmm.devices.virtio.dax_window import DaxShm, DaxWindow  # noqa: E402
+from pyvmm.devices.virtio.dax_window import DaxShm, DaxWindow, DaxWindows  # noqa: E402
 from pyvmm.devices.virtio.fs import handle_dax_request  # noqa: E402
 from pyvmm.vhost_user import protocol as p  # noqa: E402
 from test_dax_window import FakeSlots  # noqa: E402
@@ -60,14 +60,17 @@ def fuzz_one(data: bytes) -> None:
         window = DaxWindow(WINDOW)
         shm = DaxShm(window, FakeSlots())
         shm.shm_moved(None, BAR)
+        windows = DaxWindows()
+        windows.add(shm)
         try:
-            _run(Input(data), window, shm)
+            _run(Input(data), window, windows)
         finally:
+            windows.remove(shm)
             shm.shm_moved(BAR, None)
             window.close()
 
 
-def _run(inp: Input, window: DaxWindow, shm: DaxShm) -> None:
+def _run(inp: Input, window: DaxWindow, windows: DaxWindows) -> None:
     files = _file_fds()
     for _ in range(MAX_MESSAGES):
         if not len(inp):
@@ -80,7 +83,7 @@ def _run(inp: Input, window: DaxWindow, shm: DaxShm) -> None:
         except p.ProtocolError:
             continue
         try:
-            handle_dax_request(window, msg, shm)
+            handle_dax_request(window, msg, windows)
         except (ValueError, OSError):
             pass
         finally:
