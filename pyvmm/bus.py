@@ -16,6 +16,8 @@ from typing import Protocol
 
 log = logging.getLogger(__name__)
 
+UNCLAIMED_ADDRESSES_MAX = 256   # distinct unclaimed addresses counted one by one
+
 
 class Device(Protocol):
     def read(self, offset: int, size: int) -> bytes: ...
@@ -43,7 +45,9 @@ class Bus:
 
     Accesses that hit no device read as all ones and drop writes, like an
     unclaimed ISA port or an unpopulated MMIO hole; they are counted and logged
-    at debug level so a reader can see what the guest probed.
+    at debug level so a reader can see what the guest probed: per address for
+    the first ``UNCLAIMED_ADDRESSES_MAX`` addresses (a guest can probe millions),
+    all of them in ``unclaimed_total``.
     """
 
     def __init__(self, name: str) -> None:
@@ -52,7 +56,8 @@ class Bus:
         # a vCPU thread's lookup sees either the old or the new map, never half.
         self._table: tuple[list[int], list[Range]] = ([], [])
         self._lock = threading.Lock()
-        self.unclaimed: dict[int, int] = {}
+        self.unclaimed: dict[int, int] = {}   # address -> accesses (the first addresses only)
+        self.unclaimed_total = 0
 
     def register(self, base: int, length: int, device: Device) -> None:
         if length <= 0 or base < 0:
@@ -115,7 +120,10 @@ class Bus:
 
     def _count_unclaimed(self, addr: int, kind: str, size: int) -> None:
         with self._lock:
+            self.unclaimed_total += 1
             n = self.unclaimed.get(addr, 0) + 1
+            if n == 1 and len(self.unclaimed) >= UNCLAIMED_ADDRESSES_MAX:
+                return   # counted in the total only
             self.unclaimed[addr] = n
         if n <= 3:
             log.debug("%s: unclaimed %s of %d bytes at %#x", self.name, kind, size, addr)

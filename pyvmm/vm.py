@@ -379,7 +379,7 @@ class Machine:
                 signal.signal(sig, handler)
         for bus in (self.pio, self.mmio):
             if bus.unclaimed:
-                log.debug("%s: unclaimed accesses: %s", bus.name, ", ".join(
+                log.debug("%s: %d unclaimed accesses: %s", bus.name, bus.unclaimed_total, ", ".join(
                     f"{addr:#x} x{n}" for addr, n in sorted(bus.unclaimed.items())))
         fixups = {}
         for t in self.vcpus:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import pyvmm.bus as bus_module
-from pyvmm.bus import Bus, BusError
+from pyvmm.bus import UNCLAIMED_ADDRESSES_MAX, Bus, BusError
 
 
 class Dev:
@@ -144,6 +144,19 @@ def test_unclaimed_accesses_are_counted_per_address():
     b.write(0x80, b"\x00")
     b.write(0x61, b"\x00\x00")
     assert b.unclaimed == {0x80: 6, 0x61: 1}
+
+
+def test_unclaimed_addresses_are_bounded():
+    """A guest probing a million addresses must not grow the table: the first
+    UNCLAIMED_ADDRESSES_MAX are counted one by one, every access in the total."""
+    b = Bus("mmio")
+    n = UNCLAIMED_ADDRESSES_MAX * 4
+    for addr in range(n):
+        b.read(addr, 1)
+    b.read(0, 1)
+    assert len(b.unclaimed) == UNCLAIMED_ADDRESSES_MAX
+    assert b.unclaimed[0] == 2 and n - 1 not in b.unclaimed
+    assert b.unclaimed_total == n + 1
 
 
 def test_unclaimed_write_is_dropped(pio):
