@@ -184,10 +184,16 @@ class VirtioFs(VirtioDevice):
 
     def _answer_for_dead_backend(self) -> None:
         """Serve the rings ourselves, failing every request, so the guest sees errors
-        instead of waiting forever (docs/vhost-user-dax.md 6: a dead backend leaves the VM running)."""
+        instead of waiting forever (docs/vhost-user-dax.md 6: a dead backend leaves the VM running).
+        The watch thread: the transport's take-over runs ``_resume_rings`` under its lock."""
         self._backend_gone = True
-        if not self._started or self._take_over is None:
-            return
+        take_over = self._take_over
+        if take_over is not None:
+            take_over(self._resume_rings)
+
+    def _resume_rings(self) -> None:
+        """Continue each ready ring after the last request the back-end completed
+        (transport lock held, no worker runs)."""
         for index, q in enumerate(self.queues):
             if q.ready:
                 try:
@@ -195,7 +201,6 @@ class VirtioFs(VirtioDevice):
                 except ValueError as e:  # the ring is not in guest RAM any more
                     log.warning("virtio-fs %s: queue %d: %s", self.tag.decode(), index, e)
                     self.broken_queues.add(index)
-        self._take_over()
 
     # --- VirtioDevice -------------------------------------------------------------------
     def device_features(self) -> int:
