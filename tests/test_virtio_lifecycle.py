@@ -1,5 +1,6 @@
 """Device lifecycle on the virtio PCI transport: a reset while the worker is busy,
-a quiesce that times out, and a dead back-end's take-over racing a reset.
+a quiesce that times out, a dead back-end's take-over racing a reset, and a
+slow vhost-user back-end at DRIVER_OK and reset.
 
 The guest is ``virtio_guest.PciGuest``; the test thread plays the vCPU.
 """
@@ -12,9 +13,13 @@ import time
 import pytest
 
 from pyvmm.devices.virtio import pci as vp
+from pyvmm.devices.virtio.device import VIRTIO_CONFIG_S_NEEDS_RESET
+from pyvmm.devices.virtio.fs import VirtioFs
 from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.snapshot.fields import SaveRefused
+from pyvmm.vhost_user import protocol as vu
 from test_devstate_virtio import fs
+from test_vhost_user_frontend import FakeBackend
 from virtio_guest import PciGuest
 
 BUSY_WAIT = 10      # seconds a test lets a busy request wait for its release
@@ -116,3 +121,50 @@ def test_a_dead_backends_take_over_waits_for_the_transport_and_skips_a_reset_dev
     assert g.pci._worker is None and g.rd(vp.DEVICE_STATUS, 1) == 0
     g.close()
     model.close()
+
+
+class SlowBackend(FakeBackend):
+    """A vhost-user back-end that, once ``slow`` is set, answers every message
+    ``delay`` seconds late: well inside the per-message timeout."""
+
+    def __init__(self, path: str, delay: float) -> None:
+        self.slow = threading.Event()
+        self.delay = delay
+        super().__init__(path)
+
+    def default(self, msg) -> None:
+        if self.slow.is_set():
+            time.sleep(self.delay)
+        super().default(msg)
+
+
+def slow_fs(tmp_path, delay: float) -> tuple[SlowBackend, PciGuest]:
+    path = str(tmp_path / "slow.sock")
+    backend = SlowBackend(path, delay)
+    return backend, PciGuest(VirtioFs("share", path, queue_size=16, operation_timeout=0.2))
+
+
+def test_a_slow_backend_holds_driver_ok_for_one_budget_only(tmp_path):
+    backend, g = slow_fs(tmp_path, delay=0.1)
+    n = len(backend.messages)
+    backend.slow.set()
+    g.init_driver([0, 1])                    # 14 messages at 0.1 s: more than the 0.2 s budget
+    assert len(backend.messages) - n < 14
+    assert g.rd(vp.DEVICE_STATUS, 1) & VIRTIO_CONFIG_S_NEEDS_RESET
+    g.close()
+    backend.close()
+
+
+def test_a_slow_backend_holds_a_reset_for_one_budget_only(tmp_path):
+    backend, g = slow_fs(tmp_path, delay=0.1)
+    g.init_driver([0, 1])
+    assert g.pci._backend_running
+    n = len(backend.messages)
+    backend.slow.set()
+    g.wr(vp.DEVICE_STATUS, 0, 1)             # 2 x (ENABLE 0, GET_VRING_BASE), RESET_DEVICE
+    assert g.rd(vp.DEVICE_STATUS, 1) == 0
+    assert len(backend.messages) - n < 5
+    assert not {m.request for m in backend.messages[n:]} - {
+        vu.VHOST_USER_SET_VRING_ENABLE, vu.VHOST_USER_GET_VRING_BASE, vu.VHOST_USER_RESET_DEVICE}
+    g.close()
+    backend.close()
