@@ -541,7 +541,8 @@ class VirtioPciDevice(PciDevice):
         if self._reset_pending:
             return
         worker = self._worker
-        if worker is not None and not worker.stop(RESET_WAIT, then=lambda: self._finish_pending_reset(worker)):
+        if worker is not None and not worker.stop(RESET_WAIT,
+                                                  then=lambda: self._finish_pending_reset(worker)):
             self._reset_pending = True
             log.info("%s: reset waits for the worker to finish its request", self.name)
             return
