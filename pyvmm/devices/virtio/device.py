@@ -168,10 +168,11 @@ class VirtioDevice:
     def serve_queue(self, index: int, handle: Callable[[DescriptorChain], int],
                     more: Callable[[], bool] = lambda: True) -> None:
         """The device side of queue ``index``: pop each available chain while
-        ``more()`` (and no quiesce waits), complete it with ``handle(chain)`` bytes
-        written, and interrupt the driver once at the end.  A bad chain (ChainError) is completed with
-        0 bytes; a broken ring (VirtqueueError) stops the queue until reset and
-        asks the transport for NEEDS_RESET."""
+        ``more()`` and the transport is not stopping the worker (``stop_requested``:
+        reset, quiesce, close), complete it with ``handle(chain)`` bytes written,
+        and interrupt the driver once at the end.  A bad chain (ChainError) is
+        completed with 0 bytes; a broken ring (VirtqueueError) stops the queue
+        until reset and asks the transport for NEEDS_RESET."""
         if index >= len(self.queues) or index in self.broken_queues:
             return
         q = self.queues[index]
