@@ -405,7 +405,8 @@ class Machine:
                 signal.signal(sig, handler)
         for bus in (self.pio, self.mmio):
             if bus.unclaimed:
-                log.debug("%s: unclaimed accesses: %s", bus.name, ", ".join(
+                log.debug("%s: %d unclaimed accesses: %s", bus.name,
+                          sum(bus.unclaimed.values()) + bus.unclaimed_elsewhere, ", ".join(
                     f"{addr:#x} x{n}" for addr, n in sorted(bus.unclaimed.items())))
         if self.watching and not self.config.stats:   # with --stats the CLI prints them
             log.info("exit statistics:\n%s", self.stats_report().rstrip("\n"))

@@ -212,7 +212,7 @@ def test_quiesce_stops_after_the_chain_in_progress():
     quiescing = threading.Thread(target=g.pci.quiesce)
     quiescing.start()
     deadline = time.monotonic() + 5
-    while not g.pci._stopping.is_set():
+    while not g.pci._stop_requested():
         assert time.monotonic() < deadline
         time.sleep(0.001)
     g.model.release.set()

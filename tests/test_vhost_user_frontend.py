@@ -510,6 +510,52 @@ def test_timeout(backend_factory, sock_path):
         fe.set_vring_num(0, 8)
 
 
+def slowly(delay: float) -> Callable:
+    """A handler that answers like a well-behaved back-end, after ``delay`` seconds."""
+    def handler(b: FakeBackend, msg: Message) -> None:
+        time.sleep(delay)
+        b.default(msg)
+    return handler
+
+
+def test_deadline_is_one_budget_for_a_whole_sequence(backend_factory, sock_path, ram):
+    """Each reply comes well inside the per-message timeout, but the sequence as a
+    whole may not take longer than its deadline: it fails part-way."""
+    slow = slowly(0.05)
+    b, fe = start(backend_factory, sock_path, timeout=5.0,
+                  handlers={r: slow for r in (p.VHOST_USER_SET_VRING_NUM, p.VHOST_USER_SET_VRING_ADDR,
+                                              p.VHOST_USER_SET_VRING_BASE)})
+    fe.negotiate()
+    fe.set_features(VERSION_1)
+    fe.set_mem_table(ram)
+    n = len(b.messages)
+    with pytest.raises(BackendTimeout):
+        with fe.deadline(0.2):
+            for q in range(2):
+                for _ in range(10):
+                    fe.set_vring_num(q, 8)
+                    fe.set_vring_addr(q, 0x1000, 0x2000, 0x3000)
+                    fe.set_vring_base(q, 0)
+    assert len(b.messages) - n < 60                                 # it stopped part-way
+    assert getattr(fe._local, "deadline") is None                   # the budget ended with it
+
+
+def test_deadline_spent_before_a_request_sends_nothing(backend_factory, sock_path):
+    b, fe = start(backend_factory, sock_path)
+    fe.negotiate()
+    n = len(b.messages)
+    with fe.deadline(0):
+        with pytest.raises(BackendTimeout, match="ran out of time before VHOST_USER_SET_VRING_NUM"):
+            fe.set_vring_num(0, 8)
+        with fe.deadline(10):                                       # nested: the earlier end holds
+            with pytest.raises(BackendTimeout):
+                fe.set_vring_num(0, 8)
+    assert len(b.messages) == n
+    fe.set_vring_num(0, 8)                                          # the connection is in step
+    assert b.requests[-1] == "SET_VRING_NUM"
+    fe.close()
+
+
 def test_backend_closes_mid_sequence(backend_factory, sock_path, ram):
     b, fe = start(backend_factory, sock_path, handlers={p.VHOST_USER_SET_MEM_TABLE: lambda b, m: "stop"})
     fe.negotiate()

@@ -387,6 +387,23 @@ def test_discard_write_zeroes_errors(h, image):
     assert image.read_bytes() == before
 
 
+@pytest.mark.parametrize("rtype", [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES])
+def test_oversized_segment_list_is_refused_before_it_is_copied(h, guest, image, monkeypatch, rtype):
+    """The descriptors of one chain may all point at the same guest pages: a segment
+    list longer than max_*_seg segments is refused by its length, nothing copied."""
+    before = image.read_bytes()
+    page = guest.buf(segment(0, 1) * 4096)                  # 64 KiB of segments
+    copied = []
+    real_read = guest.mem.read
+    monkeypatch.setattr(guest.mem, "read", lambda gpa, n: copied.append(n) or real_read(gpa, n))
+    readable = [guest.buf(header(rtype))] + [page] * 64      # "4 MiB" of segments
+    status = guest.buf(b"\xAA")
+    h.submit(readable, [status])
+    assert sum(copied) <= blkmod.REQ_HEADER_SIZE
+    assert guest.read(status)[0] == VIRTIO_BLK_S_IOERR
+    assert image.read_bytes() == before
+
+
 # --- malformed requests fail alone --------------------------------------------------------------
 def test_malformed_requests_fail_only_themselves(h, guest, image):
     before = image.read_bytes()

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyvmm.devices.virtio.console import (RECEIVEQ0, TRANSMITQ0, VIRTIO_CONSOLE_F_EMERG_WRITE,
+from pyvmm.devices.virtio.console import (BACKLOG_MAX, RECEIVEQ0, TRANSMIT_MAX, TRANSMITQ0, VIRTIO_CONSOLE_F_EMERG_WRITE,
                                           VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_SIZE, VirtioConsole)
 from pyvmm.devices.virtio.queue import Buffer, ChainError, DescriptorChain, VirtqueueError
 from pyvmm.memory import GuestMemory
@@ -124,6 +124,27 @@ def test_transmit_output_error_does_not_raise(mem):
     e.activate()
     e.send(b"lost")
     assert len(e.tx.used) == 1
+
+
+def test_transmit_is_copied_buffer_by_buffer_up_to_a_cap(env):
+    """The descriptors of one chain may all point at the same guest pages, so its
+    length stands for many times guest RAM: copy per buffer, at most TRANSMIT_MAX."""
+    page = env.alloc(64 * 1024)
+    env.mem.write(page.gpa, b"x" * page.length)
+    env.tx.add(DescriptorChain(7, [page] * 200, []))          # "12.5 MiB" in a 4 MiB guest
+    env.dev.process_queue(TRANSMITQ0)
+    assert env.output and max(len(d) for d in env.output) <= page.length
+    assert sum(len(d) for d in env.output) == TRANSMIT_MAX
+    assert env.tx.used == [(7, 0)] and env.resets == 0
+
+
+def test_backlog_is_bounded(env):
+    """Host input for a guest that never reads (the agent answers every HELLO) is capped."""
+    for _ in range(BACKLOG_MAX // (1 << 20) + 2):
+        env.dev.receive(bytes(1 << 20))
+    assert env.dev.pending() == BACKLOG_MAX
+    env.post_rx(4)
+    assert env.received() == bytes(4) and env.dev.pending() == BACKLOG_MAX - 4
 
 
 def test_receive_into_posted_buffers(env):

@@ -540,7 +540,7 @@ def test_full_driver_init_starts_worker_and_kicks_reach_the_device(env):
     assert env.dev.activations == [env.pci.offered_features()]
     assert env.dev.queues is env.pci.queues
     worker = env.pci._worker
-    assert worker is not None and worker.is_alive()
+    assert worker is not None and worker.thread.is_alive()
     q = env.pci.queues
     assert all(x.ready for x in q) and all(x.event_idx for x in q)
     assert [x.msix_vector for x in q] == [1, 2]
@@ -628,8 +628,8 @@ def test_status_zero_resets_everything_and_stops_the_worker(env):
     resets = env.dev.resets
     env.set_status(0)
     assert env.pci._worker is None
-    worker.join(2)
-    assert not worker.is_alive()
+    worker.thread.join(2)
+    assert not worker.thread.is_alive()
     assert env.dev.resets == resets + 1 and env.dev.queues == []
     assert env.status() == 0
     assert env.pci.driver_features == 0
@@ -650,7 +650,7 @@ def test_status_zero_resets_everything_and_stops_the_worker(env):
     assert len(env.dev.processed) == n
     # and the device comes up again
     env.init_driver()
-    assert env.pci._worker is not None and env.pci._worker.is_alive()
+    assert env.pci._worker is not None and env.pci._worker.thread.is_alive()
     assert len(env.dev.activations) == 2
 
 
@@ -712,7 +712,7 @@ def test_ioeventfds_follow_guest_bar_programming(env):
 
 def test_close_releases_kick_eventfds():
     e = Env()
-    fds = [k.eventfd for k in e.pci.kicks] + [e.pci._stop]
+    fds = [k.eventfd for k in e.pci.kicks]
     try:
         e.pci.close()
         e.pci.close = lambda: None                                   # Msix.close is not idempotent
@@ -728,8 +728,8 @@ def test_close_stops_the_worker_and_frees_msix(env):
     worker = env.pci._worker
     msix_fds = list(env.pci.msix.eventfds)
     env.pci.close()
-    worker.join(2)
-    assert not worker.is_alive()
+    worker.thread.join(2)
+    assert not worker.thread.is_alive()
     assert env.vm.irqfds == {}
     for fd in msix_fds:
         with pytest.raises(OSError):

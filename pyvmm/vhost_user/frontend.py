@@ -22,21 +22,30 @@ Failures, all ``VhostUserError``:
 * ``BackendError``: the back-end refused a request (error ack, empty GET_CONFIG
   reply) or broke the protocol (wrong reply) -- the latter closes the
   connection, as the spec asks of a front-end that "receives a wrong reply";
-* ``BackendTimeout`` (a BackendError): no reply within ``timeout`` seconds;
-  the connection is closed (a late reply could not be told apart from the next);
+* ``BackendTimeout`` (a BackendError): no reply within ``timeout`` seconds, or
+  within what is left of an operation's ``deadline``; the connection is closed
+  (a late reply could not be told apart from the next).  An operation whose
+  budget is spent before a request is sent fails without sending it.
+
+Deadlines: ``with frontend.deadline(seconds):`` gives every request the calling
+thread makes inside one overall budget.  A device activation or reset is one
+operation however many messages it takes, so a back-end that answers each one
+just inside ``timeout`` cannot hold a vCPU for minutes.
 * ``BackendGone`` (a BackendError): the back-end closed the socket, or the
   connection was closed by one of the above.  Every later call raises it too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import select
 import socket
 import threading
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+import time
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from . import protocol as p
 from .protocol import Message, PeerClosed, ProtocolError
@@ -140,6 +149,7 @@ class VhostUserFrontend:
         self._mem_table: list[MemoryRegion] = []
         self._vring_num: dict[int, int] = {}
         self._started: set[int] = set()
+        self._local = threading.local()   # .deadline: this thread's operation deadline
         if connect:
             self.connect()
 
@@ -232,6 +242,32 @@ class VhostUserFrontend:
                 f"{p.request_name(request)} needs protocol feature bit {bit}, which "
                 f"{self.path} did not negotiate")
 
+    @contextlib.contextmanager
+    def deadline(self, seconds: float | None) -> Iterator[None]:
+        """One budget of ``seconds`` for every request this thread makes inside (each
+        reply still waits at most ``timeout``).  Nested: the earlier end holds."""
+        outer = getattr(self._local, "deadline", None)
+        end = None if seconds is None else time.monotonic() + seconds
+        if end is None or (outer is not None and outer < end):
+            end = outer
+        self._local.deadline = end
+        try:
+            yield
+        finally:
+            self._local.deadline = outer
+
+    def _wait_limit(self, name: str) -> float | None:
+        """How long the next send or reply may take: ``timeout``, or less when this
+        thread's deadline is closer (BackendTimeout when it has passed)."""
+        end = getattr(self._local, "deadline", None)
+        if end is None:
+            return self.timeout
+        left = end - time.monotonic()
+        if left <= 0:
+            raise BackendTimeout(f"vhost-user backend {self.path}: the operation ran out of time "
+                                 f"before {name}")
+        return left if self.timeout is None else min(left, self.timeout)
+
     def _call(self, request: int, payload: Any = None, fds: Sequence[int] = (), *,
               ack: bool | None = None) -> Message | None:
         """Send one request and wait for its reply or ack.
@@ -249,10 +285,12 @@ class VhostUserFrontend:
             if sock is None:
                 raise BackendGone(f"vhost-user backend {self.path}: connection is closed "
                                   f"({self._closed_reason}); cannot send {name}")
+            limit = self._wait_limit(name)
             log.debug("-> %s flags=%#x size=%d fds=%d", name,
                       int.from_bytes(data[4:8], "little"), len(data) - p.VHOST_USER_HDR_SIZE,
                       len(fds))
             try:
+                sock.settimeout(limit)
                 p.send_bytes(sock, data, fds)
             except TimeoutError:
                 self._drop(f"timed out sending {name}")
@@ -263,16 +301,16 @@ class VhostUserFrontend:
             if not (explicit or need_ack):
                 return None
             try:
-                msg = p.recv_message(sock, timeout=self.timeout, expect_reply_to=request)
+                msg = p.recv_message(sock, timeout=limit, expect_reply_to=request)
             except PeerClosed as e:
                 why = "closed by the VMM" if self._closing else f"{e}"
                 self._drop(f"waiting for the reply to {name}: {why}")
                 raise BackendGone(f"vhost-user backend {self.path} is gone: {why} "
                                   f"(waiting for the reply to {name})") from None
             except TimeoutError:
-                self._drop(f"no reply to {name} within {self.timeout} s")
+                self._drop(f"no reply to {name} within {limit:g} s")
                 raise BackendTimeout(f"vhost-user backend {self.path} did not reply to {name} "
-                                     f"within {self.timeout} s") from None
+                                     f"within {limit:g} s") from None
             except ProtocolError as e:
                 self._drop(f"bad reply to {name}: {e}")
                 raise BackendError(f"vhost-user backend {self.path} sent a bad reply to "

@@ -41,6 +41,7 @@ import threading
 
 from ...snapshot.fields import blob, boolean, expect_keys, integer, text, uint
 from .device import VIRTIO_ID_BLOCK, VirtioDevice
+from .queue import buffer_pieces
 
 log = logging.getLogger(__name__)
 
@@ -250,22 +251,6 @@ class RequestError(Exception):
         self.status = status
 
 
-def _pieces(buffers, offset: int, size: int) -> list[tuple[int, int]]:
-    """The (gpa, length) pieces of bytes [offset, offset+size) of a buffer list."""
-    out = []
-    for buf in buffers:
-        if size <= 0:
-            break
-        if offset >= buf.length:
-            offset -= buf.length
-            continue
-        n = min(buf.length - offset, size)
-        out.append((buf.gpa + offset, n))
-        size -= n
-        offset = 0
-    return out
-
-
 def _vectored(op, fd: int, views: list[memoryview], offset: int) -> None:
     """Run os.preadv/os.pwritev over ``views`` until every byte is done."""
     views = [v for v in views if len(v)]
@@ -471,7 +456,7 @@ class VirtioBlock(VirtioDevice):
         if hdr.type in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
             if self.readonly:
                 raise RequestError(VIRTIO_BLK_S_IOERR, "discard/write zeroes on a read-only disk")
-            self._discard_write_zeroes(hdr.type, chain.read(self.mem, REQ_HEADER_SIZE, data_out_len))
+            self._discard_write_zeroes(hdr.type, self._segments_payload(chain, hdr.type, data_out_len))
             self._write_through()
             return 0
         raise RequestError(VIRTIO_BLK_S_UNSUPP, f"request type {hdr.type}")
@@ -486,7 +471,8 @@ class VirtioBlock(VirtioDevice):
     def _rw(self, op, buffers, offset: int, length: int, sector: int) -> None:
         """Move ``length`` bytes at ``offset`` of ``buffers`` to/from the image at ``sector``."""
         with contextlib.ExitStack() as stack:
-            views = [stack.enter_context(self.mem.view(gpa, n)) for gpa, n in _pieces(buffers, offset, length)]
+            views = [stack.enter_context(self.mem.view(gpa, n))
+                     for gpa, n in buffer_pieces(buffers, offset, length)]
             _vectored(op, self.fd, views, sector << SECTOR_SHIFT)
 
     def _write_through(self) -> None:
@@ -494,15 +480,21 @@ class VirtioBlock(VirtioDevice):
         if not self.has_feature(VIRTIO_BLK_F_FLUSH):
             os.fdatasync(self.fd)
 
+    def _segments_payload(self, chain, rtype: int, length: int) -> bytes:
+        """The segment list of a DISCARD / WRITE_ZEROES request, its length checked
+        before a byte is copied (at most max_*_seg segments of 16 bytes)."""
+        max_seg = MAX_DISCARD_SEG if rtype == VIRTIO_BLK_T_DISCARD else MAX_WRITE_ZEROES_SEG
+        if length <= 0 or length % SEGMENT_SIZE:
+            raise RequestError(VIRTIO_BLK_S_IOERR, f"{length} bytes of segments")
+        if length // SEGMENT_SIZE > max_seg:
+            raise RequestError(VIRTIO_BLK_S_IOERR, f"{length // SEGMENT_SIZE} segments, at most {max_seg}")
+        return chain.read(self.mem, REQ_HEADER_SIZE, length)
+
     def _discard_write_zeroes(self, rtype: int, payload: bytes) -> None:
+        """Zero or punch the ranges of ``payload`` (checked by ``_segments_payload``)."""
         discard = rtype == VIRTIO_BLK_T_DISCARD
-        max_seg = MAX_DISCARD_SEG if discard else MAX_WRITE_ZEROES_SEG
         max_sectors = MAX_DISCARD_SECTORS if discard else MAX_WRITE_ZEROES_SECTORS
-        if not payload or len(payload) % SEGMENT_SIZE:
-            raise RequestError(VIRTIO_BLK_S_IOERR, f"{len(payload)} bytes of segments")
         count = len(payload) // SEGMENT_SIZE
-        if count > max_seg:
-            raise RequestError(VIRTIO_BLK_S_IOERR, f"{count} segments, at most {max_seg}")
         segments = [virtio_blk_discard_write_zeroes.from_buffer_copy(payload, i * SEGMENT_SIZE)
                     for i in range(count)]
         for seg in segments:   # check them all before touching the image

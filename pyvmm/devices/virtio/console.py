@@ -2,13 +2,15 @@
 
 Queues (5.3.2): receiveq0 (index 0) carries host bytes to the guest in
 device-writable buffers the driver posts ahead of time; transmitq0 (index 1)
-carries guest bytes to the host in device-readable buffers.
+carries guest bytes to the host in device-readable buffers, copied out buffer
+by buffer and at most ``TRANSMIT_MAX`` bytes per chain.
 
-Host input arrives through ``receive()`` (the host's input thread) and waits
-in an unbounded backlog until the driver has posted receive buffers: nothing
-is dropped and nothing is reordered.  Both ``receive()`` and
-``process_queue(0)`` (the driver posted buffers and kicked) move as much of
-the backlog as fits; a lock keeps receiveq0 to one thread at a time, as a
+Host input arrives through ``receive()`` (the host's input thread, or the
+agent port answering the guest) and waits in a backlog until the driver has
+posted receive buffers: nothing is reordered, and nothing is dropped until
+``BACKLOG_MAX`` bytes wait (a guest that never reads must not grow the VMM).
+Both ``receive()`` and ``process_queue(0)`` (the driver posted buffers and
+kicked) move as much of the backlog as fits; a lock keeps receiveq0 to one thread at a time, as a
 ``Virtqueue`` is not thread-safe.
 
 VIRTIO_CONSOLE_F_EMERG_WRITE (5.3.3) is offered: a driver may write a
@@ -29,6 +31,7 @@ from typing import Callable
 
 from ...snapshot.fields import SaveRefused, blob, expect_keys
 from .device import VIRTIO_ID_CONSOLE, VirtioDevice
+from .queue import buffer_pieces
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,11 @@ assert virtio_console_config.emerg_wr.offset == 8
 
 EMERG_WR_OFFSET = virtio_console_config.emerg_wr.offset
 BACKLOG_SAVE_MAX = 1 << 20   # host input a snapshot may carry; more is refused
+BACKLOG_MAX = 16 << 20       # host input waiting for the guest; more is dropped
+# Guest output per transmit chain (Linux sends at most 32 KiB at once): its
+# descriptors may all point at the same guest pages, so a chain's length is no
+# measure of what the guest really wrote.  Copied buffer by buffer, the rest dropped.
+TRANSMIT_MAX = 64 * 1024
 
 
 class VirtioConsole(VirtioDevice):
@@ -139,6 +147,11 @@ class VirtioConsole(VirtioDevice):
         if not data:
             return
         with self._lock:
+            room = BACKLOG_MAX - len(self._backlog)
+            if len(data) > room:   # e.g. agent replies to a guest that never reads them
+                log.warning("virtio-console: %d bytes of host input wait for the guest: %d "
+                            "more dropped", len(self._backlog), len(data) - max(room, 0))
+                data = data[:max(room, 0)]
             self._backlog += data
             self._deliver()
 
@@ -183,12 +196,17 @@ class VirtioConsole(VirtioDevice):
         self.serve_queue(TRANSMITQ0, self._send)
 
     def _send(self, chain) -> int:
-        try:
-            data = chain.read(self.mem)
-        except ValueError as e:   # GuestMemoryError
-            log.warning("virtio-console: transmitq0 request %d: %s", chain.head, e)
-            data = b""
-        if data:
+        """Write a transmit chain out buffer by buffer, at most ``TRANSMIT_MAX`` bytes of it."""
+        total = chain.readable_len()
+        if total > TRANSMIT_MAX:
+            log.warning("virtio-console: transmitq0 request %d of %d bytes: only the first %d "
+                        "are written", chain.head, total, TRANSMIT_MAX)
+        for gpa, n in buffer_pieces(chain.readable, 0, TRANSMIT_MAX):
+            try:
+                data = self.mem.read(gpa, n)
+            except ValueError as e:   # GuestMemoryError
+                log.warning("virtio-console: transmitq0 request %d: %s", chain.head, e)
+                break
             self._out(data)
         return 0                  # the device writes nothing into a transmit buffer
 

@@ -68,7 +68,8 @@ class VirtioDevice:
         self._interrupt: Callable[[int], None] | None = None
         self.driver_features = 0
         self.needs_reset: Callable[[], None] = lambda: None  # set by the transport
-        # Set by the transport: a quiesce waits, so stop after the chain in progress.
+        # Set by the transport: the worker is being stopped (reset, quiesce, close),
+        # so stop after the chain in progress.
         self.stop_requested: Callable[[], bool] = lambda: False
 
     # --- what a subclass defines -------------------------------------------------------
@@ -83,11 +84,13 @@ class VirtioDevice:
         return TRANSPORT_FEATURES
 
     def start_backend(self, kick_fds: list[int], call_fds: list[int],
-                      take_over: Callable[[], None]) -> None:
+                      take_over: Callable[[Callable[[], None]], None]) -> None:
         """External data path only: after ``activate``, hand the rings to the backend
         with each queue's kick eventfd (a KVM ioeventfd) and call eventfd (an irqfd).
-        ``take_over()`` starts the transport's own worker on the rings (from then on
-        ``process_queue`` is called), for when the backend is gone."""
+        ``take_over(prepare)`` (any thread, for when the backend is gone) takes the
+        transport lock and, unless the device was reset meanwhile, calls ``prepare()``
+        (the model readies the rings) and starts the transport's own worker on them:
+        from then on ``process_queue`` is called."""
         raise NotImplementedError
 
     def stop_backend(self) -> None:
@@ -165,10 +168,11 @@ class VirtioDevice:
     def serve_queue(self, index: int, handle: Callable[[DescriptorChain], int],
                     more: Callable[[], bool] = lambda: True) -> None:
         """The device side of queue ``index``: pop each available chain while
-        ``more()`` (and no quiesce waits), complete it with ``handle(chain)`` bytes
-        written, and interrupt the driver once at the end.  A bad chain (ChainError) is completed with
-        0 bytes; a broken ring (VirtqueueError) stops the queue until reset and
-        asks the transport for NEEDS_RESET."""
+        ``more()`` and the transport is not stopping the worker (``stop_requested``:
+        reset, quiesce, close), complete it with ``handle(chain)`` bytes written,
+        and interrupt the driver once at the end.  A bad chain (ChainError) is
+        completed with 0 bytes; a broken ring (VirtqueueError) stops the queue
+        until reset and asks the transport for NEEDS_RESET."""
         if index >= len(self.queues) or index in self.broken_queues:
             return
         q = self.queues[index]

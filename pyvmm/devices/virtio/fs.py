@@ -10,6 +10,11 @@ Queues: index 0 is the high-priority queue (FORGET, INTERRUPT), 1..N the
 request queues.  The backend is connected and its features read when the
 device is created, so a missing backend is an error at start-up.
 
+A vCPU waits for the back-end at DRIVER_OK (``start_backend``) and at a reset:
+each of these conversations has one overall budget, ``operation_timeout``
+seconds for all its messages (``VhostUserFrontend.deadline``).  A back-end that
+misses it fails the operation (NEEDS_RESET, or a reset without its help).
+
 Snapshot: ``stop_backend`` (the transport's quiesce) stops each started ring
 with GET_VRING_BASE and keeps the base it answers; ``save_state`` records the
 device's configuration and those bases.  A restore builds the device anew
@@ -39,6 +44,9 @@ log = logging.getLogger(__name__)
 
 VIRTIO_FS_TAG_LEN = 36          # 5.11.4: tag is 36 bytes, not NUL-terminated when full
 DEFAULT_QUEUE_SIZE = 1024
+# Seconds one activation (DRIVER_OK), reset or ring stop may wait on the back-end in
+# all, whatever the number of messages: a vCPU thread waits for it.
+OPERATION_TIMEOUT = 5.0
 # Backend feature bits that are vhost's business, not the guest driver's:
 # NOTIFY_ON_EMPTY (24), VHOST_F_LOG_ALL (26), VHOST_USER_F_PROTOCOL_FEATURES (30).
 VHOST_ONLY_FEATURES = (1 << 24) | (1 << 26) | (1 << vu.VHOST_USER_F_PROTOCOL_FEATURES)
@@ -160,7 +168,8 @@ class VirtioFs(VirtioDevice):
 
     def __init__(self, tag: str, socket_path: str, num_request_queues: int = 1,
                  queue_size: int = DEFAULT_QUEUE_SIZE, dax_window: int | None = None,
-                 slots=None, windows: DaxWindows | None = None) -> None:
+                 slots=None, windows: DaxWindows | None = None,
+                 operation_timeout: float = OPERATION_TIMEOUT) -> None:
         super().__init__()
         raw = tag.encode()
         if not raw or len(raw) > VIRTIO_FS_TAG_LEN or b"\0" in raw:
@@ -174,6 +183,7 @@ class VirtioFs(VirtioDevice):
         self.num_queues = 1 + num_request_queues
         self.queue_max_size = queue_size
         self.socket_path = socket_path
+        self.operation_timeout = operation_timeout
         try:
             self.frontend = VhostUserFrontend(socket_path)
             self.backend_features = self.frontend.negotiate(
@@ -217,10 +227,16 @@ class VirtioFs(VirtioDevice):
 
     def _answer_for_dead_backend(self) -> None:
         """Serve the rings ourselves, failing every request, so the guest sees errors
-        instead of waiting forever (docs/vhost-user-dax.md 6: a dead backend leaves the VM running)."""
+        instead of waiting forever (docs/vhost-user-dax.md 6: a dead backend leaves the VM running).
+        The watch thread: the transport's take-over runs ``_resume_rings`` under its lock."""
         self._backend_gone = True
-        if not self._started or self._take_over is None:
-            return
+        take_over = self._take_over
+        if take_over is not None:
+            take_over(self._resume_rings)
+
+    def _resume_rings(self) -> None:
+        """Continue each ready ring after the last request the back-end completed
+        (transport lock held, no worker runs)."""
         for index, q in enumerate(self.queues):
             if q.ready:
                 # A request's data buffers may lie in a DAX window (O_DIRECT I/O into a DAX
@@ -233,7 +249,6 @@ class VirtioFs(VirtioDevice):
                 except ValueError as e:  # the ring is not in guest RAM any more
                     log.warning("virtio-fs %s: queue %d: %s", self.tag.decode(), index, e)
                     self.broken_queues.add(index)
-        self._take_over()
 
     # --- VirtioDevice -------------------------------------------------------------------
     def device_features(self) -> int:
@@ -304,9 +319,15 @@ class VirtioFs(VirtioDevice):
                       "gets errors for new mappings; the VM keeps running", tag, reason)
 
     def start_backend(self, kick_fds: list[int], call_fds: list[int], take_over=None) -> None:
-        """DRIVER_OK: hand guest memory and every ready ring to the backend.  After
-        ``stop_backend`` or a restore, each ring resumes at the base it stopped at."""
+        """DRIVER_OK (on a vCPU thread): ``_hand_rings_over`` within one budget of
+        ``operation_timeout`` seconds, however many messages it takes."""
         self._take_over = take_over
+        with self.frontend.deadline(self.operation_timeout):
+            self._hand_rings_over(kick_fds, call_fds)
+
+    def _hand_rings_over(self, kick_fds: list[int], call_fds: list[int]) -> None:
+        """Hand guest memory and every ready ring to the backend.  After
+        ``stop_backend`` or a restore, each ring resumes at the base it stopped at."""
         fe = self.frontend
         if not self._started:   # a connection that has not seen the device yet
             fe.set_features(self.driver_features)
@@ -333,8 +354,9 @@ class VirtioFs(VirtioDevice):
             return   # the transport's worker serves the rings; it stops that itself
         bases = self._ring_bases or {}
         try:
-            for index in sorted(self.frontend.started_vrings):
-                bases[index] = self.frontend.stop_vring(index)
+            with self.frontend.deadline(self.operation_timeout):
+                for index in sorted(self.frontend.started_vrings):
+                    bases[index] = self.frontend.stop_vring(index)
         except (VhostUserError, OSError) as e:
             raise SaveRefused(f"virtio-fs {self.tag.decode()}: the back-end did not stop its "
                               f"rings: {e}") from None
@@ -394,8 +416,9 @@ class VirtioFs(VirtioDevice):
 
     def reset(self) -> None:
         if self._started:
-            try:
-                self.frontend.reset_device()
+            try:   # on a vCPU thread: one budget for the whole sequence
+                with self.frontend.deadline(self.operation_timeout):
+                    self.frontend.reset_device()
             except (VhostUserError, OSError) as e:
                 log.warning("virtio-fs %s: backend reset failed: %s", self.tag.decode(), e)
             self._started = False

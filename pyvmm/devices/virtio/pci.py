@@ -16,6 +16,28 @@ Interrupts: MSI-X only (``pyvmm.pci.msix``: irqfd per vector).  ``counters``
 counts, per queue, the kicks the worker reads and the interrupts it raises
 (``--stats``); a vhost-user back-end's rings bypass both.
 
+Threads and locks.  vCPU threads reach the transport through BAR 0 (and the
+PCI_CFG window), a worker thread serves the queues, and other threads may
+interrupt the driver (console input) or take a dead back-end's rings over:
+
+* ``_lock`` (the transport lock) guards the common configuration, the status
+  state machine (activation, reset), the worker handle and the back-end flags.
+  Whoever holds it never waits long: not for a worker (a reset whose worker is
+  busy finishes on that worker when it stops, see below) and, through the
+  model's own bounds, not for a back-end.
+* ``_status_lock`` guards ``status``, ``generation`` and ``isr``, which worker
+  threads update too (``_needs_reset``, ``_interrupt_queue``).  Nothing waits
+  while holding it.
+* Each ``Worker`` has its own stop flag and stop eventfd; a successor never
+  shares them, and a new worker starts only once its predecessor has stopped.
+
+Reset (the driver writes 0 to device_status, 4.1.4.3.2): the worker is asked to
+stop after the chain it is serving; the vCPU waits for it at most
+``RESET_WAIT`` seconds.  When it is still busy, the reset is left pending and
+the worker finishes it when it stops: until then device_status keeps reading
+non-zero (the driver waits for 0, 2.4) and other common configuration writes
+are ignored.  So the model and the queues are never reset under a live worker.
+
 Snapshot and restore:
 
 * ``quiesce()`` stops the worker thread once the chains it is serving are
@@ -42,6 +64,7 @@ import select
 import struct
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 from ... import kvm
 from ...irq import GsiRouter
@@ -110,7 +133,8 @@ COMMON_FIELDS = [  # (offset, size) of every field, for splitting guest writes
     (26, 2), (28, 2), (30, 2), (32, 8), (40, 8), (48, 8)]
 
 CLASS_CODES = {2: 0x010000, 3: 0x078000, 4: 0x00FF00, 26: 0x018000}  # blk, console, rng, fs
-WORKER_STOP_TIMEOUT = 10.0
+WORKER_STOP_TIMEOUT = 10.0   # quiesce and close (no vCPU waits): how long a worker may take to stop
+RESET_WAIT = 0.2             # how long a vCPU's reset waits for a worker before leaving it pending
 _STATE_KEYS = ("config", "status", "generation", "device_feature_select", "driver_feature_select",
                "driver_features", "config_msix_vector", "queue_select", "isr", "active",
                "broken_queues", "queues", "msix", "device")
@@ -159,6 +183,54 @@ class Kick:
     address: int | None = None   # guest-physical notify address registered with KVM
 
 
+class Worker:
+    """One worker thread with its own stop flag and stop eventfd.
+
+    ``serve(worker)`` runs on the thread and returns once ``stopping`` is set or
+    ``stop_fd`` is readable.  ``stop`` asks for that and waits a bounded time;
+    a worker that is still busy runs the caller's ``then`` when it has stopped.
+    """
+
+    def __init__(self, name: str, serve: Callable[["Worker"], None]) -> None:
+        self.stopping = threading.Event()
+        self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.stopped = threading.Event()   # serve returned: the queues are no longer touched
+        self._lock = threading.Lock()      # guards _after and the life of stop_fd
+        self._after: Callable[[], None] | None = None
+        self.thread = threading.Thread(target=self._run, args=(serve,), name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self, serve: Callable[["Worker"], None]) -> None:
+        try:
+            serve(self)
+        finally:
+            with self._lock:
+                os.close(self.stop_fd)
+                self.stop_fd = -1
+                after, self._after = self._after, None
+                self.stopped.set()
+            if after is not None:
+                after()
+
+    def stop(self, timeout: float, then: Callable[[], None] | None = None) -> bool:
+        """Ask the worker to stop after the chain in progress and wait up to ``timeout``
+        seconds.  True: it has stopped.  False: it is still busy (or is the caller);
+        ``then`` (replacing any earlier one) runs on its thread once it stops."""
+        with self._lock:
+            self._after = None
+            if self.stopped.is_set():
+                return True
+            self.stopping.set()
+            os.eventfd_write(self.stop_fd, 1)
+        if self.thread is not threading.current_thread():
+            self.stopped.wait(timeout)
+        with self._lock:
+            if self.stopped.is_set():
+                return True
+            self._after = then
+            return False
+
+
 class VirtioPciDevice(PciDevice):
     """A ``VirtioDevice`` on the PCI bus (the transport's state machine lives here)."""
 
@@ -198,19 +270,19 @@ class VirtioPciDevice(PciDevice):
         self.kicks = [Kick(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)) for _ in range(n)]
         self.counters = [QueueCounters() for _ in range(n)]   # --stats (pyvmm.trace)
         self.bar0: int | None = None
-        self._lock = threading.RLock()
-        self._worker: threading.Thread | None = None
-        self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._isr_lock = threading.Lock()  # ISR bits are set from several threads
+        # Which lock guards what: see the module docstring.
+        self._lock = threading.RLock()         # the transport: everything below but the status
+        self._status_lock = threading.Lock()   # status, generation, isr
+        self._worker: Worker | None = None     # replaced only once it has stopped
+        self._reset_pending = False      # a reset waits for the worker to stop
         self._spare_call_fd = -1
         self._active = False             # device.activate ran and no reset since
         self._backend_running = False    # the external data path has the rings
         self._quiesced = False
         self._resume_worker = False      # what quiesce stopped (or a restore left stopped)
         self._resume_backend = False
-        self._stopping = threading.Event()   # quiesce: the worker stops after its chain
         device.needs_reset = self._needs_reset
-        device.stop_requested = self._stopping.is_set
+        device.stop_requested = self._stop_requested
         self._reset_state()
 
     # --- state --------------------------------------------------------------------------------
@@ -287,7 +359,7 @@ class VirtioPciDevice(PciDevice):
                 data = self._common_bytes() + b"\x00" * 8
                 return data[offset - COMMON_OFFSET:offset - COMMON_OFFSET + size]
             if offset == ISR_OFFSET:
-                with self._isr_lock:
+                with self._status_lock:
                     isr, self.isr = self.isr, 0  # read to clear (4.1.4.5)
                 return bytes([isr]) + b"\x00" * (size - 1)
             if DEVICE_OFFSET <= offset < DEVICE_OFFSET + DEVICE_SIZE:
@@ -333,6 +405,9 @@ class VirtioPciDevice(PciDevice):
             q.desc_addr if q else 0, q.driver_addr if q else 0, q.device_addr if q else 0)
 
     def _common_write(self, offset: int, data: bytes) -> None:
+        if self._reset_pending:   # the driver must wait for device_status 0 first (2.4)
+            log.debug("%s: common configuration write during a reset: ignored", self.name)
+            return
         buf = bytearray(self._common_bytes())
         end = min(offset + len(data), COMMON_CFG_LEN)
         buf[offset:end] = data[:end - offset]
@@ -388,15 +463,16 @@ class VirtioPciDevice(PciDevice):
         if value == 0:
             self._reset()
             return
-        old = self.status
         new = value & 0xFF
-        if new & VIRTIO_CONFIG_S_FEATURES_OK and not old & VIRTIO_CONFIG_S_FEATURES_OK:
-            offered = self.offered_features()
-            if self.driver_features & ~offered or not self.driver_features >> VIRTIO_F_VERSION_1 & 1:
-                log.warning("%s: driver asked for features %#x of %#x: refused",
-                            self.name, self.driver_features, offered)
-                new &= ~VIRTIO_CONFIG_S_FEATURES_OK
-        self.status = new | (old & VIRTIO_CONFIG_S_NEEDS_RESET)
+        with self._status_lock:
+            old = self.status
+            if new & VIRTIO_CONFIG_S_FEATURES_OK and not old & VIRTIO_CONFIG_S_FEATURES_OK:
+                offered = self.offered_features()
+                if self.driver_features & ~offered or not self.driver_features >> VIRTIO_F_VERSION_1 & 1:
+                    log.warning("%s: driver asked for features %#x of %#x: refused",
+                                self.name, self.driver_features, offered)
+                    new &= ~VIRTIO_CONFIG_S_FEATURES_OK
+            self.status = new | (old & VIRTIO_CONFIG_S_NEEDS_RESET)
         if new & VIRTIO_CONFIG_S_DRIVER_OK and not old & VIRTIO_CONFIG_S_DRIVER_OK \
                 and new & VIRTIO_CONFIG_S_FEATURES_OK and not new & VIRTIO_CONFIG_S_FAILED:
             self._activate()
@@ -421,21 +497,45 @@ class VirtioPciDevice(PciDevice):
             vector = q.msix_vector if q.msix_vector < self.msix.num_vectors else None
             call_fds.append(self.msix.eventfds[vector] if vector is not None else self._no_vector_fd())
         try:
-            self.device.start_backend(kick_fds, call_fds, take_over=self._start_worker)
+            self.device.start_backend(kick_fds, call_fds, take_over=self._take_over)
         except Exception as e:  # the backend failed or went away: the guest sees a device error
             log.error("%s: backend could not start the device: %s", self.name, e)
             self._needs_reset()
             return
         self._backend_running = True
 
+    def _take_over(self, prepare: Callable[[], None]) -> None:
+        """The back-end is gone (any thread): unless the device was reset meanwhile,
+        ``prepare()`` readies the rings and the transport's worker serves them."""
+        with self._lock:
+            if not self._active or self._reset_pending or not (self._backend_running or self._resume_backend):
+                return
+            prepare()
+            self._backend_running = self._resume_backend = False
+            self._start_worker()
+
     def _start_worker(self) -> None:
-        """The device's worker thread: kicks -> process_queue (also a backend's successor)."""
+        """The device's worker thread: kicks -> process_queue (transport lock held)."""
         if self._quiesced:   # e.g. a backend died while quiesced: resume() starts it
             self._resume_worker = True
             return
-        self._stop_worker()
-        self._worker = threading.Thread(target=self._work, name=f"{self.name}-worker", daemon=True)
-        self._worker.start()
+        old = self._worker
+        if old is not None and not old.stop(0, then=lambda: self._successor_of(old)):
+            return           # the old worker is still busy: its successor starts when it stops
+        self._worker = Worker(f"{self.name}-worker", self._work)
+
+    def _successor_of(self, old: Worker) -> None:
+        """On ``old``'s thread once it has stopped: start the worker it stood in the way of."""
+        with self._lock:
+            if self._worker is old:
+                self._worker = None
+                if self._active and not self._reset_pending:
+                    self._start_worker()
+
+    def _stop_requested(self) -> bool:
+        """For the model's serve loop: stop after the chain in progress."""
+        worker = self._worker
+        return worker is not None and worker.stopping.is_set()
 
     def _no_vector_fd(self) -> int:
         """A call eventfd for a queue the driver gave no MSI-X vector (nobody listens)."""
@@ -444,9 +544,31 @@ class VirtioPciDevice(PciDevice):
         return self._spare_call_fd
 
     def _reset(self) -> None:
-        self._stop_worker()
+        """The driver wrote 0 to device_status (a vCPU thread, transport lock held).
+        The reset finishes now, or on the worker once it stops (module docstring)."""
+        if self._reset_pending:
+            return
+        worker = self._worker
+        if worker is not None and not worker.stop(RESET_WAIT,
+                                                  then=lambda: self._finish_pending_reset(worker)):
+            self._reset_pending = True
+            log.info("%s: reset waits for the worker to finish its request", self.name)
+            return
+        self._finish_reset()
+
+    def _finish_pending_reset(self, worker: Worker) -> None:
+        """On ``worker``'s thread once it has stopped."""
+        with self._lock:
+            if self._reset_pending and self._worker is worker:
+                self._finish_reset()
+
+    def _finish_reset(self) -> None:
+        """No worker runs: reset the model, the queues and the common configuration."""
+        self._worker = None
+        self._reset_pending = False
         self.device.reset()
-        self._reset_state()
+        with self._status_lock:
+            self._reset_state()
         self._active = self._backend_running = False
         self._resume_worker = self._resume_backend = False
         for kick in self.kicks:  # drop kicks that arrived before the reset
@@ -456,13 +578,15 @@ class VirtioPciDevice(PciDevice):
                 pass
 
     def _needs_reset(self) -> None:
-        """The driver broke a ring: tell it through NEEDS_RESET and a config interrupt (2.1.2)."""
-        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET
-        self.generation += 1
-        with self._isr_lock:
+        """The driver broke a ring: tell it through NEEDS_RESET and a config interrupt (2.1.2).
+        Any thread (a worker, a vCPU)."""
+        with self._status_lock:
+            self.status |= VIRTIO_CONFIG_S_NEEDS_RESET
+            self.generation += 1
             self.isr |= VIRTIO_PCI_ISR_CONFIG
-        if self.config_msix_vector != VIRTIO_MSI_NO_VECTOR:
-            self.msix.interrupt(self.config_msix_vector)
+        vector = self.config_msix_vector
+        if vector != VIRTIO_MSI_NO_VECTOR:
+            self.msix.interrupt(vector)
 
     # --- data path ------------------------------------------------------------------------------------
     def _interrupt_queue(self, index: int) -> None:
@@ -471,16 +595,18 @@ class VirtioPciDevice(PciDevice):
         if not q.should_interrupt():
             counters.suppressed += 1   # (a race between threads may lose a count: statistics only)
             return
-        with self._isr_lock:
+        with self._status_lock:
             self.isr |= VIRTIO_PCI_ISR_QUEUE
             counters.interrupts += 1
         if q.msix_vector != VIRTIO_MSI_NO_VECTOR:
             self.msix.interrupt(q.msix_vector)
 
-    def _work(self) -> None:
-        """Worker thread: wait for kicks, let the device process that queue."""
+    def _work(self, worker: Worker) -> None:
+        """Worker thread: wait for kicks, let the device process that queue, until
+        ``worker`` is asked to stop (checked between queues; serve_queue checks it
+        between chains through ``device.stop_requested``)."""
         poller = select.poll()
-        poller.register(self._stop, select.POLLIN)
+        poller.register(worker.stop_fd, select.POLLIN)
         by_fd = {}
         for index, kick in enumerate(self.kicks):
             poller.register(kick.eventfd, select.POLLIN)
@@ -488,6 +614,8 @@ class VirtioPciDevice(PciDevice):
         pending = [i for i, q in enumerate(self.queues) if q.ready]  # kicks may predate us
         while True:
             for index in pending:
+                if worker.stopping.is_set():
+                    return
                 if self.queues[index].ready:
                     try:
                         self.device.process_queue(index)
@@ -496,8 +624,7 @@ class VirtioPciDevice(PciDevice):
                         self._needs_reset()
             pending = []
             for fd, _ in poller.poll():
-                if fd == self._stop:
-                    os.eventfd_read(self._stop)
+                if fd == worker.stop_fd:
                     return
                 try:
                     kicks = os.eventfd_read(fd)
@@ -507,15 +634,6 @@ class VirtioPciDevice(PciDevice):
                 self.counters[index].kicks += kicks     # the guest's kicks since the last read
                 self.counters[index].wakeups += 1
                 pending.append(index)
-
-    def _stop_worker(self) -> None:
-        worker = self._worker
-        if worker is None:
-            return
-        os.eventfd_write(self._stop, 1)
-        if worker is not threading.current_thread():
-            worker.join(WORKER_STOP_TIMEOUT)
-        self._worker = None
 
     # --- snapshot ------------------------------------------------------------------------------------
     @property
@@ -530,19 +648,17 @@ class VirtioPciDevice(PciDevice):
         with self._lock:
             if self._quiesced:
                 return
+            if self._reset_pending:
+                raise SaveRefused(f"{self.name}: a device reset waits for the worker to stop")
             self._quiesced = True
             self.device.quiesce()
             worker = self._worker
             if worker is not None:     # also the successor of a dead back-end
                 self._resume_worker = True
-                self._stopping.set()
-                try:
-                    self._stop_worker()
-                finally:
-                    self._stopping.clear()
-                if worker.is_alive():
+                if not worker.stop(WORKER_STOP_TIMEOUT, then=lambda: self._successor_of(worker)):
                     raise SaveRefused(f"{self.name}: the worker did not stop within "
                                       f"{WORKER_STOP_TIMEOUT:g} s")
+                self._worker = None
             elif self._backend_running:
                 self._backend_running = False
                 self._resume_backend = True
@@ -660,7 +776,14 @@ class VirtioPciDevice(PciDevice):
 
     def close(self) -> None:
         """Stop the worker and give back every fd and KVM registration (idempotent)."""
-        self._stop_worker()
+        with self._lock:
+            worker = self._worker
+            self._reset_pending = False   # done here
+        if worker is not None and not worker.stop(WORKER_STOP_TIMEOUT):
+            log.error("%s: the worker did not stop within %g s; the device is left as it is",
+                      self.name, WORKER_STOP_TIMEOUT)
+            return   # its queues, kick eventfds and vectors stay valid while it runs
+        self._worker = None
         self.device.reset()
         if hasattr(self.device, "close"):
             self.device.close()
@@ -673,9 +796,6 @@ class VirtioPciDevice(PciDevice):
                     pass
             os.close(kick.eventfd)
         self.kicks = []
-        if self._stop >= 0:
-            os.close(self._stop)
-            self._stop = -1
         if self._spare_call_fd >= 0:
             os.close(self._spare_call_fd)
             self._spare_call_fd = -1

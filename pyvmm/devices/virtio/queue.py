@@ -91,6 +91,10 @@ USED_ALIGN = 4
 # requests by it, and this leaves room for a small queue with big requests.
 INDIRECT_MIN_CAP = 1024
 
+# The most ``DescriptorChain.read`` copies at once: the request headers and small
+# payloads devices parse (a virtio-blk discard list is 512 bytes at most).
+CHAIN_READ_MAX = 64 * 1024
+
 _U16 = 0x10000
 
 
@@ -216,6 +220,24 @@ class Buffer:
     length: int
 
 
+def buffer_pieces(buffers: list[Buffer], offset: int, size: int) -> list[tuple[int, int]]:
+    """The (gpa, length) pieces of bytes [offset, offset+size) of ``buffers`` taken as
+    one stream, one piece per buffer: a device copies (or maps) piece by piece, never
+    the whole chain at once.  Fewer bytes when the buffers end first."""
+    out = []
+    for buf in buffers:
+        if size <= 0:
+            break
+        if offset >= buf.length:
+            offset -= buf.length
+            continue
+        n = min(buf.length - offset, size)
+        out.append((buf.gpa + offset, n))
+        size -= n
+        offset = 0
+    return out
+
+
 @dataclass
 class DescriptorChain:
     """A popped chain: its head index and its buffers, split by direction.
@@ -234,29 +256,19 @@ class DescriptorChain:
     def writable_len(self) -> int:
         return sum(b.length for b in self.writable)
 
-    def read(self, mem, offset: int = 0, size: int | None = None) -> bytes:
-        """Gather ``size`` bytes (default: all the rest) from ``offset`` on.
+    def read(self, mem, offset: int, size: int) -> bytes:
+        """Gather ``size`` bytes (at most ``CHAIN_READ_MAX``) from ``offset`` on.
 
         The readable buffers count as one byte stream.  Like a file read, the
         result is shorter than ``size`` when the buffers end first (empty when
-        ``offset`` is at or beyond ``readable_len()``).
+        ``offset`` is at or beyond ``readable_len()``).  There is no "read it
+        all": the descriptors of a chain may all point at the same guest pages,
+        so its length stands for up to (256 + 1024) times guest RAM.  A device
+        that consumes a long stream walks ``buffer_pieces`` instead.
         """
-        if offset < 0 or (size is not None and size < 0):
-            raise ValueError(f"bad chain read offset {offset} size {size}")
-        remaining = self.readable_len() - offset if size is None else size
-        out = bytearray()
-        skip = offset
-        for buf in self.readable:
-            if remaining <= 0:
-                break
-            if skip >= buf.length:
-                skip -= buf.length
-                continue
-            n = min(buf.length - skip, remaining)
-            out += mem.read(buf.gpa + skip, n)
-            remaining -= n
-            skip = 0
-        return bytes(out)
+        if offset < 0 or not 0 <= size <= CHAIN_READ_MAX:
+            raise ValueError(f"bad chain read offset {offset} size {size} (at most {CHAIN_READ_MAX})")
+        return b"".join(mem.read(gpa, n) for gpa, n in buffer_pieces(self.readable, offset, size))
 
     def write(self, mem, data: bytes, offset: int = 0) -> int:
         """Scatter ``data`` into the writable buffers from byte ``offset`` on.
