@@ -19,6 +19,9 @@ it once and writes its RAM image, ``kvm_sregs``, ``kvm_regs`` and ``kvm_cpuid2``
 to files.  Both sides read the clock right after KVM_RUN returns a mark exit
 (``time.perf_counter_ns`` / ``clock_gettime(CLOCK_MONOTONIC)``) and count the
 exits of each phase; a phase whose counts are not exactly N is an error.
+``--watch stats,trace`` adds pyvmm sides whose exits are counted as ``--stats``
+counts them, or also traced as ``--trace exits`` does (to /dev/null): what
+watching the VMM costs per exit.
 
 The sides alternate (C, pyvmm, then pyvmm, C, ...) for ``--rounds`` rounds; for
 each phase the median and min of ns per iteration are reported, the exit rates
@@ -26,7 +29,7 @@ each phase the median and min of ns per iteration are reported, the exit rates
 phase minus the loop phase).  Results also go to JSON (``--json``, default
 bench/results/exit-<date>.json).  This is a benchmark: nothing asserts on time.
 
-    python -m bench.exit [--n 20000] [--rounds 5]
+    python -m bench.exit [--n 20000] [--rounds 5] [--watch stats,trace]
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -46,6 +50,7 @@ from bench.boot import REPO, RESULTS_DIR, host_facts, stats, write_json
 from pyvmm import kvm
 from pyvmm.boot import layout
 from pyvmm.platform import detect_flavour
+from pyvmm.trace import TraceOutput, TraceSpec
 
 if str(REPO / "tests") not in sys.path:  # the tiny-guest VM of the KVM tests
     sys.path.insert(0, str(REPO / "tests"))
@@ -144,10 +149,20 @@ def make_vm(n: int) -> TinyVm:
     return TinyVm(guest_code(n))
 
 
-def run_pyvmm(n: int, timeout: float) -> list[Phase]:
-    """One run of the guest through pyvmm's VcpuThread and buses."""
+# pyvmm's sides: the plain loop, and the loop watched as for --stats or --trace exits.
+WATCH_MODES = {"pyvmm": None, "pyvmm-stats": "stats", "pyvmm-trace": "trace"}
+
+
+def run_pyvmm(n: int, timeout: float, watch: str | None = None) -> list[Phase]:
+    """One run of the guest through pyvmm's VcpuThread and buses; ``watch`` "stats"
+    counts the exits as ``--stats`` does, "trace" also writes ``--trace exits`` lines
+    (to /dev/null)."""
     vm = make_vm(n)
+    trace = None
     try:
+        if watch is not None:
+            trace = TraceOutput(TraceSpec(path=os.devnull)) if watch == "trace" else None
+            vm.watch(trace)
         pio, mmio = ScratchDevice(), ScratchDevice()
         clock = PhaseClock(vm, pio, mmio)
         vm.pio.register(SCRATCH_PORT, 1, pio)
@@ -158,6 +173,8 @@ def run_pyvmm(n: int, timeout: float) -> list[Phase]:
             raise RuntimeError(f"pyvmm: the guest ended with {status} ({vm.reason})")
         return clock.phases()
     finally:
+        if trace is not None:
+            trace.close()
         vm.close()
 
 
@@ -233,25 +250,27 @@ def ratios(summary: dict) -> dict:
     """pyvmm exits/s / C exits/s = C ns per exit / pyvmm ns per exit, of the medians."""
     out: dict = {}
     for clock in CLOCKS:
-        c, py = summary["c"][clock], summary["pyvmm"][clock]
-        out[clock] = {k: c[k].median / py[k].median for k in ROWS[1:] if py[k].median > 0}
+        c = summary["c"][clock]
+        out[clock] = {side: {k: c[k].median / py[clock][k].median for k in ROWS[1:] if py[clock][k].median > 0}
+                      for side, py in summary.items() if side != "c"}
     return out
 
 
 def table(summary: dict, ratio: dict) -> str:
     """One row per phase and side: median and min ns per iteration on both clocks."""
-    rows = ["row       side    wall median     min   cpu median     min   exits/s (cpu median)",
-            "--------  -----  ------------  ------  -----------  ------  --------------------"]
+    rows = ["row       side         wall median     min   cpu median     min   exits/s (cpu median)",
+            "--------  -----------  ------------  ------  -----------  ------  --------------------"]
     for name in ROWS:
-        for side in ("c", "pyvmm"):
+        for side in summary:
             w, c = summary[side]["ns"][name], summary[side]["cpu_ns"][name]
             rate = f"{1e9 / c.median:20,.0f}" if name != "loop" and c.median > 0 else ""
-            rows.append(f"{name:<8}  {side:<5}  {w.median:12,.0f}  {w.min:6,.0f}  {c.median:11,.0f}  "
+            rows.append(f"{name:<8}  {side:<11}  {w.median:12,.0f}  {w.min:6,.0f}  {c.median:11,.0f}  "
                         f"{c.min:6,.0f}  {rate}")
     rows.append("")
     for clock, label in CLOCKS.items():
-        rows.append(f"pyvmm exits/s / C exits/s ({label}): " +
-                    ", ".join(f"{k} {v:.2f}" for k, v in ratio[clock].items()))
+        for side, r in ratio[clock].items():
+            rows.append(f"{side} exits/s / C exits/s ({label}): " +
+                        ", ".join(f"{k} {v:.2f}" for k, v in r.items()))
     return "\n".join(rows)
 
 
@@ -260,10 +279,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=20000, help="iterations of each loop (default 20000)")
     p.add_argument("--rounds", type=int, default=5, help="runs of each side, alternating (default 5)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per run (default 300)")
+    p.add_argument("--watch", default="", help="also run pyvmm watched: comma-separated from stats,trace "
+                   "(the exits counted as for --stats, or traced to /dev/null as for --trace exits)")
     p.add_argument("--json", type=Path, help="where to write the results (default bench/results/exit-<date>.json)")
     args = p.parse_args(argv)
     if args.n < 1 or args.rounds < 1:
         p.error("--n and --rounds must be at least 1")
+    args.sides = ["c", "pyvmm"] + [f"pyvmm-{w}" for w in filter(None, args.watch.split(","))]
+    if bad := [s for s in args.sides if s != "c" and s not in WATCH_MODES]:
+        p.error(f"--watch: unknown {', '.join(bad)}; known: stats, trace")
     return args
 
 
@@ -271,18 +295,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     flavour = detect_flavour()
-    runs: dict[str, list[list[Phase]]] = {"c": [], "pyvmm": []}
+    runs: dict[str, list[list[Phase]]] = {side: [] for side in args.sides}
     with tempfile.TemporaryDirectory(prefix="pyvmm-exitbench-") as tmp:
         work = Path(tmp)
         exe = build_c(work)
         save_guest(args.n, work)
-        sides = {"c": lambda: run_c(exe, work, args.timeout), "pyvmm": lambda: run_pyvmm(args.n, args.timeout)}
         for r in range(args.rounds):
-            for side in (("c", "pyvmm") if r % 2 == 0 else ("pyvmm", "c")):
-                phases = sides[side]()
+            for side in (args.sides if r % 2 == 0 else args.sides[::-1]):
+                phases = (run_c(exe, work, args.timeout) if side == "c"
+                          else run_pyvmm(args.n, args.timeout, WATCH_MODES[side]))
                 check_counts(side, phases, args.n)
                 runs[side].append(phases)
-                log.info("round %d %-5s %s", r + 1, side, "  ".join(
+                log.info("round %d %-11s %s", r + 1, side, "  ".join(
                     f"{p.name} {p.ns / args.n:,.0f} ns (cpu {p.cpu_ns / args.n:,.0f})" for p in phases))
     summary = summarize(runs, args.n)
     ratio = ratios(summary)

@@ -91,7 +91,7 @@ class Bus:
         if i < 0:
             return None
         r = ranges[i]
-        return r if addr + size <= r.end else None
+        return r if addr + size <= r.base + r.length else None
 
     def find(self, addr: int, size: int = 1) -> tuple[Device, int] | None:
         """The device covering [addr, addr+size) and the offset into it."""

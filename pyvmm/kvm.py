@@ -802,9 +802,10 @@ class Vcpu:
         size = vm.kvm.vcpu_mmap_size()
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.kvm_run = kvm_run.from_buffer(self._map)
-        # For io_data(), once per port-I/O exit: views made once (each ``kvm_run.exit.io``
-        # builds two ctypes objects) over the same mapping.
-        self._exit_io = self.kvm_run.exit.io
+        # The exit payloads the run loop reads at every exit, as views made once
+        # (each ``kvm_run.exit.io`` builds two new ctypes objects) over the same mapping.
+        self.exit_io = self.kvm_run.exit.io
+        self.exit_mmio = self.kvm_run.exit.mmio
         self._run_bytes = memoryview(self._map)
 
     def run(self) -> None:
@@ -820,7 +821,7 @@ class Vcpu:
     def io_data(self) -> memoryview:
         """The kvm_run bytes of a KVM_EXIT_IO (size * count bytes at data_offset), writable:
         an IN's value goes there."""
-        io = self._exit_io
+        io = self.exit_io
         start = io.data_offset
         end = start + io.size * io.count
         if end > len(self._run_bytes):
@@ -969,7 +970,7 @@ class Vcpu:
         ioctl(self.fd, KVM_KVMCLOCK_CTRL)
 
     def close(self) -> None:
-        del self._exit_io, self.kvm_run
+        del self.exit_io, self.exit_mmio, self.kvm_run
         self._run_bytes.release()
         self._map.close()
         os.close(self.fd)

@@ -244,9 +244,9 @@ class VcpuThread:
         if True:
             reason = kvm_run.exit_reason
             if reason == kvm.KVM_EXIT_IO:
-                self._io(kvm_run.exit.io)
+                self._io(self.vcpu.exit_io)
             elif reason == kvm.KVM_EXIT_MMIO:
-                self._mmio(kvm_run.exit.mmio)
+                self._mmio(self.vcpu.exit_mmio)
             elif reason == kvm.KVM_EXIT_INTR:
                 kvm_run.immediate_exit = 0
                 if self.dump_requested.is_set():
@@ -301,12 +301,18 @@ class VcpuThread:
         # the value there, and the guest's register or buffer receives it during the
         # next KVM_RUN, which completes the instruction (api.rst 5, KVM_EXIT_IO).
         data = self.vcpu.io_data()
-        size, port = io.size, io.port
+        size, port, out = io.size, io.port, io.direction == kvm.KVM_EXIT_IO_OUT
+        if io.count == 1:   # a plain in/out: the common case, kept short
+            if out:
+                self.pio.write(port, bytes(data))
+            else:
+                data[:] = self.pio.read(port, size)
+            return
         # count > 1 is a string instruction (rep insb/outsb ...): count elements of
         # size bytes each, packed one after the other, all at the same port.
         for i in range(io.count):
             chunk = slice(i * size, (i + 1) * size)
-            if io.direction == kvm.KVM_EXIT_IO_OUT:
+            if out:
                 self.pio.write(port, bytes(data[chunk]))
             else:
                 data[chunk] = self.pio.read(port, size)
@@ -316,11 +322,9 @@ class VcpuThread:
         # load completes with it on the next KVM_RUN (api.rst 5, KVM_EXIT_MMIO).
         length = min(mmio.len, 8)
         if mmio.is_write:
-            self.mmio.write(mmio.phys_addr, bytes(mmio.data[:length]))
+            self.mmio.write(mmio.phys_addr, bytes(mmio.data)[:length])
         else:
-            value = self.mmio.read(mmio.phys_addr, length)
-            for i in range(length):
-                mmio.data[i] = value[i]
+            mmio.data[:length] = self.mmio.read(mmio.phys_addr, length)
 
     def _internal_error(self, kvm_run: kvm.kvm_run) -> None:
         ef = kvm_run.exit.emulation_failure
