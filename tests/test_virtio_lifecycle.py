@@ -168,3 +168,22 @@ def test_a_slow_backend_holds_a_reset_for_one_budget_only(tmp_path):
         vu.VHOST_USER_SET_VRING_ENABLE, vu.VHOST_USER_GET_VRING_BASE, vu.VHOST_USER_RESET_DEVICE}
     g.close()
     backend.close()
+
+
+def test_a_reset_after_the_backend_died_does_not_talk_to_it(tmp_path):
+    """Once the back-end is gone, a reset (the driver's, or the VM stopping) has no
+    one to tell: it must not send vhost-user messages into a broken socket."""
+    backend, g = slow_fs(tmp_path, delay=0)
+    model = g.pci.device
+    g.init_driver([0, 1])
+    calls = []
+    model.frontend.reset_device = lambda: calls.append("reset_device")
+    backend.close()                          # the back-end dies
+    deadline = time.monotonic() + 10
+    while not model._backend_gone and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert model._backend_gone
+    g.wr(vp.DEVICE_STATUS, 0, 1)
+    assert g.rd(vp.DEVICE_STATUS, 1) == 0
+    assert calls == [] and not model._started
+    g.close()

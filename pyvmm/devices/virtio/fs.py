@@ -415,13 +415,15 @@ class VirtioFs(VirtioDevice):
         self._ring_bases = dict(parsed)
 
     def reset(self) -> None:
-        if self._started:
+        # A back-end that went away has nothing left to reset (asking it would only
+        # log a broken pipe at every VM stop after a back-end death).
+        if self._started and not self._backend_gone:
             try:   # on a vCPU thread: one budget for the whole sequence
                 with self.frontend.deadline(self.operation_timeout):
                     self.frontend.reset_device()
             except (VhostUserError, OSError) as e:
                 log.warning("virtio-fs %s: backend reset failed: %s", self.tag.decode(), e)
-            self._started = False
+        self._started = False
         self._ring_bases = None
         if self.dax is not None:
             self.dax.reset()   # every mapping goes back to the reserved state
