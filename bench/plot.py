@@ -9,7 +9,8 @@ bench/figures/, which README.md and bench/README.md show:
 * ``fs.png``: virtio-fs throughput per path and setup, with the host's page cache
   (the limit) drawn over each group;
 * ``blk.png``: virtio-blk sequential throughput per setup;
-* ``rss.png``: memory of a running VMM and its back-end (``make bench-boot``'s RSS row).
+* ``rss.png``: memory of a running VMM and its back-end (``make bench-boot``'s RSS row);
+* ``exit.png``: CPU time of one port-I/O and one MMIO exit, pyvmm against C (``make bench-exit``).
 
 matplotlib is a bench extra (``pip install -e '.[bench]'``), never a VMM dependency.
 The ``*_series`` functions turn a JSON result into plain numbers; the tests check them
@@ -76,6 +77,12 @@ def blk_series(result: dict) -> dict[str, tuple[float | None, float | None]]:
     """setup -> (sequential write, sequential read) MB/s medians."""
     return {s["setup"]: (median(s, "seqwrite_mbps"), median(s, "seqread_mbps"))
             for s in result["summaries"]}
+
+
+def exit_series(result: dict) -> dict[str, list[float]]:
+    """side -> [port-I/O exit, MMIO exit] in CPU microseconds (the exit alone: *_net medians)."""
+    return {side: [clocks["cpu_ns"][row]["median"] / 1000 for row in ("pio_net", "mmio_net")]
+            for side, clocks in result["ns_per_iteration"].items()}
 
 
 def rss_series(result: dict) -> dict[str, dict[str, float]]:
@@ -157,6 +164,14 @@ def draw_all(results: Path, figures: Path) -> list[Path]:
         ax.set_ylabel("MB/s (log); 'host' = the host's page cache, the limit")
         ax.set_title(f"virtio-fs, {fs[0]['file_bytes'] >> 20} MiB file ({fs[0]['date'][:10]})")
         save(fig, "fs.png")
+
+    exits = newest("exit", results)
+    if exits:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        _bars(ax, ["port I/O exit", "MMIO exit"], exit_series(exits[0]))
+        ax.set_ylabel("µs of vCPU-thread CPU time, median")
+        ax.set_title(f"one exit, pyvmm against a C KVM_RUN loop ({exits[0]['host']['kvm_flavour']})")
+        save(fig, "exit.png")
 
     blk = newest("blk", results)
     if blk:

@@ -47,3 +47,12 @@ def test_blk_series():
     s = {"median": 50.0}
     assert plot.blk_series({"summaries": [{"setup": "pyvmm", "seqwrite_mbps": s, "seqread_mbps": None}]}) == \
         {"pyvmm": (50.0, None)}
+
+
+def test_exit_series_is_the_net_cpu_cost_per_side():
+    def row(ns):
+        return {"median": ns}
+    result = {"ns_per_iteration": {
+        "c": {"cpu_ns": {"pio_net": row(7000), "mmio_net": row(7100)}},
+        "pyvmm": {"cpu_ns": {"pio_net": row(9500), "mmio_net": row(10200)}}}}
+    assert plot.exit_series(result) == {"c": [7.0, 7.1], "pyvmm": [9.5, 10.2]}
