@@ -46,7 +46,7 @@ VIRTIO_FS_TAG_LEN = 36          # 5.11.4: tag is 36 bytes, not NUL-terminated wh
 DEFAULT_QUEUE_SIZE = 1024
 # Seconds one activation (DRIVER_OK), reset or ring stop may wait on the back-end in
 # all, whatever the number of messages: a vCPU thread waits for it.
-OPERATION_TIMEOUT = 5.0
+OPERATION_TIMEOUT = 10.0
 # Backend feature bits that are vhost's business, not the guest driver's:
 # NOTIFY_ON_EMPTY (24), VHOST_F_LOG_ALL (26), VHOST_USER_F_PROTOCOL_FEATURES (30).
 VHOST_ONLY_FEATURES = (1 << 24) | (1 << 26) | (1 << vu.VHOST_USER_F_PROTOCOL_FEATURES)
