@@ -223,6 +223,15 @@ class Run:
         return self.failure is None and not self.leaks
 
 
+def serving_backend(started: dict[int, str], table: dict[int, tuple[int, int]]) -> int | None:
+    """The back-end process that serves the share: the one with no back-end child.
+    In a sandbox pyvmm-virtiofsd forks into a new PID namespace, and the child
+    serves while the parent waits for it.  None unless exactly one such process."""
+    backends = {pid for pid, cmd in started.items() if BACKEND in cmd}
+    leaves = [pid for pid in backends if not any(table.get(c, (0, 0))[0] == pid for c in backends)]
+    return leaves[0] if len(leaves) == 1 else None
+
+
 class Soak:
     """The runs, one at a time, in a work directory of their own."""
 
@@ -262,15 +271,15 @@ class Soak:
         """Drive one guest to its end; its exit status."""
         if kind == "kill":
             vmm.wait_for("soak: looping", self.timeout)
-            backends = [pid for pid, cmd in vmm.started_processes().items() if BACKEND in cmd]
-            if len(backends) != 1:
-                vmm.fail(f"expected one {BACKEND} in the VMM's session, found {backends}")
+            server = serving_backend(vmm.started_processes(), process_table())
+            if server is None:
+                vmm.fail(f"no {BACKEND} serving in the VMM's session")
             run.kill_delay_s = round(self.random.uniform(0, KILL_DELAY_MAX_S), 3)
             time.sleep(run.kill_delay_s)
             try:
-                os.kill(backends[0], signal.SIGKILL)
+                os.kill(server, signal.SIGKILL)
             except ProcessLookupError:
-                vmm.fail(f"{BACKEND} (pid {backends[0]}) ended before it was killed")
+                vmm.fail(f"{BACKEND} (pid {server}) ended before it was killed")
             vmm.wait_for("soak: alive", self.timeout)
         else:
             vmm.wait_for("soak: copied", self.timeout)

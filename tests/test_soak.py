@@ -106,3 +106,16 @@ def test_growth_is_a_trend_not_noise():
     s = series([5, 1, 9, 3])
     assert (s.first, s.last, s.min, s.max, s.drift, s.growth) == (5, 3, 1, 9, 8, -2)
     assert series([]) is None
+
+
+def test_the_serving_backend_is_the_sandboxed_child():
+    """pyvmm-virtiofsd in a sandbox is two processes (the parent waits, the child in
+    the new PID namespace serves): the kill runs must kill the one that serves."""
+    from bench.soak import serving_backend
+
+    backend = "python -m pyvmm.virtiofsd --socket-path x"
+    table = {10: (1, 10), 11: (10, 10), 12: (11, 10)}
+    assert serving_backend({11: backend, 12: backend}, table) == 12
+    assert serving_backend({11: backend}, table) == 11
+    assert serving_backend({11: "sleep 1"}, table) is None
+    assert serving_backend({11: backend, 13: backend}, {**table, 13: (10, 10)}) is None
