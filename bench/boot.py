@@ -447,15 +447,20 @@ SMAPS_FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "
                 "Anonymous")
 
 
-def smaps_rollup(pid: int) -> dict[str, int]:
-    """KiB per field of /proc/PID/smaps_rollup."""
+def proc_kib_fields(path: str, fields: tuple[str, ...]) -> dict[str, int]:
+    """The first number of each ``Field:`` line of a /proc file (memory in KiB)."""
     out = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
+    with open(path) as f:
         for line in f:
             key, _, rest = line.partition(":")
-            if key in SMAPS_FIELDS:
+            if key in fields:
                 out[key] = int(rest.split()[0])
     return out
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """KiB per field of /proc/PID/smaps_rollup."""
+    return proc_kib_fields(f"/proc/{pid}/smaps_rollup", SMAPS_FIELDS)
 
 
 STATUS_RSS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
@@ -463,13 +468,7 @@ STATUS_RSS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
 
 def status_rss(pid: int) -> dict[str, int]:
     """KiB per RSS field of /proc/PID/status."""
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in STATUS_RSS_FIELDS:
-                out[key] = int(rest.split()[0])
-    return out
+    return proc_kib_fields(f"/proc/{pid}/status", STATUS_RSS_FIELDS)
 
 
 def child_pids(pid: int) -> list[int]:

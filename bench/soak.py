@@ -49,7 +49,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.boot import RESULTS_DIR, git_commit, write_json
+from bench.boot import RESULTS_DIR, git_commit, proc_kib_fields, write_json
 from pyvmm.cli import default_guest_dir
 from pyvmm.platform import detect_flavour
 from pyvmm.testing import GuestError, VmmProcess
@@ -86,16 +86,10 @@ KILL_COMMAND = (f"daxtool copy {MNT}/in.bin {MNT}/out.bin || exit 11; echo soak:
 # --- what /proc says ------------------------------------------------------------------------
 def proc_status(pid: int | str) -> dict[str, int]:
     """The SAMPLED fields of /proc/PID/status (memory in KiB); {} when it is gone."""
-    out = {}
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in SAMPLED:
-                    out[key] = int(rest.split()[0])
+        return proc_kib_fields(f"/proc/{pid}/status", SAMPLED)
     except OSError:
         return {}
-    return out
 
 
 def fd_count(pid: int | str = "self") -> int | None:
