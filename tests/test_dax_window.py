@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pyvmm.devices.virtio import dax_window
 from pyvmm.devices.virtio.dax_window import (DAX_RANGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE,
                                       VIRTIO_FS_SHMCAP_ID_CACHE, DaxMapping, DaxRequestError,
                                       DaxShm, DaxWindow)
@@ -753,3 +754,112 @@ def test_file_io_refuses_bad_files_and_ranges(window, files, tmp_path):
     finally:
         for fd in (r, w, path_fd, dir_fd, wo_fd):
             os.close(fd)
+
+
+# --- prefaulting new mappings (MADV_POPULATE_READ) ----------------------------------------------------
+class MadviseRecorder:
+    """Stands in for libc's madvise: records MADV_POPULATE_READ calls, lets the rest
+    through, and fails the populate advice with ``fail`` (an errno) when set."""
+
+    def __init__(self, real, fail: int = 0) -> None:
+        self.real = real
+        self.fail = fail
+        self.calls: list[tuple[int, int, int]] = []
+
+    def __call__(self, addr: int, length: int, advice: int) -> int:
+        if advice != dax_window.MADV_POPULATE_READ:
+            return self.real(addr, length, advice)
+        self.calls.append((addr, length, advice))
+        if self.fail:
+            ctypes.set_errno(self.fail)
+            return -1
+        return self.real(addr, length, advice)
+
+
+@pytest.fixture
+def madvise(monkeypatch):
+    rec = MadviseRecorder(dax_window._madvise)
+    monkeypatch.setattr(dax_window, "_madvise", rec)
+    return rec
+
+
+@pytest.fixture
+def prefaulting():
+    w = DaxWindow(SIZE, prefault=True)
+    yield w
+    w.close()
+
+
+def resident_kib(addr: int) -> int:
+    """Rss of the VMA that starts at ``addr`` (/proc/self/smaps)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            if "-" in line.split(maxsplit=1)[0]:
+                inside = int(line.split("-", 1)[0], 16) == addr
+            elif inside and line.startswith("Rss:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VMA at {addr:#x}")
+
+
+def test_prefault_populates_exactly_the_mapped_range(prefaulting, files, madvise):
+    """With prefault, map fills the host page tables of the range it mapped before it
+    returns: MADV_POPULATE_READ, for writable mappings too (MADV_POPULATE_WRITE
+    would dirty every page and allocate blocks in a sparse file)."""
+    w = prefaulting
+    w.map(4 * PAGE, 8 * PAGE, files[0].ro_fd, 0, False)
+    w.map(16 * PAGE, 4 * PAGE, files[1].fd, 8 * PAGE, True)
+    assert madvise.calls == [(w.host_addr + 4 * PAGE, 8 * PAGE, dax_window.MADV_POPULATE_READ),
+                             (w.host_addr + 16 * PAGE, 4 * PAGE, dax_window.MADV_POPULATE_READ)]
+    assert resident_kib(w.host_addr + 4 * PAGE) == 8 * PAGE // 1024
+    st_before = os.fstat(files[1].fd)
+    ctypes.memmove(w.host_addr + 16 * PAGE, b"\xee", 1)          # still writable
+    assert os.pread(files[1].fd, 1, 8 * PAGE) == b"\xee"
+    assert os.fstat(files[1].fd).st_size == st_before.st_size
+
+
+def test_no_prefault_by_default_and_never_outside_a_mapping(window, files, madvise):
+    """Without prefault map does not populate; populate() of anything but a range
+    inside one current mapping (a hole, a range past the window or sticking out of
+    a mapping, a closed window) does nothing."""
+    window.map(0, 4 * PAGE, files[0].ro_fd, 0, False)
+    assert madvise.calls == [] and resident_kib(window.host_addr) == 0
+    for offset, length in ((4 * PAGE, PAGE), (2 * PAGE, 4 * PAGE), (SIZE - PAGE, 2 * PAGE),
+                           (SIZE, PAGE), (0, 0), (-PAGE, PAGE), (PAGE, 1), (U64 - PAGE, PAGE)):
+        assert not window.populate(offset, length)
+    assert madvise.calls == []
+    assert window.populate(PAGE, 2 * PAGE)
+    assert madvise.calls == [(window.host_addr + PAGE, 2 * PAGE, dax_window.MADV_POPULATE_READ)]
+    window.unmap(0, 4 * PAGE)
+    assert not window.populate(PAGE, 2 * PAGE)     # unmapped meanwhile: a hole now
+    window.close()
+    assert not window.populate(0, PAGE)
+    assert len(madvise.calls) == 1
+
+
+def test_prefault_einval_falls_back_once(prefaulting, files, madvise, caplog):
+    """A kernel before 5.14 refuses the advice with EINVAL: the mapping stands, one
+    message says so, and later mappings do not try again."""
+    w = prefaulting
+    madvise.fail = errno.EINVAL
+    with caplog.at_level("INFO", logger=dax_window.__name__):
+        w.map(0, 4 * PAGE, files[0].ro_fd, 0, False)
+        w.map(8 * PAGE, 4 * PAGE, files[0].ro_fd, 0, False)
+        assert not w.populate(0, 4 * PAGE)
+    assert len(madvise.calls) == 1
+    assert len([r for r in caplog.records if "not supported" in r.message]) == 1
+    assert w.mappings() == [DaxMapping(0, 4 * PAGE, False, *files[0].key, 0),
+                            DaxMapping(8 * PAGE, 4 * PAGE, False, *files[0].key, 0)]
+    assert bytes((ctypes.c_char * 4).from_address(w.host_addr)) == files[0].data[:4]
+
+
+def test_prefault_other_errors_keep_the_mapping(prefaulting, files, madvise):
+    """Any other failure (EFAULT: pages past the end of the file) is ignored for that
+    range only: the mapping stands and the next one is populated again."""
+    w = prefaulting
+    madvise.fail = errno.EFAULT
+    w.map(0, 4 * PAGE, files[0].ro_fd, 0, False)
+    madvise.fail = 0
+    w.map(4 * PAGE, 4 * PAGE, files[0].ro_fd, 0, False)
+    assert [c[0] - w.host_addr for c in madvise.calls] == [0, 4 * PAGE]
+    assert len(w.mappings()) == 2 and resident_kib(w.host_addr + 4 * PAGE) > 0

@@ -75,6 +75,19 @@ vCPU run loop must handle ``KVM_RUN`` EFAULT without ending the VMM; with
 ``PROT_READ`` holes the only EFAULTs left come from a guest writing where it
 never asked for write access, or touching a file past its end.
 
+Prefaulting (``DaxWindow(size, prefault=True)``, off by default)
+----------------------------------------------------------------
+With ``prefault`` each new mapping's host page tables are filled before ``map``
+returns (``madvise(MADV_POPULATE_READ)``, Linux 5.14; an EINVAL from an older
+kernel turns it off, logged once; any other error is ignored), so the guest's
+first touch of a page needs no host page fault behind KVM's.  Writable mappings
+get MADV_POPULATE_READ too: MADV_POPULATE_WRITE would dirty the whole range and
+allocate blocks in a sparse file (a 2 MiB hole became 2 MiB of blocks and a new
+mtime, measured) although the guest may write one page of it.  Off by default
+because it did not pay on the PVM host (bench/README.md, ``make bench-fs``):
+the host faults it saves cost ~0.3 us a page (64 MiB first touched in 5 ms with
+fault-around), the guest's first touch ~28 us, which is KVM's own fault.
+
 ``DaxWindow`` is thread-safe: the backend request listener maps and unmaps
 while vCPU threads reprogram BAR 2 and other threads resolve ranges.
 """
@@ -110,6 +123,7 @@ MS_ASYNC = 1
 MS_INVALIDATE = 2
 MS_SYNC = 4
 MADV_DONTDUMP = 16
+MADV_POPULATE_READ = 22          # Linux 5.14
 MAP_FAILED = (1 << 64) - 1   # (void *) -1 as ctypes.c_void_p returns it
 
 # <fcntl.h>: file seals (fcntl(2) "File Sealing")
@@ -230,7 +244,7 @@ class DaxWindow:
     pages where the file system provides them.
     """
 
-    def __init__(self, size: int, hole_prot: int = HOLE_PROT) -> None:
+    def __init__(self, size: int, hole_prot: int = HOLE_PROT, prefault: bool = False) -> None:
         if not _is_int(size) or size < MIN_WINDOW_SIZE or size & (size - 1) or size >= U64_LIMIT:
             raise ValueError(f"DAX window size {size!r} is not a power of two of at least "
                              f"{MIN_WINDOW_SIZE >> 20} MiB")
@@ -239,6 +253,8 @@ class DaxWindow:
                              f"or PROT_READ | PROT_WRITE")
         self.size = size
         self.hole_prot = hole_prot
+        self.prefault = bool(prefault)   # see "Prefaulting" above
+        self._can_populate = True   # False after EINVAL: a kernel before 5.14
         self.max_mappings = min(size // PAGE_SIZE, MAX_MAPPINGS)
         self._lock = threading.Lock()
         # The mapping table: each entry one mapping as it was asked for (SHMEM_UNMAP names
@@ -366,8 +382,45 @@ class DaxWindow:
             self._dontdump(addr, length)
             self._cut(offset, offset + length)
             self._insert(DaxMapping(offset, length, writable, st.st_dev, st.st_ino, fd_offset))
+            if self.prefault:
+                self._populate(offset, length)
         log.debug("DAX map %#x+%#x <- dev %#x ino %d at %#x %s", offset, length, st.st_dev,
                   st.st_ino, fd_offset, "rw" if writable else "ro")
+
+    def populate(self, offset: int, length: int) -> bool:
+        """Fill the host page tables of window range ``[offset, offset + length)`` if
+        one mapping covers it (madvise MADV_POPULATE_READ, see "Prefaulting" above).
+        Anything else (a range outside the window, a hole, a mapping replaced
+        meanwhile, a closed window, a host error) does nothing and returns False:
+        populating is only an optimisation."""
+        with self._lock:
+            if self._closed or not self._can_populate:
+                return False
+            try:
+                self._check_range(offset, length)
+            except DaxRequestError:
+                return False
+            hit = self._overlapping(offset, offset + length)
+            if len(hit) != 1 or hit[0].offset > offset or hit[0].end < offset + length:
+                return False
+            return self._populate(offset, length)
+
+    def _populate(self, offset: int, length: int) -> bool:
+        """madvise(MADV_POPULATE_READ) a mapped range (lock held, range checked)."""
+        if not self._can_populate:
+            return False
+        addr = self.host_addr + offset
+        self._assert_inside(addr, length)
+        if not _madvise(addr, length, MADV_POPULATE_READ):
+            return True
+        err = ctypes.get_errno()
+        if err == errno.EINVAL:   # the advice is unknown before Linux 5.14
+            self._can_populate = False
+            log.info("DAX window: madvise(MADV_POPULATE_READ) is not supported by this kernel; "
+                     "mappings are not prefaulted")
+        else:   # e.g. EFAULT past the end of the file, ENOMEM: the guest faults them in
+            log.debug("DAX populate %#x+%#x: %s", offset, length, os.strerror(err))
+        return False
 
     def check_map(self, offset: int, length: int, fd: int, fd_offset: int, writable: bool, *,
                   exclusive: bool = False) -> None:
