@@ -70,7 +70,7 @@ from typing import Callable
 
 from bench.boot import (QEMU_FATAL_RE, REPO, RESULTS_DIR, STOP_GRACE_S, GuestConfig, Watched,
                         add_guest_args, boot_failure, host_facts, qemu_argv, run_watched,
-                        setup_names, signal_group, write_json)
+                        setup_names, write_json)
 from pyvmm.cli import UsageError, default_guest_dir, parse_size
 from pyvmm.cmdline import default_cmdline
 from pyvmm.platform import detect_flavour
@@ -255,6 +255,14 @@ def start_backend(backend: Backend, sock: str, shared: str, log: Path) -> tuple[
             return None, f"{backend.name} did not start: " + log.read_text(errors="replace")[-500:]
         time.sleep(0.05)
     return proc, None
+
+
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the process group of ``proc`` (started with start_new_session)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def stop_backend(proc: subprocess.Popen) -> int | None:
