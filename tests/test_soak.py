@@ -29,6 +29,9 @@ def test_stat_line_with_any_command_name(comm, ppid, sid):
 def test_session_and_children_of_a_process():
     child = subprocess.Popen(SLEEPER, start_new_session=True)
     try:
+        deadline = time.monotonic() + 30     # until the fork has exec'ed (a busy host is slow)
+        while session_processes(child.pid) != {child.pid: " ".join(SLEEPER)} and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert session_processes(child.pid) == {child.pid: " ".join(SLEEPER)}
         assert child.pid in children_of(os.getpid())
     finally:
