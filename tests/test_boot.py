@@ -16,6 +16,7 @@ from pyvmm.testing import VmmProcess
 pytestmark = pytest.mark.boot
 
 BOOT_TIMEOUT = 240  # seconds to `pyvmm-guest: ready`; PVM boots take ~25 s
+COMMAND_TIMEOUT = 180  # a typed command's output: seconds alone, minutes on a loaded 2-core host
 
 
 def test_interactive_boot_two_cpus_serial_input_and_reboot(guest_image):
@@ -27,13 +28,13 @@ def test_interactive_boot_two_cpus_serial_input_and_reboot(guest_image):
         print(f"[{guest_image['flavour']} KVM, default kernel] ready after {ready:.1f} s")
         # Typed while the shell starts: the UART keeps it until the driver listens.
         g.send("echo typed-$((6*7)) cpus=$(grep -c ^processor /proc/cpuinfo) epoch=$(date +%s)\n")
-        m = g.wait_for_regex(r"typed-42 cpus=(\d+) epoch=(\d+)\r?\n", 60)
+        m = g.wait_for_regex(r"typed-42 cpus=(\d+) epoch=(\d+)\r?\n", COMMAND_TIMEOUT)
         host_epoch = time.time()
         assert int(m.group(1)) == 2, "the guest does not see 2 CPUs"
         # The CMOS RTC sets the guest clock: it must agree with the host.
         assert abs(int(m.group(2)) - host_epoch) < 120, "guest clock is off"
         g.send("reboot -f\n")
-        assert g.wait_exit(60) == 0
+        assert g.wait_exit(COMMAND_TIMEOUT) == 0
         assert "guest reset (i8042)" in g.stderr
     finally:
         g.kill()
