@@ -241,37 +241,36 @@ class VcpuThread:
 
     def _dispatch(self, kvm_run: kvm.kvm_run) -> None:
         """Serve one exit of KVM_RUN."""
-        if True:
-            reason = kvm_run.exit_reason
-            if reason == kvm.KVM_EXIT_IO:
-                self._io(self.vcpu.exit_io)
-            elif reason == kvm.KVM_EXIT_MMIO:
-                self._mmio(self.vcpu.exit_mmio)
-            elif reason == kvm.KVM_EXIT_INTR:
-                kvm_run.immediate_exit = 0
-                if self.dump_requested.is_set():
-                    self.dump_requested.clear()
-                    log.warning("%s", format_regs(self.vcpu))
-            elif reason == kvm.KVM_EXIT_INTERNAL_ERROR:
-                self._internal_error(kvm_run)
-            elif reason == kvm.KVM_EXIT_DEBUG and self.debugger is not None:
-                self.debugger.debug_exit(self, kvm_run.exit.debug.arch)
-            elif reason == kvm.KVM_EXIT_SYSTEM_EVENT:
-                self._system_event(kvm_run.exit.system_event)
-            elif reason == kvm.KVM_EXIT_SHUTDOWN:
-                raise VmExit(ExitStatus.GUEST_DIED, f"vcpu{self.vcpu.index}: the guest triple-faulted "
-                             f"(KVM_EXIT_SHUTDOWN)\n{format_regs(self.vcpu)}")
-            elif reason == kvm.KVM_EXIT_FAIL_ENTRY:
-                fe = kvm_run.exit.fail_entry
-                self._fail(f"KVM_EXIT_FAIL_ENTRY: hardware entry failure reason "
-                           f"{fe.hardware_entry_failure_reason:#x} on cpu {fe.cpu}")
-            elif reason == kvm.KVM_EXIT_HLT:
-                # Only without an in-kernel LAPIC; ours has one, so a HLT exit
-                # means every interrupt source is gone: treat it as power-off.
-                raise GuestEnded(f"vcpu{self.vcpu.index} halted")
-            else:
-                name = kvm.EXIT_REASON_NAMES.get(reason, str(reason))
-                self._fail(f"unexpected exit {name}")
+        reason = kvm_run.exit_reason
+        if reason == kvm.KVM_EXIT_IO:
+            self._io(self.vcpu.exit_io)
+        elif reason == kvm.KVM_EXIT_MMIO:
+            self._mmio(self.vcpu.exit_mmio)
+        elif reason == kvm.KVM_EXIT_INTR:
+            kvm_run.immediate_exit = 0
+            if self.dump_requested.is_set():
+                self.dump_requested.clear()
+                log.warning("%s", format_regs(self.vcpu))
+        elif reason == kvm.KVM_EXIT_INTERNAL_ERROR:
+            self._internal_error(kvm_run)
+        elif reason == kvm.KVM_EXIT_DEBUG and self.debugger is not None:
+            self.debugger.debug_exit(self, kvm_run.exit.debug.arch)
+        elif reason == kvm.KVM_EXIT_SYSTEM_EVENT:
+            self._system_event(kvm_run.exit.system_event)
+        elif reason == kvm.KVM_EXIT_SHUTDOWN:
+            raise VmExit(ExitStatus.GUEST_DIED, f"vcpu{self.vcpu.index}: the guest triple-faulted "
+                         f"(KVM_EXIT_SHUTDOWN)\n{format_regs(self.vcpu)}")
+        elif reason == kvm.KVM_EXIT_FAIL_ENTRY:
+            fe = kvm_run.exit.fail_entry
+            self._fail(f"KVM_EXIT_FAIL_ENTRY: hardware entry failure reason "
+                       f"{fe.hardware_entry_failure_reason:#x} on cpu {fe.cpu}")
+        elif reason == kvm.KVM_EXIT_HLT:
+            # Only without an in-kernel LAPIC; ours has one, so a HLT exit
+            # means every interrupt source is gone: treat it as power-off.
+            raise GuestEnded(f"vcpu{self.vcpu.index} halted")
+        else:
+            name = kvm.EXIT_REASON_NAMES.get(reason, str(reason))
+            self._fail(f"unexpected exit {name}")
 
     def _memory_fault(self) -> None:
         """KVM_RUN said EFAULT: inject #GP(0) unless the guest keeps faulting in place."""
