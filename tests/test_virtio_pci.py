@@ -737,6 +737,30 @@ def test_close_stops_the_worker_and_frees_msix(env):
     env.pci.close = lambda: None                                     # the fixture closes again
 
 
+def test_close_while_a_stopping_worker_starts_its_successor(env, monkeypatch):
+    """The race a 1M-input fuzz run hit (OSError EBADF in a worker): close() reads the
+    worker while that worker, stopping, starts the successor it stood in the way of;
+    close() then closed the kick eventfds under the successor.  Forced here: the
+    successor runs inside close()'s stop().  No worker may start after close()."""
+    env.init_driver()
+    first = env.pci._worker
+    real_stop = first.stop
+
+    def stop_after_successor(timeout, then=None):
+        env.pci._successor_of(first)     # what the stopping worker's thread does
+        return real_stop(timeout, then)
+
+    monkeypatch.setattr(first, "stop", stop_after_successor)
+    failures = []
+    monkeypatch.setattr(threading, "excepthook", failures.append)
+    env.pci.close()
+    first.thread.join(2)
+    workers = [t for t in threading.enumerate() if t.name == f"{env.pci.name}-worker"]
+    assert workers == [] and failures == []
+    assert env.pci._worker is None
+    env.pci.close = lambda: None                                     # the fixture closes again
+
+
 # --- the guest may write anything -------------------------------------------------------------------------------
 FIELD_OFFSETS = [f for f, _ in vp.COMMON_FIELDS]
 

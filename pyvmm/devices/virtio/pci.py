@@ -29,7 +29,8 @@ interrupt the driver (console input) or take a dead back-end's rings over:
   threads update too (``_needs_reset``, ``_interrupt_queue``).  Nothing waits
   while holding it.
 * Each ``Worker`` has its own stop flag and stop eventfd; a successor never
-  shares them, and a new worker starts only once its predecessor has stopped.
+  shares them, and a new worker starts only once its predecessor has stopped,
+  and never after ``close()`` (which closes the kick eventfds it would poll).
 
 Reset (the driver writes 0 to device_status, 4.1.4.3.2): the worker is asked to
 stop after the chain it is serving; the vCPU waits for it at most
@@ -281,6 +282,7 @@ class VirtioPciDevice(PciDevice):
         self._quiesced = False
         self._resume_worker = False      # what quiesce stopped (or a restore left stopped)
         self._resume_backend = False
+        self._closed = False             # close() ran: no worker may start any more
         device.needs_reset = self._needs_reset
         device.stop_requested = self._stop_requested
         self._reset_state()
@@ -516,6 +518,8 @@ class VirtioPciDevice(PciDevice):
 
     def _start_worker(self) -> None:
         """The device's worker thread: kicks -> process_queue (transport lock held)."""
+        if self._closed:     # e.g. a stopping worker's successor, after close() (its fds are gone)
+            return
         if self._quiesced:   # e.g. a backend died while quiesced: resume() starts it
             self._resume_worker = True
             return
@@ -623,8 +627,11 @@ class VirtioPciDevice(PciDevice):
                         log.exception("%s: queue %d processing failed", self.name, index)
                         self._needs_reset()
             pending = []
-            for fd, _ in poller.poll():
+            for fd, events in poller.poll():
                 if fd == worker.stop_fd:
+                    return
+                if events & select.POLLNVAL:   # an fd closed under us: a lifecycle bug, not the guest's
+                    log.error("%s: the worker's fd %d was closed under it; it stops", self.name, fd)
                     return
                 try:
                     kicks = os.eventfd_read(fd)
@@ -777,6 +784,7 @@ class VirtioPciDevice(PciDevice):
     def close(self) -> None:
         """Stop the worker and give back every fd and KVM registration (idempotent)."""
         with self._lock:
+            self._closed = True           # a stopping worker's successor must not start now
             worker = self._worker
             self._reset_pending = False   # done here
         if worker is not None and not worker.stop(WORKER_STOP_TIMEOUT):
