@@ -807,6 +807,10 @@ class Vcpu:
         self.exit_io = self.kvm_run.exit.io
         self.exit_mmio = self.kvm_run.exit.mmio
         self._run_bytes = memoryview(self._map)
+        # kvm_run.mmio.data (8 bytes) as a memoryview: its slices are cheaper than the
+        # ctypes array's, and a slice never reaches past the 8 bytes whatever mmio.len says.
+        start = kvm_run.exit.offset + kvm_run_mmio.data.offset
+        self.exit_mmio_data = self._run_bytes[start:start + kvm_run_mmio.data.size]
 
     def run(self) -> None:
         """KVM_RUN; EINTR (a kick from another thread) is returned as KVM_EXIT_INTR."""
@@ -971,6 +975,7 @@ class Vcpu:
 
     def close(self) -> None:
         del self.exit_io, self.exit_mmio, self.kvm_run
+        self.exit_mmio_data.release()
         self._run_bytes.release()
         self._map.close()
         os.close(self.fd)

@@ -303,7 +303,7 @@ class VcpuThread:
         size, port, out = io.size, io.port, io.direction == kvm.KVM_EXIT_IO_OUT
         if io.count == 1:   # a plain in/out: the common case, kept short
             if out:
-                self.pio.write(port, bytes(data))
+                self.pio.write(port, data.tobytes())
             else:
                 data[:] = self.pio.read(port, size)
             return
@@ -312,18 +312,18 @@ class VcpuThread:
         for i in range(io.count):
             chunk = slice(i * size, (i + 1) * size)
             if out:
-                self.pio.write(port, bytes(data[chunk]))
+                self.pio.write(port, data[chunk].tobytes())
             else:
                 data[chunk] = self.pio.read(port, size)
 
     def _mmio(self, mmio: kvm.kvm_run_mmio) -> None:
         # As for port I/O: a read's value goes into kvm_run.mmio.data, and the guest's
         # load completes with it on the next KVM_RUN (api.rst 5, KVM_EXIT_MMIO).
-        length = min(mmio.len, 8)
+        data = self.vcpu.exit_mmio_data[:mmio.len]   # at most its 8 bytes: a slice stops there
         if mmio.is_write:
-            self.mmio.write(mmio.phys_addr, bytes(mmio.data)[:length])
+            self.mmio.write(mmio.phys_addr, data.tobytes())
         else:
-            mmio.data[:length] = self.mmio.read(mmio.phys_addr, length)
+            data[:] = self.mmio.read(mmio.phys_addr, len(data))
 
     def _internal_error(self, kvm_run: kvm.kvm_run) -> None:
         ef = kvm_run.exit.emulation_failure
