@@ -185,11 +185,11 @@ class VcpuWatch:
         reason = kvm_run.exit_reason
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
         if reason == kvm.KVM_EXIT_IO:
-            io = kvm_run.exit.io
+            io = self.vcpu.exit_io
             direction = "out" if io.direction == kvm.KVM_EXIT_IO_OUT else "in"
             self._access(self.pio, "io", io.port, io.size, direction, dispatch, kvm_run)
         elif reason == kvm.KVM_EXIT_MMIO:
-            mmio = kvm_run.exit.mmio
+            mmio = self.vcpu.exit_mmio
             direction = "write" if mmio.is_write else "read"
             self._access(self.mmio, "mmio", mmio.phys_addr, min(mmio.len, 8), direction, dispatch, kvm_run)
         elif self.trace is None:
@@ -219,12 +219,12 @@ class VcpuWatch:
             dispatch(kvm_run)
         finally:
             if kind == "io":
-                io = kvm_run.exit.io
+                io = self.vcpu.exit_io
                 where = f"{addr:#x}/{size}" + (f"x{io.count}" if io.count != 1 else "")
                 data = _io_elements(bytes(self.vcpu.io_data()), size)
             else:
                 where = f"{addr:#x}/{size}"
-                data = bytes(kvm_run.exit.mmio.data[:size])[::-1].hex()
+                data = self.vcpu.exit_mmio_data[:size].tobytes()[::-1].hex()
             trace.write(f"vcpu{self.vcpu.index} #{self.seq} {kind.upper()} {direction} {where} "
                         f"{data} -> {device}")
 
