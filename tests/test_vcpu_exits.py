@@ -4,9 +4,9 @@ by hand: what reaches the bus and what goes back into kvm_run, edge lengths incl
 from __future__ import annotations
 
 import pytest
+from tinyguest import Recorder, TinyVm, assemble
 
 from pyvmm import kvm
-from tinyguest import Recorder, TinyVm, assemble
 
 pytestmark = pytest.mark.kvm
 
