@@ -27,7 +27,7 @@ define apt_ensure
 	fi
 endef
 
-.PHONY: setup setup-test guest demo test test-fast bench bench-deps bench-boot bench-blk bench-fs bench-exit bench-plot soak fuzz clean
+.PHONY: setup setup-test guest demo test test-fast bench bench-deps bench-boot bench-boot-ram bench-blk bench-fs bench-exit bench-plot soak fuzz clean
 
 # --- set-up ---------------------------------------------------------------------
 setup: $(VENV)/.installed
@@ -80,6 +80,15 @@ bench-deps: guest setup-test
 
 bench-boot: bench-deps
 	$(PY) -m bench.boot
+
+# Boot time per RAM size (bench/figures/boot-ram.png): one bench-boot run per size,
+# with pyvmm's deferred RAM (the default on PVM) and with --memory-at-boot.
+BOOT_RAM_SIZES ?= 256M 1G 2G
+bench-boot-ram: bench-deps
+	@for m in $(BOOT_RAM_SIZES); do \
+		$(PY) -m bench.boot --memory $$m --runs 2 --no-rss \
+			--setups pyvmm,pyvmm-ram-at-boot,pyvmm-exec,qemu-microvm-tcg || exit 1; \
+	done
 
 bench-blk: bench-deps
 	$(PY) -m bench.blk

@@ -90,7 +90,9 @@ DEFAULT_QEMU_CPU = "host,-cx16,-arch-capabilities"
 # command after `pyvmm restore` of a snapshot taken at the guest's snapshot point.
 DEFAULT_SETUPS = ("pyvmm", "pyvmm-exec", "pyvmm-restore", "qemu-microvm", "qemu-q35",
                   "qemu-microvm-tcg")
-OPTIONAL_SETUPS = ()
+# pyvmm-ram-at-boot: `pyvmm run --memory-at-boot`, every byte of RAM online before user
+# space (on PVM pyvmm otherwise boots with 256M and /init adds the rest after ready).
+OPTIONAL_SETUPS = ("pyvmm-ram-at-boot",)
 
 
 # --- configuration ----------------------------------------------------------------
@@ -121,12 +123,14 @@ def guest_config(args: argparse.Namespace, flavour: Flavour) -> GuestConfig:
                        cpus=args.cpus, cmdline=cmdline, append=args.append)
 
 
-def pyvmm_setup(guest: GuestConfig) -> Setup:
+def pyvmm_setup(guest: GuestConfig, name: str = "pyvmm") -> Setup:
     argv = [*pyvmm_argv("run"), "--kernel", guest.kernel, "--initramfs", guest.initramfs,
             "--cpus", str(guest.cpus), "--memory", guest.memory]
+    if name == "pyvmm-ram-at-boot":
+        argv.append("--memory-at-boot")
     if guest.append:
         argv += ["--append", guest.append]
-    return Setup("pyvmm", argv, expected_status=0)
+    return Setup(name, argv, expected_status=0)
 
 
 def pyvmm_argv(command: str) -> list[str]:
@@ -168,8 +172,8 @@ def qemu_setup(name: str, qemu: str, cpu: str, guest: GuestConfig) -> Setup:
 def build_setups(names: list[str], guest: GuestConfig, qemu: str, cpu: str,
                  snapshot: str | None = None) -> list[Setup]:
     def one(name: str) -> Setup:
-        if name == "pyvmm":
-            return pyvmm_setup(guest)
+        if name in ("pyvmm", "pyvmm-ram-at-boot"):
+            return pyvmm_setup(guest, name)
         if name == "pyvmm-exec":
             return pyvmm_exec_setup(guest)
         if name == "pyvmm-restore":
@@ -627,6 +631,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--setups", default=",".join(DEFAULT_SETUPS),
                    help=f"comma-separated, from {', '.join(DEFAULT_SETUPS + OPTIONAL_SETUPS)}")
     p.add_argument("--append", default=GUEST_APPEND, help=f"kernel command line words (default {GUEST_APPEND})")
+    p.add_argument("--no-rss", dest="rss", action="store_false",
+                   help="skip the RSS measurement of a running VMM (one more boot)")
     add_guest_args(p, "boot")
     args = p.parse_args(argv)
     args.setup_names = setup_names(p, args.setups, DEFAULT_SETUPS + OPTIONAL_SETUPS)
@@ -686,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         load_after = os.getloadavg()
         if "pyvmm-restore" in args.setup_names:
             snapshots.update(snapshot_memory(guest, snapshot, work))
-        rss = running_memory(guest, work) if "pyvmm" in args.setup_names else {}
+        rss = running_memory(guest, work) if args.rss and "pyvmm" in args.setup_names else {}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

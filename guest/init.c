@@ -17,6 +17,11 @@
  *   6. mount each `pyvmm.share=TAG[:dax][:ro]` (virtiofs) at /mnt/TAG
  *      (`pyvmm.dax=1`: every share with -o dax);
  *   7. print "pyvmm-guest: ready";
+ *   7a. with `pyvmm.memory=START+SIZE[,...]` (pyvmm on a PVM host boots a large
+ *      guest with `mem=256M`): a niced child adds that RAM, one 128 MiB memory
+ *      block at a time, through /sys/devices/system/memory/probe (auto-onlined
+ *      by `memhp_default_state=online`); in a snapshot boot it is added before
+ *      the snapshot point instead, so that no restore pays for it;
  *   8. with the agent: serve the host's commands (and a shell on the console);
  *      with `pyvmm.run=PATH`: run `/bin/sh PATH`, print "pyvmm-guest: exit N",
  *      sync, write N to the debug-exit port 0x501 through /dev/port; fall back
@@ -37,6 +42,7 @@
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
@@ -50,6 +56,14 @@
 #define SNAPSHOT_PORT 0x502   /* pyvmm's snapshot point: the VMM pauses on this write */
 #define MODULE_DIR "/lib/modules"
 #define MAX_SHARES 16
+#define MAX_MEMORY_RANGES 4
+/* Memory block size on x86-64 while boot RAM is below 64 GiB
+ * (probe_memory_block_size, arch/x86/mm/init_64.c): the unit of a probe. */
+#define MEMORY_BLOCK (128UL << 20)
+#define MEMORY_PROBE "/sys/devices/system/memory/probe"
+/* The adding child's nice value: a command started at "ready" keeps most of the
+ * vCPU, while RAM still comes online far faster than a PVM guest can fill it. */
+#define MEMORY_NICE 5
 #define TAG_MAX 64
 
 struct share {
@@ -58,9 +72,15 @@ struct share {
     bool readonly;
 };
 
+struct memory_range {
+    unsigned long start, size; /* guest-physical, both multiples of MEMORY_BLOCK */
+};
+
 struct config {
     struct share shares[MAX_SHARES];
     int nshares;
+    struct memory_range memory[MAX_MEMORY_RANGES]; /* RAM to add after the boot */
+    int nmemory;
     bool dax; /* pyvmm.dax=1: every share */
     bool debug;
     bool snapshot;
@@ -199,6 +219,37 @@ static bool parse_share(const char *spec, struct share *out)
     return true;
 }
 
+/* `START+SIZE[,START+SIZE...]` (numbers in C syntax, block-aligned) -> c->memory;
+ * false (nothing kept) for anything else. */
+static bool parse_memory(struct config *c, const char *spec)
+{
+    int n = 0;
+    struct memory_range ranges[MAX_MEMORY_RANGES];
+    for (const char *p = spec;; p++) {
+        char *end;
+        if (n == MAX_MEMORY_RANGES)
+            return false;
+        errno = 0;
+        ranges[n].start = strtoul(p, &end, 0);
+        if (end == p || *end != '+' || errno)
+            return false;
+        p = end + 1;
+        ranges[n].size = strtoul(p, &end, 0);
+        if (end == p || errno || ranges[n].size == 0 || ranges[n].start % MEMORY_BLOCK
+            || ranges[n].size % MEMORY_BLOCK || ranges[n].start + ranges[n].size < ranges[n].start)
+            return false;
+        n++;
+        p = end;
+        if (*p == '\0')
+            break;
+        if (*p != ',')
+            return false;
+    }
+    memcpy(c->memory, ranges, sizeof(ranges[0]) * (size_t)n);
+    c->nmemory = n;
+    return true;
+}
+
 /* Record one pyvmm.* word; other words are the kernel's business. */
 static void parse_word(struct config *c, char *word)
 {
@@ -213,6 +264,9 @@ static void parse_word(struct config *c, char *word)
                 return; /* words after "--" are in both /proc/cmdline and argv */
         if (c->nshares < MAX_SHARES)
             c->shares[c->nshares++] = sh;
+    } else if (strncmp(word, "pyvmm.memory=", 13) == 0) {
+        if (!parse_memory(c, word + 13))
+            say("bad memory word: ", word, NULL);
     } else if (strcmp(word, "pyvmm.dax=1") == 0) {
         c->dax = true;
     } else if (strcmp(word, "pyvmm.debug=1") == 0) {
@@ -326,6 +380,66 @@ static const char *mount_shares(void)
 }
 
 /* ---- ending the machine ---- */
+
+/* ---- RAM added after the boot (pyvmm.memory=) ---- */
+
+/* Hex text of a number (buf must hold 19 bytes). */
+static const char *xtoa(unsigned long value, char *buf)
+{
+    char *p = buf + 18;
+    *p = '\0';
+    do {
+        *--p = "0123456789abcdef"[value & 0xf];
+        value >>= 4;
+    } while (value != 0);
+    *--p = 'x';
+    *--p = '0';
+    return p;
+}
+
+/* Add (and, with memhp_default_state=online, online) every block of cfg.memory.
+ * Each probe sets up the block's struct pages: ~2 s of emulated kernel work on PVM. */
+static void add_memory_now(void)
+{
+    char hex[19], mib[21];
+    unsigned long added = 0;
+    for (int i = 0; i < cfg.nmemory; i++) {
+        const struct memory_range *r = &cfg.memory[i];
+        for (unsigned long a = r->start; a < r->start + r->size; a += MEMORY_BLOCK) {
+            const char *text = xtoa(a, hex);
+            int fd = open(MEMORY_PROBE, O_WRONLY | O_CLOEXEC);
+            ssize_t n = fd < 0 ? -1 : write(fd, text, strlen(text));
+            int err = errno;
+            if (fd >= 0)
+                close(fd);
+            if (n < 0 && err != EEXIST) { /* EEXIST: added before (a second call) */
+                say("memory: cannot add the block at ", text, ": ", strerror(err), NULL);
+                return;
+            }
+            added += MEMORY_BLOCK >> 20;
+        }
+    }
+    debug("memory added, MiB:", utoa(added, mib));
+}
+
+/* After "ready": a niced child adds the RAM while the command runs (PID 1 reaps it). */
+static void add_memory_later(void)
+{
+    if (cfg.nmemory == 0)
+        return;
+    pid_t pid = fork();
+    if (pid != 0) {
+        if (pid < 0)
+            say("fork failed: ", strerror(errno), NULL);
+        return;
+    }
+    signal(SIGTERM, SIG_DFL);
+    signal(SIGUSR1, SIG_DFL);
+    signal(SIGUSR2, SIG_DFL);
+    setpriority(PRIO_PROCESS, 0, MEMORY_NICE);
+    add_memory_now();
+    _exit(0);
+}
 
 static void reboot_now(int how)
 {
@@ -488,6 +602,8 @@ int main(int argc, char **argv)
     if (cfg.agent)
         agent_prepare();
     if (cfg.snapshot) {
+        add_memory_now(); /* once, in the snapshot boot, not after every restore */
+        cfg.nmemory = 0;
         debug("snapshot point", NULL);
         port_write(SNAPSHOT_PORT, 1, "snapshot");
         debug("resumed after the snapshot point", NULL);
@@ -496,6 +612,7 @@ int main(int argc, char **argv)
         if (agent_start(cfg.agent, agent_word, mount_shares)) {
             debug_on = cfg.debug;
             say("ready", NULL);
+            add_memory_later();
             agent_serve(console_shell);
             say("agent: the port ", cfg.agent, " broke", NULL);
         } else {
@@ -504,6 +621,7 @@ int main(int argc, char **argv)
     } else {
         mount_shares();
         say("ready", NULL);
+        add_memory_later();
         if (cfg.run)
             run_script(cfg.run);
         else

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__, guest_build, kvm
 from .boot.errors import KernelFormatError
-from .cmdline import default_cmdline
+from .cmdline import BOOT_RAM, default_cmdline, deferred_memory_words
 from .console import Console, SerialSpecError
 from .platform import detect_flavour, host_memory_bytes
 from .shares import TAG_RE, ShareConfig
@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--append", action="append", default=[],
                      help="add words to the kernel command line")
     run.add_argument("--memory", default=DEFAULT_MEMORY, help="guest RAM, e.g. 512M or 1G")
+    run.add_argument("--memory-at-boot", action="store_true",
+                     help=f"on a PVM host, have all RAM online before user space starts (by default "
+                     f"a guest boots with {BOOT_RAM >> 20}M and its /init adds the rest right after "
+                     "'ready'; see docs/pvm.md)")
     run.add_argument("--cpus", default="1", help=f"vCPUs, 1 to {MAX_CPUS}")
     run.add_argument("--disk", action="append", default=[], metavar="path=FILE[,readonly=on]",
                      help="a virtio-blk disk on a raw image (repeatable)")
@@ -270,6 +274,8 @@ def run_plan(args: argparse.Namespace, flavour) -> RunPlan:
                          "add --snapshot-and-continue, or give --exec to `pyvmm restore`")
     cmdline = args.cmdline if args.cmdline is not None else default_cmdline(flavour)
     words = list(args.append)
+    if args.cmdline is None and flavour.is_pvm and not args.memory_at_boot:
+        words += deferred_memory_words(memory)   # struct pages cost ~18 s per GiB on PVM
     if args.exec is not None and any(w.startswith("pyvmm.run=") for a in words for w in a.split()):
         raise UsageError("--exec and pyvmm.run= both name a program to run: give one")
     # The agent: for --exec, for a client on --agent, and in every snapshot (after a

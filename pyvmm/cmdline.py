@@ -7,9 +7,16 @@ contract needs it.
 
 from __future__ import annotations
 
+from .boot.e820 import ram_ranges
 from .platform import PVM_CMDLINE, Flavour, host_tsc_mhz
 
 GUEST_HZ = 100  # CONFIG_HZ of the default guest kernel (guest/kernel.config)
+
+#: RAM a PVM guest boots with; /init adds the rest once user space runs.
+BOOT_RAM = 256 << 20
+#: x86-64 memory block while boot RAM is below 64 GiB (probe_memory_block_size in
+#: arch/x86/mm/init_64.c): the unit of /sys/devices/system/memory/probe.
+MEMORY_BLOCK = 128 << 20
 
 BASE_CMDLINE = " ".join([
     "console=ttyS0",        # the 16550A at 0x3f8
@@ -37,3 +44,26 @@ def default_cmdline(flavour: Flavour) -> str:
     if flavour.is_pvm:
         words.append(PVM_CMDLINE)
     return " ".join(words)
+
+
+def deferred_memory_words(memory: int) -> list[str]:
+    """Words that boot a guest of ``memory`` bytes with only its first ``BOOT_RAM``
+    online and tell /init what to add once user space runs.
+
+    On PVM the kernel's per-page set-up (struct pages, then freeing every page
+    to the buddy allocator) runs in the instruction emulator at ~18 s per GiB;
+    most of it never matters to a short command.  ``mem=`` makes the kernel drop
+    the RAM above ``BOOT_RAM`` from its E820 map (pyvmm's map stays the whole
+    truth), ``memhp_default_state=online`` onlines each block as it is probed,
+    and ``pyvmm.memory=START+SIZE,...`` (the guest contract) lists the blocks.
+    Nothing is deferred for a guest of ``BOOT_RAM`` or less, or whose size is not
+    a whole number of memory blocks (a probe adds whole blocks only).
+    """
+    if memory <= BOOT_RAM or memory % MEMORY_BLOCK:
+        return []
+    later = []
+    for gpa, size, _ in ram_ranges(memory):
+        start, end = max(gpa, BOOT_RAM), gpa + size
+        if end > start:
+            later.append(f"{start:#x}+{end - start:#x}")
+    return [f"mem={BOOT_RAM >> 20}M", "memhp_default_state=online", "pyvmm.memory=" + ",".join(later)]

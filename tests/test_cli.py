@@ -272,11 +272,11 @@ def test_process_initramfs_does_not_fit(guest_image, tmp_path):
 
 
 # --- run plans: --share, --exec, --agent, --timeout, the default initramfs ---------------------
-def plan_for(tmp_path, *argv: str):
+def plan_for(tmp_path, *argv: str, flavour=None):
     kernel = tmp_path / "vmlinux"
     kernel.write_bytes(b"k")
     args = cli.build_parser().parse_args(["run", "--kernel", str(kernel), *argv])
-    return cli.run_plan(args, detect_flavour_for_tests())
+    return cli.run_plan(args, flavour or detect_flavour_for_tests())
 
 
 def detect_flavour_for_tests():
@@ -315,6 +315,40 @@ def test_custom_kernel_gets_the_default_initramfs(tmp_path, no_default_guest):
     assert plan_for(tmp_path).config.initramfs == b"070701"
     assert plan_for(tmp_path, "--initramfs", "none").config.initramfs is None
 
+
+
+def pvm_plan_for(tmp_path, *argv: str):
+    from pyvmm.platform import Flavour
+
+    return plan_for(tmp_path, *argv, flavour=Flavour("pvm", "kvm_pvm", "test"))
+
+
+@pytest.mark.parametrize("memory, words", [
+    (256 << 20, []),
+    (200 << 20, []),
+    (1000 << 20, []),                     # not whole 128 MiB blocks: all RAM at boot
+    (512 << 20, ["mem=256M", "memhp_default_state=online", "pyvmm.memory=0x10000000+0x10000000"]),
+    (1 << 30, ["mem=256M", "memhp_default_state=online", "pyvmm.memory=0x10000000+0x30000000"]),
+    # RAM beyond 3 GiB sits above the MMIO hole, at 4 GiB: two ranges
+    (4 << 30, ["mem=256M", "memhp_default_state=online",
+               "pyvmm.memory=0x10000000+0xb0000000,0x100000000+0x40000000"]),
+])
+def test_deferred_memory_words(memory, words):
+    from pyvmm.cmdline import deferred_memory_words
+
+    assert deferred_memory_words(memory) == words
+
+
+def test_deferred_memory_only_on_pvm_with_the_default_command_line(tmp_path):
+    deferred = "pyvmm.memory=0x10000000+0x10000000"
+    assert deferred in pvm_plan_for(tmp_path, "--memory", "512M").config.cmdline.split()
+    assert "mem=256M" in pvm_plan_for(tmp_path, "--memory", "512M", "--append", "x=1").config.cmdline
+    assert "pyvmm.memory" not in plan_for(tmp_path, "--memory", "512M").config.cmdline   # hardware KVM
+    assert "pyvmm.memory" not in pvm_plan_for(tmp_path, "--memory", "512M",
+                                              "--memory-at-boot").config.cmdline
+    assert "pyvmm.memory" not in pvm_plan_for(tmp_path, "--memory", "512M",
+                                              "--cmdline", "console=ttyS0").config.cmdline
+    assert "pyvmm.memory" not in pvm_plan_for(tmp_path).config.cmdline                    # 256M
 
 @pytest.mark.parametrize("argv, words", [
     (["--share", "/no/such/dir"], "not a directory"),

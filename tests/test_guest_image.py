@@ -472,3 +472,23 @@ def test_init_interactive_shell_then_reboot(guest_root):
     assert "shell /bin:/sbin / linux" in lines
     assert not any("exit" in line for line in lines if line.startswith("pyvmm-guest"))
     assert ended_by_reboot(res)
+
+
+def test_init_memory_words(guest_root):
+    """pyvmm.memory=: bad words are refused and reported; a good one makes /init probe
+    each 128 MiB block (here, in a sandbox, the probe fails and says so).  With
+    pyvmm.snapshot=1 the probing happens before the snapshot point, so in order."""
+    bad = ["pyvmm.memory=", "pyvmm.memory=0x10000000", "pyvmm.memory=0x1000+0x10000000",
+           "pyvmm.memory=0x10000000+0x1000", "pyvmm.memory=0x10000000+0x10000000,",
+           "pyvmm.memory=" + ",".join(["0x10000000+0x8000000"] * 5)]
+    res = sandboxed_init(guest_root, "pyvmm.run=/t.sh", *bad)
+    for word in bad:
+        assert f"pyvmm-guest: bad memory word: {word}" in res.stdout.splitlines()
+    assert "cannot add" not in res.stdout
+    res = sandboxed_init(guest_root, "pyvmm.run=/t.sh", "pyvmm.snapshot=1",
+                         "pyvmm.memory=0x10000000+0x10000000,0x100000000+0x8000000")
+    lines = res.stdout.splitlines()
+    failed = [i for i, line in enumerate(lines)
+              if line.startswith("pyvmm-guest: memory: cannot add the block at 0x10000000: ")]
+    assert len(failed) == 1 and failed[0] < lines.index("pyvmm-guest: ready")   # then it stops
+    assert "pyvmm-guest: exit 7" in lines and ended_by_reboot(res)
