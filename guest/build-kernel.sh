@@ -188,7 +188,8 @@ main() {
         build
     fi
     mkdir -p "$(dirname "$out")"
-    cmp -s "$cached" "$out" 2>/dev/null || cp "$cached" "$out"
+    # cp then mv: a VMM starting meanwhile reads the old kernel or the new one, never half
+    cmp -s "$cached" "$out" 2>/dev/null || { cp "$cached" "$out.tmp" && mv -f "$out.tmp" "$out"; }
     progress "kernel $key -> $out"
 }
 
