@@ -627,6 +627,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--setups", default=",".join(DEFAULT_SETUPS),
                    help=f"comma-separated, from {', '.join(DEFAULT_SETUPS + OPTIONAL_SETUPS)}")
     p.add_argument("--append", default=GUEST_APPEND, help=f"kernel command line words (default {GUEST_APPEND})")
+    p.add_argument("--rss-only", action="store_true",
+                   help="only boot pyvmm once with a DAX share and print its and its back-end's RSS")
     add_guest_args(p, "boot")
     args = p.parse_args(argv)
     args.setup_names = setup_names(p, args.setups, DEFAULT_SETUPS + OPTIONAL_SETUPS)
@@ -669,6 +671,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing := missing_guest_files(guest):
         sys.stderr.write(f"bench.boot: {', '.join(missing)} missing: run `make guest` first\n")
         return 2
+    if args.rss_only:
+        return print_rss_only(guest)
     facts = host_facts(flavour, args.qemu)
     print(flavour.summary)
     print(f"kernel {guest.kernel}, initramfs {guest.initramfs}, memory {guest.memory}, cpus {guest.cpus}")
@@ -717,6 +721,19 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [asdict(r) for rs in results.values() for r in rs],
     })
     print(f"results written to {path}")
+    return 0
+
+
+def print_rss_only(guest: GuestConfig) -> int:
+    """``--rss-only``: running_memory alone, printed (no JSON, no other setup)."""
+    work = tempfile.mkdtemp(prefix="bench-boot-")
+    try:
+        rss = running_memory(guest, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(rss_text(rss))
+    for proc, fields in rss.items():
+        print(f"{proc}: RssAnon + RssFile {(fields['RssAnon'] + fields['RssFile']) / 1024:.1f} MiB")
     return 0
 
 

@@ -15,21 +15,46 @@ its decompressor, which runs in KVM's instruction emulator there.
 from __future__ import annotations
 
 import ctypes
-import io
-from ctypes import c_uint32, c_uint64, sizeof
+from ctypes import c_uint16, c_uint32, c_uint64, sizeof
 from dataclasses import dataclass
-
-from elftools.common.exceptions import ELFError
-from elftools.construct import ConstructError
-from elftools.elf.elffile import ELFFile
+from typing import Iterator, TypeVar
 
 from . import layout
 from .e820 import e820_map
 from .errors import KernelFormatError
 
+# ELF (System V gABI, "ELF-64 Object File Format"; linux/elf.h)
+EI_NIDENT = 16
+EI_CLASS = 4
+EI_DATA = 5
+ELFCLASS32, ELFCLASS64 = 1, 2
+ELFDATA2LSB, ELFDATA2MSB = 1, 2
+ET_EXEC = 2
+EM_X86_64 = 62
+PT_LOAD = 1
+PT_NOTE = 4
+
 XEN_ELFNOTE_PHYS32_ENTRY = 18          # xen/include/public/elfnote.h
 XEN_HVM_START_MAGIC_VALUE = 0x336EC578  # start_info.h
 PVH_START_INFO_VERSION = 1             # version 1 adds memmap_paddr/memmap_entries
+
+
+class Elf64_Ehdr(ctypes.LittleEndianStructure):
+    _fields_ = [("e_ident", ctypes.c_uint8 * EI_NIDENT), ("e_type", c_uint16), ("e_machine", c_uint16),
+                ("e_version", c_uint32), ("e_entry", c_uint64), ("e_phoff", c_uint64),
+                ("e_shoff", c_uint64), ("e_flags", c_uint32), ("e_ehsize", c_uint16),
+                ("e_phentsize", c_uint16), ("e_phnum", c_uint16), ("e_shentsize", c_uint16),
+                ("e_shnum", c_uint16), ("e_shstrndx", c_uint16)]
+
+
+class Elf64_Phdr(ctypes.LittleEndianStructure):
+    _fields_ = [("p_type", c_uint32), ("p_flags", c_uint32), ("p_offset", c_uint64),
+                ("p_vaddr", c_uint64), ("p_paddr", c_uint64), ("p_filesz", c_uint64),
+                ("p_memsz", c_uint64), ("p_align", c_uint64)]
+
+
+class Elf64_Nhdr(ctypes.LittleEndianStructure):
+    _fields_ = [("n_namesz", c_uint32), ("n_descsz", c_uint32), ("n_type", c_uint32)]
 
 
 class hvm_start_info(ctypes.LittleEndianStructure):
@@ -50,9 +75,14 @@ class hvm_memmap_table_entry(ctypes.LittleEndianStructure):
                 ("reserved", c_uint32)]
 
 
+assert sizeof(Elf64_Ehdr) == 64
+assert sizeof(Elf64_Phdr) == 56
+assert sizeof(Elf64_Nhdr) == 12
 assert sizeof(hvm_start_info) == 56
 assert sizeof(hvm_modlist_entry) == 32
 assert sizeof(hvm_memmap_table_entry) == 24
+
+_S = TypeVar("_S", bound=ctypes.Structure)
 
 # Where the pieces of the start info go, inside the page at PVH_START_INFO_ADDR.
 MODLIST_ADDR = layout.PVH_START_INFO_ADDR + 0x40
@@ -76,42 +106,84 @@ def is_elf(image: bytes) -> bool:
 
 def parse_elf_kernel(image: bytes) -> ElfKernel:
     """Check a vmlinux and find its PVH entry; KernelFormatError if unusable."""
-    try:
-        elf = ELFFile(io.BytesIO(image))
-        if elf.elfclass != 64 or elf["e_machine"] != "EM_X86_64":
-            raise KernelFormatError("the ELF kernel is not an x86-64 image")
-        if elf["e_type"] != "ET_EXEC":
-            raise KernelFormatError("the ELF kernel is not an executable (ET_EXEC) image")
-        entry32 = None
-        segments = []
-        for seg in elf.iter_segments():
-            if seg["p_type"] == "PT_NOTE":
-                for note in seg.iter_notes():
-                    if note["n_name"] == "Xen" and note["n_type"] == XEN_ELFNOTE_PHYS32_ENTRY:
-                        desc = note["n_descdata"]
-                        if isinstance(desc, str):
-                            desc = desc.encode("latin-1")
-                        if len(desc) < 4:
-                            raise KernelFormatError("the PVH entry note is truncated")
-                        entry32 = int.from_bytes(desc[:4], "little")
-            elif seg["p_type"] == "PT_LOAD":
-                if seg["p_filesz"] > seg["p_memsz"]:
-                    raise KernelFormatError("an ELF segment has p_filesz > p_memsz")
-                data = seg.data()
-                if len(data) != seg["p_filesz"]:
-                    raise KernelFormatError("the ELF kernel is truncated: a segment's data "
-                                            "runs past the end of the file")
-                segments.append((seg["p_paddr"], seg["p_memsz"], data))
-    except (ELFError, ConstructError, ValueError, KeyError, OverflowError) as e:
-        if isinstance(e, KernelFormatError):
-            raise
-        raise KernelFormatError(f"the ELF kernel is malformed: {e}") from None
+    ehdr = _elf_header(image)
+    if ehdr.e_phnum and ehdr.e_phentsize != sizeof(Elf64_Phdr):
+        raise _malformed(f"e_phentsize {ehdr.e_phentsize}, expected {sizeof(Elf64_Phdr)}")
+    entry32 = None
+    segments = []
+    for i in range(ehdr.e_phnum):
+        phdr = _read(Elf64_Phdr, image, ehdr.e_phoff + i * sizeof(Elf64_Phdr), "a program header")
+        if phdr.p_type == PT_NOTE:
+            if phdr.p_offset + phdr.p_filesz > len(image):
+                raise _malformed("a PT_NOTE segment runs past the end of the file")
+            for owner, n_type, desc in _notes(image, phdr.p_offset, phdr.p_offset + phdr.p_filesz):
+                if owner == b"Xen" and n_type == XEN_ELFNOTE_PHYS32_ENTRY:
+                    if len(desc) < 4:
+                        raise KernelFormatError("the PVH entry note is truncated")
+                    entry32 = int.from_bytes(desc[:4], "little")
+        elif phdr.p_type == PT_LOAD:
+            if phdr.p_filesz > phdr.p_memsz:
+                raise KernelFormatError("an ELF segment has p_filesz > p_memsz")
+            if phdr.p_offset + phdr.p_filesz > len(image):
+                raise KernelFormatError("the ELF kernel is truncated: a segment's data "
+                                        "runs past the end of the file")
+            segments.append((phdr.p_paddr, phdr.p_memsz,
+                             image[phdr.p_offset:phdr.p_offset + phdr.p_filesz]))
     if entry32 is None:
         raise KernelFormatError("the ELF kernel has no PVH entry note "
                                 "(XEN_ELFNOTE_PHYS32_ENTRY): build it with CONFIG_PVH=y")
     if not segments:
         raise KernelFormatError("the ELF kernel has no PT_LOAD segment")
     return ElfKernel(entry32, segments)
+
+
+def _malformed(why: str) -> KernelFormatError:
+    return KernelFormatError(f"the ELF kernel is malformed: {why}")
+
+
+def _read(struct_type: type[_S], image: bytes, offset: int, what: str) -> _S:
+    if offset + sizeof(struct_type) > len(image):
+        raise _malformed(f"{what} runs past the end of the file")
+    return struct_type.from_buffer_copy(image, offset)
+
+
+def _elf_header(image: bytes) -> Elf64_Ehdr:
+    """The ELF header of a little-endian x86-64 executable."""
+    if not is_elf(image) or len(image) < EI_NIDENT:
+        raise _malformed("no complete ELF identification")
+    if image[EI_CLASS] not in (ELFCLASS32, ELFCLASS64) or image[EI_DATA] not in (ELFDATA2LSB, ELFDATA2MSB):
+        raise _malformed(f"EI_CLASS {image[EI_CLASS]}, EI_DATA {image[EI_DATA]}")
+    if image[EI_CLASS] != ELFCLASS64 or image[EI_DATA] != ELFDATA2LSB:
+        raise KernelFormatError("the ELF kernel is not an x86-64 image")
+    ehdr = _read(Elf64_Ehdr, image, 0, "the ELF header")
+    if ehdr.e_machine != EM_X86_64:
+        raise KernelFormatError("the ELF kernel is not an x86-64 image")
+    if ehdr.e_type != ET_EXEC:
+        raise KernelFormatError("the ELF kernel is not an executable (ET_EXEC) image")
+    return ehdr
+
+
+def _notes(image: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, bytes]]:
+    """(owner, n_type, desc) of each note in ``image[start:end]``: name and desc are
+    each padded to 4 bytes; the owner's name ends with a NUL counted in n_namesz."""
+    pos = start
+    while pos < end:
+        if pos + sizeof(Elf64_Nhdr) > end:
+            raise _malformed("a note header runs past the end of its segment")
+        nhdr = Elf64_Nhdr.from_buffer_copy(image, pos)
+        name_at = pos + sizeof(Elf64_Nhdr)
+        desc_at = name_at + _align4(nhdr.n_namesz)
+        if desc_at + nhdr.n_descsz > end:
+            raise _malformed("a note runs past the end of its segment")
+        name = image[name_at:name_at + nhdr.n_namesz]
+        if name and name[-1] != 0:
+            raise _malformed("a note's name does not end with a NUL")
+        yield name.partition(b"\0")[0], nhdr.n_type, image[desc_at:desc_at + nhdr.n_descsz]
+        pos = desc_at + _align4(nhdr.n_descsz)
+
+
+def _align4(n: int) -> int:
+    return (n + 3) & ~3
 
 
 @dataclass(frozen=True)
