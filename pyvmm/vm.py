@@ -40,7 +40,6 @@ from .devices.pvpanic import PVPANIC_CRASH_LOADED, PvPanic
 from .devices.rtc import CmosRtc
 from .devices.serial import Serial16550A
 from .devices.snapshot_point import SnapshotPoint
-from .devices.virtio.blk import VirtioBlock
 from .devices.virtio.console import VirtioConsole
 from .devices.virtio.dax_window import DaxWindows
 from .devices.virtio.fs import VirtioFs
@@ -49,7 +48,7 @@ from .devices.virtio.rng import VirtioRng
 from .irq import GsiRouter
 from .memory import GuestMemory, MemorySlots
 from .pci.root import PCI_CONFIG_ADDRESS, PCI_CONFIG_IO_LEN, PciRoot
-from .platform import Flavour
+from .platform import Flavour, trim_heap
 from .status import ExitStatus
 from .trace import (RunCounters, TraceOutput, TraceSpec, VcpuWatch, format_stats,
                     seconds_since_process_start)
@@ -227,8 +226,10 @@ class Machine:
         def plug(device) -> None:
             self.pci.add(VirtioPciDevice(device, self.memory, self.vm, self.router))
 
-        for disk in self.config.disks:
-            plug(VirtioBlock(disk.path, readonly=disk.readonly))
+        if self.config.disks:
+            from .devices.virtio.blk import VirtioBlock   # (and hashlib, OpenSSL: only with --disk)
+            for disk in self.config.disks:
+                plug(VirtioBlock(disk.path, readonly=disk.readonly))
         windows = DaxWindows()   # every device's FS_IO may reach every DAX window
         for share in self.config.shares:
             plug(VirtioFs(share.tag, share.socket, share.num_queues, share.queue_size,
@@ -381,6 +382,7 @@ class Machine:
             if self.watching:
                 self.age_at_first_run = seconds_since_process_start()
             log.debug("VMM start to first KVM_RUN: %.3f s", self.t_first_run - self.t_start)
+            trim_heap()   # what compiling modules and loading the kernel freed, before the guest runs
             for t in self.vcpus:
                 t.start()
             deadline = None if timeout is None else self.t_first_run + timeout
