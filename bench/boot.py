@@ -484,7 +484,8 @@ def child_pids(pid: int) -> list[int]:
 
 def running_memory(guest: GuestConfig, work: str) -> dict[str, dict[str, int]]:
     """RSS of a cold-booted VMM with a DAX share and of its back-end, while the guest
-    runs (after a command that read a file through the window).  The guest RAM memfd
+    runs (after a command that read a file through the window).  A sandboxed back-end
+    is two processes: the one the VMM started waits for the server in its PID namespace.  The guest RAM memfd
     counts in RssShmem only for the pages the VMM itself touched."""
     from pyvmm.testing import Guest, Share
 
@@ -499,6 +500,8 @@ def running_memory(guest: GuestConfig, work: str) -> dict[str, dict[str, int]]:
         rss = {"pyvmm": status_rss(vmm)}
         for child in child_pids(vmm):
             rss["pyvmm-virtiofsd"] = status_rss(child)
+            for server in child_pids(child):   # sandboxed: the server is its child (sandbox.py)
+                rss["pyvmm-virtiofsd server"] = status_rss(server)
     return rss
 
 

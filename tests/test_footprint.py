@@ -1,0 +1,61 @@
+"""What a running VMM and its back-end hold: no module a plain run does not use.
+
+Each module costs resident memory for the whole run (its code objects, and a
+shared library's pages: OpenSSL for hashlib is 3 MiB).  bench/boot.py
+(``--rss-only``) measures the RSS itself; these tests keep the module sets from
+growing back without a boot.  Each check runs in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pyvmm.platform import trim_heap
+from pyvmm.virtiofsd.sandbox import enter_sandbox
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def modules_after(code: str) -> set[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"],
+                         capture_output=True, text=True, timeout=120, env=env, check=True).stdout
+    return set(json.loads(out.splitlines()[-1]))
+
+
+def test_a_vmm_with_a_share_loads_no_elf_library_ssl_or_unused_device():
+    # What `pyvmm run --share DIR` imports (cli.py imports the rest where it is used).
+    loaded = modules_after("import pyvmm.cli, pyvmm.vm, pyvmm.shares, pyvmm.trace, pyvmm.agent, "
+                           "pyvmm.boot.loader")
+    unwanted = {"elftools", "pdb", "hashlib", "_hashlib", "pyvmm.devices.virtio.blk",
+                "pyvmm.gdbstub", "pyvmm.snapshot.image", "pyvmm.snapshot.machine"}
+    assert loaded & unwanted == set()
+
+
+def test_the_virtiofsd_process_that_only_waits_loads_no_server():
+    # cli.py imports the server in enter_sandbox's ``prepare``, after the fork.
+    loaded = modules_after("import pyvmm.virtiofsd.cli")
+    assert {m for m in loaded if m.startswith("pyvmm.")} == {
+        "pyvmm.platform", "pyvmm.virtiofsd", "pyvmm.virtiofsd.cli", "pyvmm.virtiofsd.sandbox"}
+
+
+def test_the_virtiofsd_server_needs_no_kvm():
+    loaded = modules_after("import pyvmm.virtiofsd.passthrough, pyvmm.virtiofsd.server, "
+                           "pyvmm.virtiofsd.vhost")
+    assert "pyvmm.kvm" not in loaded
+
+
+def test_enter_sandbox_runs_prepare_in_the_process_that_serves(tmp_path):
+    calls = []
+    sandbox = enter_sandbox("none", str(tmp_path), lambda: calls.append(os.getpid()))
+    os.close(sandbox.proc_self_fd)
+    assert calls == [os.getpid()]
+
+
+def test_trim_heap_returns_nothing_and_can_run_twice():
+    assert trim_heap() is None
+    trim_heap()
