@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass
 
@@ -70,13 +69,3 @@ def host_memory_bytes(meminfo: str = "/proc/meminfo") -> int | None:
         return None
     return None
 
-
-def trim_heap() -> None:
-    """Give the C heap's free pages back to the kernel (glibc's ``malloc_trim``; nothing
-    where the C library has none).  Compiling modules and reading a kernel leave a few
-    MiB of freed heap that would otherwise stay in a long-running process's RSS."""
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return
-    malloc_trim(0)

@@ -48,7 +48,8 @@ from .devices.virtio.rng import VirtioRng
 from .irq import GsiRouter
 from .memory import GuestMemory, MemorySlots
 from .pci.root import PCI_CONFIG_ADDRESS, PCI_CONFIG_IO_LEN, PciRoot
-from .platform import Flavour, trim_heap
+from .heap import trim_heap
+from .platform import Flavour
 from .status import ExitStatus
 from .trace import (RunCounters, TraceOutput, TraceSpec, VcpuWatch, format_stats,
                     seconds_since_process_start)

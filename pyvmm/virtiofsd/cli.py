@@ -21,7 +21,7 @@ import stat
 import sys
 
 from .. import __version__
-from ..platform import trim_heap
+from ..heap import trim_heap
 from .sandbox import SANDBOX_MODES, enter_sandbox
 
 log = logging.getLogger("pyvmm-virtiofsd")

@@ -35,10 +35,9 @@ import os
 import select
 import signal
 import sys
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
-from ..platform import trim_heap
+from ..heap import trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +66,17 @@ class SandboxError(OSError):
     """The sandbox could not be set up (the daemon must not serve then)."""
 
 
-@dataclass(frozen=True)
 class Sandbox:
     """Where the daemon ended up: the shared directory's path in its new view, and
-    a ``/proc/self/fd`` descriptor for re-opening inodes (``Passthrough``)."""
+    a ``/proc/self/fd`` descriptor for re-opening inodes (``Passthrough``).
+    (A plain class: the parent that only waits imports this module, and a dataclass
+    or NamedTuple would cost it dataclasses' or typing's ~1.5 MiB of RSS.)"""
 
-    root: str
-    proc_self_fd: int
+    __slots__ = ("root", "proc_self_fd")
+
+    def __init__(self, root: str, proc_self_fd: int) -> None:
+        self.root = root
+        self.proc_self_fd = proc_self_fd
 
 
 def _check(ret: int, what: str) -> None:
