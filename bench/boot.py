@@ -482,22 +482,41 @@ def child_pids(pid: int) -> list[int]:
     return pids
 
 
+def file_rss(pid: int, path: str) -> int:
+    """KiB of ``pid``'s RSS in its mappings of the file at ``path`` (matched by device
+    and inode: the process may see it under another name, e.g. from a sandbox)."""
+    st = os.stat(path)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    total, ours = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if ":" not in fields[0]:    # a mapping: range, perms, offset, dev, inode[, path]
+                ours = len(fields) >= 5 and fields[3] == dev and int(fields[4]) == st.st_ino
+            elif ours and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
 def running_memory(guest: GuestConfig, work: str) -> dict[str, dict[str, int]]:
     """RSS of a cold-booted VMM with a DAX share and of its back-end, while the guest
     runs (after a command that read a file through the window).  A sandboxed back-end
     is two processes: the one the VMM started waits for the server in its PID namespace.  The guest RAM memfd
-    counts in RssShmem only for the pages the VMM itself touched."""
+    counts in RssShmem only for the pages the VMM itself touched; the shared file's
+    pages that the guest read through the DAX window count in the VMM's RssFile (and
+    again, alone, as RssDaxFile)."""
     from pyvmm.testing import Guest, Share
 
     share_dir = os.path.join(work, "rss-share")
     os.mkdir(share_dir)
-    with open(os.path.join(share_dir, "file"), "wb") as f:
+    shared_file = os.path.join(share_dir, "file")
+    with open(shared_file, "wb") as f:
         f.write(os.urandom(1 << 20))
     with Guest(kernel=guest.kernel, initramfs=guest.initramfs, memory=guest.memory,
                cpus=guest.cpus, shares={"data": Share(share_dir, dax=True)}) as g:
         g.run("cat /mnt/data/file > /dev/null")
         vmm = g.vmm.proc.pid
-        rss = {"pyvmm": status_rss(vmm)}
+        rss = {"pyvmm": {**status_rss(vmm), "RssDaxFile": file_rss(vmm, shared_file)}}
         for child in child_pids(vmm):
             rss["pyvmm-virtiofsd"] = status_rss(child)
             for server in child_pids(child):   # sandboxed: the server is its child (sandbox.py)
@@ -736,7 +755,10 @@ def print_rss_only(guest: GuestConfig) -> int:
         shutil.rmtree(work, ignore_errors=True)
     print(rss_text(rss))
     for proc, fields in rss.items():
-        print(f"{proc}: RssAnon + RssFile {(fields['RssAnon'] + fields['RssFile']) / 1024:.1f} MiB")
+        dax = fields.get("RssDaxFile", 0)
+        print(f"{proc}: RssAnon + RssFile {(fields['RssAnon'] + fields['RssFile']) / 1024:.1f} MiB"
+              + (f" ({(fields['RssAnon'] + fields['RssFile'] - dax) / 1024:.1f} MiB without the shared "
+                 "file's pages in the DAX window)" if dax else ""))
     return 0
 
 

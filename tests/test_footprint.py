@@ -9,11 +9,13 @@ growing back without a boot.  Each check runs in a fresh interpreter.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from bench.boot import file_rss
 from pyvmm.heap import trim_heap
 from pyvmm.virtiofsd.sandbox import enter_sandbox
 
@@ -61,3 +63,14 @@ def test_enter_sandbox_runs_prepare_in_the_process_that_serves(tmp_path):
 def test_trim_heap_returns_nothing_and_can_run_twice():
     assert trim_heap() is None
     trim_heap()
+
+
+def test_file_rss_counts_the_touched_pages_of_one_file(tmp_path):
+    # bench.boot's RssDaxFile: the shared file's pages in the VMM's DAX window.
+    path = tmp_path / "shared"
+    path.write_bytes(os.urandom(4 * mmap.PAGESIZE))
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        assert file_rss(os.getpid(), str(path)) == 0
+        assert m[0] is not None   # the kernel may map the cached pages around it too
+        assert 0 < file_rss(os.getpid(), str(path)) <= 4 * mmap.PAGESIZE // 1024
+    assert file_rss(os.getpid(), str(path)) == 0
