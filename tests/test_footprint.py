@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.boot import file_rss
 from pyvmm.heap import trim_heap
 from pyvmm.virtiofsd.sandbox import enter_sandbox
@@ -58,6 +60,22 @@ def test_enter_sandbox_runs_prepare_in_the_process_that_serves(tmp_path):
     sandbox = enter_sandbox("none", str(tmp_path), lambda: calls.append(os.getpid()))
     os.close(sandbox.proc_self_fd)
     assert calls == [os.getpid()]
+
+
+def test_prepare_runs_after_the_fork_into_the_pid_namespace(tmp_path):
+    # Where the server's modules are imported: in the process that serves (PID 1 of
+    # its namespace), before the shared directory becomes its root.
+    if os.geteuid() != 0:
+        pytest.skip("namespaces need root")
+    probe = ("import os, sys\n"
+             "from pyvmm.virtiofsd.sandbox import enter_sandbox\n"
+             "seen = []\n"
+             "enter_sandbox('namespace', sys.argv[1], lambda: seen.append((os.getpid(), "
+             "os.path.exists(sys.argv[1]))))\n"
+             "print(seen, os.path.exists(sys.argv[1]), flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True,
+                         timeout=60, cwd="/", env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout == "[(1, True)] False\n", out.stderr
 
 
 def test_trim_heap_returns_nothing_and_can_run_twice():
