@@ -45,10 +45,10 @@ from .devices.virtio.dax_window import DaxWindows
 from .devices.virtio.fs import VirtioFs
 from .devices.virtio.pci import VirtioPciDevice
 from .devices.virtio.rng import VirtioRng
+from .heap import trim_heap
 from .irq import GsiRouter
 from .memory import GuestMemory, MemorySlots
 from .pci.root import PCI_CONFIG_ADDRESS, PCI_CONFIG_IO_LEN, PciRoot
-from .heap import trim_heap
 from .platform import Flavour
 from .status import ExitStatus
 from .trace import (RunCounters, TraceOutput, TraceSpec, VcpuWatch, format_stats,
@@ -180,7 +180,7 @@ class Machine:
         self.pci.add(self.pvpanic)
 
         if restore_from is None:
-            from .boot.loader import load_kernel   # (pyelftools: not needed for a restore)
+            from .boot.loader import load_kernel   # (not needed for a restore)
 
             entry = load_kernel(self.memory, config.kernel, config.cmdline.encode(),
                                 config.initramfs, config.memory)

@@ -15,9 +15,10 @@ its decompressor, which runs in KVM's instruction emulator there.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterator
 from ctypes import c_uint16, c_uint32, c_uint64, sizeof
 from dataclasses import dataclass
-from typing import Iterator, TypeVar
+from typing import TypeVar
 
 from . import layout
 from .e820 import e820_map

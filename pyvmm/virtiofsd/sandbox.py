@@ -72,7 +72,7 @@ class Sandbox:
     (A plain class: the parent that only waits imports this module, and a dataclass
     or NamedTuple would cost it dataclasses' or typing's ~1.5 MiB of RSS.)"""
 
-    __slots__ = ("root", "proc_self_fd")
+    __slots__ = ("proc_self_fd", "root")
 
     def __init__(self, root: str, proc_self_fd: int) -> None:
         self.root = root
