@@ -486,23 +486,45 @@ def child_pids(pid: int) -> list[int]:
     return pids
 
 
+def file_rss(pid: int, path: str) -> int:
+    """KiB of ``pid``'s RSS in its mappings of the file at ``path`` (matched by device
+    and inode: the process may see it under another name, e.g. from a sandbox)."""
+    st = os.stat(path)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    total, ours = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if ":" not in fields[0]:    # a mapping: range, perms, offset, dev, inode[, path]
+                ours = len(fields) >= 5 and fields[3] == dev and int(fields[4]) == st.st_ino
+            elif ours and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
 def running_memory(guest: GuestConfig, work: str) -> dict[str, dict[str, int]]:
     """RSS of a cold-booted VMM with a DAX share and of its back-end, while the guest
-    runs (after a command that read a file through the window).  The guest RAM memfd
-    counts in RssShmem only for the pages the VMM itself touched."""
+    runs (after a command that read a file through the window).  A sandboxed back-end
+    is two processes: the one the VMM started waits for the server in its PID namespace.  The guest RAM memfd
+    counts in RssShmem only for the pages the VMM itself touched; the shared file's
+    pages that the guest read through the DAX window count in the VMM's RssFile (and
+    again, alone, as RssDaxFile)."""
     from pyvmm.testing import Guest, Share
 
     share_dir = os.path.join(work, "rss-share")
     os.mkdir(share_dir)
-    with open(os.path.join(share_dir, "file"), "wb") as f:
+    shared_file = os.path.join(share_dir, "file")
+    with open(shared_file, "wb") as f:
         f.write(os.urandom(1 << 20))
     with Guest(kernel=guest.kernel, initramfs=guest.initramfs, memory=guest.memory,
                cpus=guest.cpus, shares={"data": Share(share_dir, dax=True)}) as g:
         g.run("cat /mnt/data/file > /dev/null")
         vmm = g.vmm.proc.pid
-        rss = {"pyvmm": status_rss(vmm)}
+        rss = {"pyvmm": {**status_rss(vmm), "RssDaxFile": file_rss(vmm, shared_file)}}
         for child in child_pids(vmm):
             rss["pyvmm-virtiofsd"] = status_rss(child)
+            for server in child_pids(child):   # sandboxed: the server is its child (sandbox.py)
+                rss["pyvmm-virtiofsd server"] = status_rss(server)
     return rss
 
 
@@ -633,6 +655,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--append", default=GUEST_APPEND, help=f"kernel command line words (default {GUEST_APPEND})")
     p.add_argument("--no-rss", dest="rss", action="store_false",
                    help="skip the RSS measurement of a running VMM (one more boot)")
+    p.add_argument("--rss-only", action="store_true",
+                   help="only boot pyvmm once with a DAX share and print its and its back-end's RSS")
     add_guest_args(p, "boot")
     args = p.parse_args(argv)
     args.setup_names = setup_names(p, args.setups, DEFAULT_SETUPS + OPTIONAL_SETUPS)
@@ -675,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing := missing_guest_files(guest):
         sys.stderr.write(f"bench.boot: {', '.join(missing)} missing: run `make guest` first\n")
         return 2
+    if args.rss_only:
+        return print_rss_only(guest)
     facts = host_facts(flavour, args.qemu)
     print(flavour.summary)
     print(f"kernel {guest.kernel}, initramfs {guest.initramfs}, memory {guest.memory}, cpus {guest.cpus}")
@@ -723,6 +749,22 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [asdict(r) for rs in results.values() for r in rs],
     })
     print(f"results written to {path}")
+    return 0
+
+
+def print_rss_only(guest: GuestConfig) -> int:
+    """``--rss-only``: running_memory alone, printed (no JSON, no other setup)."""
+    work = tempfile.mkdtemp(prefix="bench-boot-")
+    try:
+        rss = running_memory(guest, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(rss_text(rss))
+    for proc, fields in rss.items():
+        dax = fields.get("RssDaxFile", 0)
+        print(f"{proc}: RssAnon + RssFile {(fields['RssAnon'] + fields['RssFile']) / 1024:.1f} MiB"
+              + (f" ({(fields['RssAnon'] + fields['RssFile'] - dax) / 1024:.1f} MiB without the shared "
+                 "file's pages in the DAX window)" if dax else ""))
     return 0
 
 

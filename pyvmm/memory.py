@@ -20,9 +20,12 @@ import mmap
 import os
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .boot.e820 import ram_ranges
-from .kvm import Vm
+
+if TYPE_CHECKING:   # (pyvmm-virtiofsd maps guest RAM with this module and never needs KVM)
+    from .kvm import Vm
 
 log = logging.getLogger(__name__)
 

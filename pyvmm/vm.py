@@ -40,12 +40,12 @@ from .devices.pvpanic import PVPANIC_CRASH_LOADED, PvPanic
 from .devices.rtc import CmosRtc
 from .devices.serial import Serial16550A
 from .devices.snapshot_point import SnapshotPoint
-from .devices.virtio.blk import VirtioBlock
 from .devices.virtio.console import VirtioConsole
 from .devices.virtio.dax_window import DaxWindows
 from .devices.virtio.fs import VirtioFs
 from .devices.virtio.pci import VirtioPciDevice
 from .devices.virtio.rng import VirtioRng
+from .heap import trim_heap
 from .irq import GsiRouter
 from .memory import GuestMemory, MemorySlots
 from .pci.root import PCI_CONFIG_ADDRESS, PCI_CONFIG_IO_LEN, PciRoot
@@ -180,7 +180,7 @@ class Machine:
         self.pci.add(self.pvpanic)
 
         if restore_from is None:
-            from .boot.loader import load_kernel   # (pyelftools: not needed for a restore)
+            from .boot.loader import load_kernel   # (not needed for a restore)
 
             entry = load_kernel(self.memory, config.kernel, config.cmdline.encode(),
                                 config.initramfs, config.memory)
@@ -227,8 +227,10 @@ class Machine:
         def plug(device) -> None:
             self.pci.add(VirtioPciDevice(device, self.memory, self.vm, self.router))
 
-        for disk in self.config.disks:
-            plug(VirtioBlock(disk.path, readonly=disk.readonly))
+        if self.config.disks:
+            from .devices.virtio.blk import VirtioBlock   # (and hashlib, OpenSSL: only with --disk)
+            for disk in self.config.disks:
+                plug(VirtioBlock(disk.path, readonly=disk.readonly))
         windows = DaxWindows()   # every device's FS_IO may reach every DAX window
         for share in self.config.shares:
             plug(VirtioFs(share.tag, share.socket, share.num_queues, share.queue_size,
@@ -381,6 +383,7 @@ class Machine:
             if self.watching:
                 self.age_at_first_run = seconds_since_process_start()
             log.debug("VMM start to first KVM_RUN: %.3f s", self.t_first_run - self.t_start)
+            trim_heap()   # what compiling modules and loading the kernel freed, before the guest runs
             for t in self.vcpus:
                 t.start()
             deadline = None if timeout is None else self.t_first_run + timeout

@@ -20,9 +20,10 @@ COMMAND_TIMEOUT = 180  # a typed command's output: seconds alone, minutes on a l
 
 
 def test_interactive_boot_two_cpus_serial_input_and_reboot(guest_image):
-    """ready -> typed commands run in the shell -> 2 CPUs -> right clock -> reboot -f exits 0."""
+    """ready -> typed commands run in the shell -> 2 CPUs -> right clock -> all 512M of RAM
+    online (on PVM: 256M at boot, the rest added by /init after ready) -> reboot -f exits 0."""
     g = VmmProcess.pyvmm_run("--kernel", guest_image["kernel"], "--initramfs", guest_image["initramfs"],
-                     "--cpus", "2", "--memory", "256M")
+                     "--cpus", "2", "--memory", "512M")
     try:
         ready = g.wait_for("pyvmm-guest: ready", BOOT_TIMEOUT)
         print(f"[{guest_image['flavour']} KVM, default kernel] ready after {ready:.1f} s")
@@ -33,6 +34,14 @@ def test_interactive_boot_two_cpus_serial_input_and_reboot(guest_image):
         assert int(m.group(1)) == 2, "the guest does not see 2 CPUs"
         # The CMOS RTC sets the guest clock: it must agree with the host.
         assert abs(int(m.group(2)) - host_epoch) < 120, "guest clock is off"
+        # 4 memory blocks of 128 MiB: wait (at most 100 s) until they are all online
+        g.send("n=0; i=0; until [ $n = 4 ] || [ $i = 200 ]; do sleep 0.5; i=$((i+1)); "
+               "n=$(cat /sys/devices/system/memory/memory*/state | grep -c online); done; "
+               "echo blocks-$n-kib-$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)-"
+               "$(grep -c mem=256M /proc/cmdline)\n")
+        m = g.wait_for_regex(r"blocks-(\d+)-kib-(\d+)-(\d)\r?\n", COMMAND_TIMEOUT)
+        assert int(m.group(1)) == 4 and int(m.group(2)) > 480 << 10, "the guest lacks RAM"
+        assert int(m.group(3)) == (guest_image["flavour"] == "pvm"), "RAM beyond 256M deferred on PVM only"
         g.send("reboot -f\n")
         assert g.wait_exit(COMMAND_TIMEOUT) == 0
         assert "guest reset (i8042)" in g.stderr

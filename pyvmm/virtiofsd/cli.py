@@ -21,10 +21,8 @@ import stat
 import sys
 
 from .. import __version__
-from .passthrough import Passthrough
+from ..heap import trim_heap
 from .sandbox import SANDBOX_MODES, enter_sandbox
-from .server import FuseServer
-from .vhost import VhostUserFsBackend
 
 log = logging.getLogger("pyvmm-virtiofsd")
 
@@ -128,13 +126,24 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _import_server() -> None:
+    """The server's modules, imported after the sandbox's fork, before its root changes:
+    the parent that only waits for the server never holds them (a few MiB of RSS)."""
+    from . import passthrough, server, vhost  # noqa: F401
+
+
 def run(args: argparse.Namespace) -> int:
     _raise_fd_limit()
     sock_path = os.path.abspath(args.socket_path)
     listener = listen(sock_path)
     sock_dir = os.open(os.path.dirname(sock_path), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        sandbox = enter_sandbox(args.sandbox, args.shared_dir)   # may fork: see sandbox.py
+        # May fork (see sandbox.py); _import_server runs in the process that serves.
+        sandbox = enter_sandbox(args.sandbox, args.shared_dir, _import_server)
+        from .passthrough import Passthrough   # (imported by _import_server already)
+        from .server import FuseServer
+        from .vhost import VhostUserFsBackend
+
         fs = Passthrough(sandbox.root, cache=args.cache, readonly=args.readonly,
                          proc_self_fd=sandbox.proc_self_fd)
         server = FuseServer(fs)
@@ -150,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
             pass
         os.close(sock_dir)
     log.info("front-end connected")
+    trim_heap()   # what compiling the server's modules freed
     try:
         VhostUserFsBackend(conn, server, args.thread_pool_size).serve()
     finally:

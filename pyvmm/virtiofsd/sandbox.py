@@ -35,7 +35,9 @@ import os
 import select
 import signal
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+
+from ..heap import trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +66,17 @@ class SandboxError(OSError):
     """The sandbox could not be set up (the daemon must not serve then)."""
 
 
-@dataclass(frozen=True)
 class Sandbox:
     """Where the daemon ended up: the shared directory's path in its new view, and
-    a ``/proc/self/fd`` descriptor for re-opening inodes (``Passthrough``)."""
+    a ``/proc/self/fd`` descriptor for re-opening inodes (``Passthrough``).
+    (A plain class: the parent that only waits imports this module, and a dataclass
+    or NamedTuple would cost it dataclasses' or typing's ~1.5 MiB of RSS.)"""
 
-    root: str
-    proc_self_fd: int
+    __slots__ = ("proc_self_fd", "root")
+
+    def __init__(self, root: str, proc_self_fd: int) -> None:
+        self.root = root
+        self.proc_self_fd = proc_self_fd
 
 
 def _check(ret: int, what: str) -> None:
@@ -89,25 +95,30 @@ def open_proc_self_fd() -> int:
     return os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-def enter_sandbox(mode: str, shared_dir: str) -> Sandbox:
+def enter_sandbox(mode: str, shared_dir: str, prepare: Callable[[], object] = lambda: None) -> Sandbox:
     """Confine this process as ``mode`` says.  With ``namespace`` and ``chroot`` the
-    process forks first: only the child returns (see the module docstring)."""
+    process forks first: only the child returns (see the module docstring).
+    ``prepare`` runs in the process that returns, after the fork and while the host's
+    file system is still in view: the caller imports its server there, so that the
+    parent, which only waits, never holds those modules."""
     shared_dir = os.path.realpath(shared_dir)
     if mode not in SANDBOX_MODES:
         raise ValueError(f"unknown sandbox mode {mode!r}")
     if mode == "none":
+        prepare()
         return Sandbox(shared_dir, open_proc_self_fd())
     if mode == "chroot":
         try:
-            proc_fd = _private_pid_and_proc(CLONE_NEWNS)
+            proc_fd = _private_pid_and_proc(CLONE_NEWNS, prepare)
         except SandboxError as e:
             log.warning("sandbox: no PID namespace (%s): the host's /proc/self/fd stays open", e)
+            prepare()
             proc_fd = open_proc_self_fd()
         os.chroot(shared_dir)
         os.chdir("/")
         log.info("sandbox: chroot into %s", shared_dir)
         return Sandbox("/", proc_fd)
-    proc_fd = _private_pid_and_proc(CLONE_NEWNS | CLONE_NEWNET)
+    proc_fd = _private_pid_and_proc(CLONE_NEWNS | CLONE_NEWNET, prepare)
     _mount(shared_dir, shared_dir, MS_BIND | MS_REC)  # pivot_root needs a mount point
     os.chdir(shared_dir)
     _check(_libc.syscall(SYS_pivot_root, b".", b"."), "pivot_root")
@@ -117,11 +128,12 @@ def enter_sandbox(mode: str, shared_dir: str) -> Sandbox:
     return Sandbox("/", proc_fd)
 
 
-def _private_pid_and_proc(namespaces: int) -> int:
-    """Become PID 1 of a new PID namespace (``fork_into_pid_namespace``), enter new
-    ``namespaces`` (a mount namespace among them), mount a fresh procfs on /proc
-    there and return a descriptor of its /proc/self/fd."""
+def _private_pid_and_proc(namespaces: int, prepare: Callable[[], object]) -> int:
+    """Become PID 1 of a new PID namespace (``fork_into_pid_namespace``), run
+    ``prepare``, enter new ``namespaces`` (a mount namespace among them), mount a
+    fresh procfs on /proc there and return a descriptor of its /proc/self/fd."""
     fork_into_pid_namespace()
+    prepare()
     _check(_libc.unshare(namespaces), "unshare")
     _mount(None, "/", MS_REC | MS_PRIVATE)          # nothing we do propagates to the host
     _mount("proc", "/proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "proc")
@@ -152,6 +164,7 @@ def fork_into_pid_namespace() -> None:
 def _wait_and_exit(pid: int) -> None:
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, lambda signum, frame: os.kill(pid, signum))
+    trim_heap()   # this process only waits from now on
     while True:
         try:
             _, status = os.waitpid(pid, 0)
