@@ -191,11 +191,42 @@ def test_a_failing_request_never_stops_the_ring(tmp_path, pool):
         r.close()
 
 
-def test_a_call_fd_that_cannot_be_written_does_not_stop_the_ring(rig):
+@pytest.mark.parametrize("kind", ["dev-null", "socket", "pipe"])
+def test_a_kick_or_call_fd_that_is_not_an_eventfd_is_refused(rig, kind):
+    """Found by fuzz/virtiofsd_messages.py: a socket as the call fd, whose peer never
+    reads, blocked the ring's thread in write() once the socket filled up, and the
+    back-end's close() waited for that thread for ever."""
     d = rig.start()
-    bad = os.open("/dev/null", os.O_RDONLY)
+    keep = []
+    if kind == "dev-null":
+        bad = os.open("/dev/null", os.O_RDONLY)
+    elif kind == "socket":
+        a, b = socket.socketpair()
+        keep.append(b)
+        bad = a.detach()
+    else:
+        bad, w = os.pipe()
+        os.close(w)
+    before = set(os.listdir("/proc/self/fd"))
     try:
-        rig.fe.set_vring_call(1, bad)
+        for send in (rig.fe.set_vring_call, rig.fe.set_vring_kick):
+            with pytest.raises(BackendError):
+                send(1, bad)
+        written, _ = rig.request(d, b"still serving".ljust(16))   # with its old fds
+        assert written == 16
+    finally:
+        os.close(bad)
+        for k in keep:
+            k.close()
+    assert set(os.listdir("/proc/self/fd")) - before == set()
+
+
+def test_a_call_eventfd_at_its_maximum_does_not_block_the_ring(rig):
+    d = rig.start()
+    full = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        os.eventfd_write(full, 0xFFFF_FFFF_FFFF_FFFE)   # the next write of 1 would block
+        rig.fe.set_vring_call(1, full)
         before = d.used_idx()
         rig.mem.write(DATA, b"first".ljust(16))
         d.add(out=[(DATA, 16)], in_=[(DATA + 0x1000, 64)])
@@ -205,10 +236,10 @@ def test_a_call_fd_that_cannot_be_written_does_not_stop_the_ring(rig):
             time.sleep(0.01)
         assert d.used_idx() == before + 1
         rig.fe.set_vring_call(1, rig.call)
-        written, at = rig.request(d, b"still serving".ljust(16))
+        written, _ = rig.request(d, b"still serving".ljust(16))
         assert written == 16
     finally:
-        os.close(bad)
+        os.close(full)
 
 
 def test_read_of_4gib_into_overlapping_descriptors(tmp_path):

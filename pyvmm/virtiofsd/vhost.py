@@ -538,6 +538,18 @@ class RequestRefused(Exception):
     """A front-end request we answer with a failure ack (and a log line)."""
 
 
+def _not_an_eventfd(fd: int) -> str | None:
+    """Why ``fd`` cannot be a vring's kick, call or err fd, or None.  The spec says
+    eventfd; a pipe or socket whose reader never reads would block the ring's
+    thread on its next call (found by fuzz/virtiofsd_messages.py).  Without a
+    /proc to look in, any fd is taken (writes are non-blocking anyway)."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+    return None if target == "anon_inode:[eventfd]" else f"{target!r} is not an eventfd"
+
+
 class VhostUserFsBackend:
     """Serves one front-end connection for a FUSE ``server`` until it closes.
 
@@ -721,6 +733,12 @@ class VhostUserFsBackend:
         index = msg.body & p.VHOST_USER_VRING_IDX_MASK
         vr = self._vring(index)
         fd = None if msg.body & p.VHOST_USER_VRING_NOFD_MASK else msg.take_fds()[0]
+        if fd is not None:
+            if why := _not_an_eventfd(fd):
+                os.close(fd)
+                raise RequestRefused(f"vring {index}: {which}: {why}")
+            # An eventfd whose counter is at its maximum blocks a writer: never the ring's thread.
+            os.set_blocking(fd, False)
         if which == "kick_fd":
             vr.stop()
             if fd is None:
