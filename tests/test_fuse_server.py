@@ -20,7 +20,7 @@ import tracemalloc
 from ctypes import sizeof
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fuse_fakes import (IN, LINUX_FLAGS, OUT, FakeDax, FuseClient, FuseError, cstr,
@@ -863,10 +863,14 @@ def paging_sessions(draw):
 
 @settings(max_examples=40, deadline=None)
 @given(paging_sessions())
+# A name created after opendir may come twice: the host's tmpfs (Linux 6.18) itself gives
+# a002 twice to getdents64 + lseek to the d_off it returned (POSIX leaves entries added
+# or removed meanwhile unspecified).  Seen by hypothesis; the server passes offsets as is.
+@example((1, [(320, True, 3, [3, 0]), (160, True, 0, [0])]))
 def test_readdir_paging_with_changes_returns_every_stable_entry_once(session):
-    """Whatever the page sizes and the changes between pages: no name comes twice,
-    every name present from start to end comes once, nothing that never existed
-    comes (issue 11.3: offsets are the host's, nothing is cached per handle)."""
+    """Whatever the page sizes and the changes between pages: every name present from
+    start to end comes exactly once, nothing that never existed comes (issue 11.3:
+    offsets are the host's, nothing is cached per handle)."""
     initial, steps = session
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
         present = {f"i{i:03d}".encode() for i in range(initial)}
@@ -901,9 +905,8 @@ def test_readdir_paging_with_changes_returns_every_stable_entry_once(session):
                 offset = page[-1].off
         finally:
             fs.close()
-        assert len(got) == len(set(got)), "a name came twice"
         stable = (ever - removed) - {f"a{i:03d}".encode() for i in range(added)}
-        assert stable | {b".", b".."} <= set(got)
+        assert all(got.count(name) == 1 for name in stable | {b".", b".."}), "a name came twice"
         assert set(got) <= ever | {b".", b".."}
 
 
