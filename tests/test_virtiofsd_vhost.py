@@ -242,6 +242,28 @@ def test_a_call_eventfd_at_its_maximum_does_not_block_the_ring(rig):
         os.close(full)
 
 
+def test_a_ring_that_refills_itself_can_still_be_stopped(rig):
+    """Found by fuzz/virtiofsd_messages.py: with the used ring on top of the avail ring,
+    every completion bumps avail idx and publishes another chain, so the ring's thread
+    served for ever and never looked at its stop fd; GET_VRING_BASE (and close()) then
+    waited for it for ever.  Now it looks between passes of a ring's worth."""
+    rig.fe.set_features(rig.features & ~(1 << 29))
+    rig.fe.set_mem_table(guest_memory_regions(rig.mem))
+    d = Driver(rig.mem, size=8)
+    for i in range(8):
+        d.write_desc(i, DATA, 16)          # every head a valid one-buffer chain
+    d.publish(0)
+    rig.fe.setup_vring(1, size=8, desc=d.desc, avail=d.avail, used=d.avail,
+                       kick_fd=rig.kick, call_fd=rig.call, translate=rig.fe.translate)
+    os.eventfd_write(rig.kick, 1)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:   # until it has gone round the ring a dozen times
+        if struct.unpack("<H", rig.mem.read(d.avail + 2, 2))[0] > 100:
+            break
+        time.sleep(0.01)
+    rig.fe.get_vring_base(1)   # BackendError when the back-end does not answer within 5 s
+
+
 def test_read_of_4gib_into_overlapping_descriptors(tmp_path):
     """READ of 0xFFFFFFFF bytes from a 5 GiB file with writable descriptors that
     overlap to more than 4 GiB: the reply is capped at max_pages, the ring lives on."""

@@ -423,10 +423,16 @@ class Vring:
         poller.register(self.kick_fd, select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
         log.debug("vring %d: serving (size %d, base %d)", self.index, q.size, q.last_avail_idx)
+        more = False
         while True:
-            if self.enabled and not self._drain(q, handler, shared, resolver, pool):
-                return
-            events = dict(poller.poll())
+            if self.enabled:
+                served = self._drain(q, handler, shared, resolver, pool)
+                if served is None:
+                    return
+                # A full pass may mean a driver whose used ring overlaps its avail ring
+                # (each completion publishes a new chain): look at the stop fd, go on.
+                more = served >= q.size
+            events = dict(poller.poll(0 if more else None))
             if self._stop_fd in events:
                 return
             if self.kick_fd in events:
@@ -436,11 +442,12 @@ class Vring:
                     pass
 
     def _drain(self, q: Virtqueue, handler: Handler, shared: _SharedLock,
-               resolver: Callable | None, pool: ThreadPoolExecutor | None) -> bool:
-        """Serve every available chain; False when the ring is broken."""
+               resolver: Callable | None, pool: ThreadPoolExecutor | None) -> int | None:
+        """Serve the available chains, at most a ring's worth (the loop looks at its
+        stop fd between passes); how many were taken, None when the ring is broken."""
         shared.acquire_shared()
         try:
-            while True:
+            for served in range(q.size):
                 try:
                     with self._lock:
                         chain = q.pop()
@@ -449,7 +456,7 @@ class Vring:
                     self._complete(q, e.head, 0)
                     continue
                 if chain is None:
-                    return True
+                    return served
                 if pool is None:
                     self._serve(q, chain, handler, resolver)
                 else:
@@ -461,10 +468,11 @@ class Vring:
                         self._inflight += 1
                     shared.add_shared()   # the pool thread's slot, released when it is done
                     pool.submit(self._serve_pooled, q, chain, handler, resolver, shared)
+            return q.size
         except VirtqueueError as e:
             log.error("vring %d is broken, stopped: %s", self.index, e)
             self._broken()
-            return False
+            return None
         finally:
             shared.release_shared()
 
