@@ -193,9 +193,9 @@ def test_a_failing_request_never_stops_the_ring(tmp_path, pool):
 
 @pytest.mark.parametrize("kind", ["dev-null", "socket", "pipe"])
 def test_a_kick_or_call_fd_that_is_not_an_eventfd_is_refused(rig, kind):
-    """Found by fuzz/virtiofsd_messages.py: a socket as the call fd, whose peer never
-    reads, blocked the ring's thread in write() once the socket filled up, and the
-    back-end's close() waited for that thread for ever."""
+    """The spec says eventfd.  A socket as the call fd, whose peer never reads, would
+    block the ring's thread in write() once the socket filled up (and the back-end's
+    close() would wait for that thread for ever)."""
     d = rig.start()
     keep = []
     if kind == "dev-null":
