@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{flavour.summary}\nguest {guest_dir}; {args.boots} boots + {args.kills} back-end kills, "
           f"seed {seed}")
     plan = [("boot", i) for i in range(args.boots)] + [("kill", i) for i in range(args.kills)]
-    started = time.monotonic()
+    started, commit = time.monotonic(), git_commit()
     runs: list[Run] = []
     work = Path(tempfile.mkdtemp(prefix="pyvmm-soak-", dir="/tmp"))   # short: socket paths
     try:
@@ -392,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     path = args.json or RESULTS_DIR / f"soak-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
     write_json(path, {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "kvm_flavour": flavour.summary, "pyvmm_commit": git_commit(), "seed": seed,
+        # each run starts a new VMM: a tree updated meanwhile is what the later runs ran
+        "kvm_flavour": flavour.summary, "pyvmm_commit": commit, "pyvmm_commit_at_end": git_commit(),
+        "seed": seed,
         "guest_dir": str(guest_dir), "boot_command": BOOT_COMMAND, "kill_command": KILL_COMMAND,
         "elapsed_s": elapsed, "summary": result, "runs": [asdict(r) for r in runs],
     })
