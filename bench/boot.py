@@ -505,8 +505,8 @@ def file_rss(pid: int, path: str) -> int:
 def running_memory(guest: GuestConfig, work: str) -> dict[str, dict[str, int]]:
     """RSS of a cold-booted VMM with a DAX share and of its back-end, while the guest
     runs (after a command that read a file through the window).  A sandboxed back-end
-    is two processes: the one the VMM started waits for the server in its PID namespace.  The guest RAM memfd
-    counts in RssShmem only for the pages the VMM itself touched; the shared file's
+    is two processes: the one the VMM started waits for the server in its PID
+    namespace.  The guest RAM memfd counts in RssShmem only for the pages the VMM itself touched; the shared file's
     pages that the guest read through the DAX window count in the VMM's RssFile (and
     again, alone, as RssDaxFile)."""
     from pyvmm.testing import Guest, Share
@@ -761,10 +761,10 @@ def print_rss_only(guest: GuestConfig) -> int:
         shutil.rmtree(work, ignore_errors=True)
     print(rss_text(rss))
     for proc, fields in rss.items():
-        dax = fields.get("RssDaxFile", 0)
-        print(f"{proc}: RssAnon + RssFile {(fields['RssAnon'] + fields['RssFile']) / 1024:.1f} MiB"
-              + (f" ({(fields['RssAnon'] + fields['RssFile'] - dax) / 1024:.1f} MiB without the shared "
-                 "file's pages in the DAX window)" if dax else ""))
+        total, dax = fields["RssAnon"] + fields["RssFile"], fields.get("RssDaxFile", 0)
+        print(f"{proc}: RssAnon + RssFile {total / 1024:.1f} MiB"
+              + (f" ({(total - dax) / 1024:.1f} MiB without the shared file's pages in the "
+                 "DAX window)" if dax else ""))
     return 0
 
 

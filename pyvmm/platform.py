@@ -68,4 +68,3 @@ def host_memory_bytes(meminfo: str = "/proc/meminfo") -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
-

@@ -549,8 +549,8 @@ class RequestRefused(Exception):
 def _not_an_eventfd(fd: int) -> str | None:
     """Why ``fd`` cannot be a vring's kick, call or err fd, or None.  The spec says
     eventfd; a pipe or socket whose reader never reads would block the ring's
-    thread on its next call.  Without a
-    /proc to look in, any fd is taken (writes are non-blocking anyway)."""
+    thread on its next call.  Without a /proc to look in, any fd is taken (writes
+    are non-blocking anyway)."""
     try:
         target = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
