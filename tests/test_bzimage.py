@@ -184,6 +184,15 @@ def test_initrd_placed_high_and_page_aligned():
     assert u32(zp, 0xC0) == 0 and u32(zp, 0xC4) == 0   # ext_ramdisk_*
 
 
+def test_initrd_below_a_mem_limit():
+    mem = FakeMemory(RAM)
+    initrd = b"\x07" * 10000
+    load_bzimage(mem, make_image(), b"mem=32M", initrd, RAM, initrd_ram=32 * MiB)
+    addr = u32(zero_page(mem), 0x218)
+    assert 32 * MiB - PAGE < addr + len(initrd) <= 32 * MiB
+    assert mem.read(addr, len(initrd)) == initrd
+
+
 def test_initrd_respects_initrd_addr_max():
     bz = parse_bzimage(make_image(initrd_addr_max=0x01FFFFFF))
     addr = place_initrd(bz, 5000, RAM)

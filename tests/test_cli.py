@@ -350,6 +350,14 @@ def test_deferred_memory_only_on_pvm_with_the_default_command_line(tmp_path):
                                               "--cmdline", "console=ttyS0").config.cmdline
     assert "pyvmm.memory" not in pvm_plan_for(tmp_path).config.cmdline                    # 256M
 
+
+def test_pvm_boot_savers_only_on_pvm(tmp_path):
+    from pyvmm.cmdline import PVM_BOOT_CMDLINE
+
+    assert "percpu_alloc=page" in PVM_BOOT_CMDLINE.split()
+    assert set(PVM_BOOT_CMDLINE.split()) <= set(pvm_plan_for(tmp_path).config.cmdline.split())
+    assert "percpu_alloc=page" not in plan_for(tmp_path).config.cmdline.split()     # hardware KVM
+
 @pytest.mark.parametrize("argv, words", [
     (["--share", "/no/such/dir"], "not a directory"),
     (["--share", "{d},tag=bad/tag"], "tag"),

@@ -19,6 +19,7 @@ from pyvmm.boot import layout
 from pyvmm.boot.e820 import e820_map
 from pyvmm.boot.errors import KernelFormatError
 from pyvmm.boot.layout import GiB, MiB
+from pyvmm.boot.loader import kernel_mem_limit, load_kernel
 from pyvmm.boot.pvh import (
     MEMMAP_ADDR,
     MODLIST_ADDR,
@@ -471,3 +472,44 @@ def test_load_real_vmlinux():
     assert mem.read(paddr, 64) == data[:64]
     assert boot.initrd[0] >= kernel.end
     assert start_info(mem).magic == XEN_HVM_START_MAGIC_VALUE
+
+
+# --- mem= on the command line: the initramfs goes below the kernel's limit -----------------
+
+@pytest.mark.parametrize("cmdline, limit", [
+    (b"console=ttyS0", None),
+    (b"mem=256M", 256 * MiB),
+    (b"quiet mem=256m panic=-1", 256 * MiB),
+    (b"mem=1G mem=512M", 512 * MiB),          # every mem= drops more: the smallest counts
+    (b"mem=512M mem=1G", 512 * MiB),
+    (b"mem=0x10000000", 256 * MiB),
+    (b"mem=020M", 16 * MiB),                  # memparse reads a leading 0 as octal
+    (b"mem=262144k", 256 * MiB),
+    (b"mem=1T", 1 << 40),
+    (b"mem=268435456", 256 * MiB),
+    (b"mem=256Mfoo", 256 * MiB),              # memparse stops after the suffix
+    (b"mem=nopentium", None),
+    (b"mem=0", None),
+    (b"mem=", None),
+    (b"xmem=64M memmap=64M", None),
+])
+def test_kernel_mem_limit(cmdline, limit):
+    assert kernel_mem_limit(cmdline) == limit
+
+
+@given(st.binary(max_size=200))
+def test_kernel_mem_limit_reads_any_bytes(cmdline):
+    limit = kernel_mem_limit(cmdline)
+    assert limit is None or limit > 0
+
+
+def test_load_kernel_puts_the_initramfs_below_a_mem_limit():
+    """The kernel copies an initramfs above its ``mem=`` limit down, in the emulator on PVM."""
+    ram, initrd = 1 * GiB, b"\1" * (3 * PAGE)
+    for cmdline, top in [(b"console=ttyS0", ram), (b"mem=256M", 256 * MiB), (b"mem=2G", ram)]:
+        mem = FakeMemory(ram)
+        load_kernel(mem, VALID, cmdline, initrd, ram)
+        entry = hvm_modlist_entry.from_buffer_copy(mem.read(MODLIST_ADDR, 32))
+        assert entry.paddr == top - len(initrd)
+        assert mem.read(entry.paddr, len(initrd)) == initrd
+        assert len(e820_map(ram)) == start_info(mem).memmap_entries   # the map keeps all the RAM

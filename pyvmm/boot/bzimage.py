@@ -450,9 +450,10 @@ def _write(mem: GuestMemory, gpa: int, data: bytes, ram_end: int) -> None:
 
 
 def load_bzimage(mem: GuestMemory, image: bytes, cmdline: bytes,
-                 initrd: bytes | None, ram_size: int) -> BootEntry:
+                 initrd: bytes | None, ram_size: int, initrd_ram: int | None = None) -> BootEntry:
     """Load a bzImage, its command line and initrd; build the zero page.
 
+    The initrd ends below ``initrd_ram`` (default: all of ``ram_size``).
     Nothing is written unless everything fits.  Raises KernelFormatError
     for a bad image and its subclass BootConfigError when the RAM size,
     the initrd or the command line do not fit.
@@ -466,7 +467,7 @@ def load_bzimage(mem: GuestMemory, image: bytes, cmdline: bytes,
         )
     cmdline_z = check_cmdline(cmdline, bz.header)
     initrd = initrd or b""
-    initrd_addr = place_initrd(bz, len(initrd), ram_size) if initrd else 0
+    initrd_addr = place_initrd(bz, len(initrd), min(ram_size, initrd_ram or ram_size)) if initrd else 0
     params = build_zero_page(bz, ram_size, initrd_addr, len(initrd))
 
     _write(mem, HIGH_MEMORY_START, bz.kernel, ram_end)

@@ -132,8 +132,11 @@ def place_initrd(initrd_size: int, kernel_end: int, ram_size: int) -> int:
 
 
 def load_pvh(mem, kernel: ElfKernel, cmdline: bytes, initrd: bytes | None,
-             ram_size: int) -> PvhBoot:
-    """Copy the kernel, command line, initramfs and start info into guest RAM."""
+             ram_size: int, initrd_ram: int | None = None) -> PvhBoot:
+    """Copy the kernel, command line, initramfs and start info into guest RAM.
+
+    The initramfs ends below ``initrd_ram`` (default: all of ``ram_size``).
+    """
     for paddr, memsz, data in kernel.segments:
         if paddr < layout.HIGH_MEMORY_START or paddr + memsz > min(ram_size, layout.MMIO_HOLE_START):
             raise KernelFormatError(f"an ELF segment at {paddr:#x}+{memsz:#x} does not fit "
@@ -149,7 +152,7 @@ def load_pvh(mem, kernel: ElfKernel, cmdline: bytes, initrd: bytes | None,
                           cmdline_paddr=layout.CMDLINE_ADDR)
     placed = None
     if initrd:
-        addr = place_initrd(len(initrd), kernel.end, ram_size)
+        addr = place_initrd(len(initrd), kernel.end, min(ram_size, initrd_ram or ram_size))
         mem.write(addr, initrd)
         mem.write(MODLIST_ADDR, bytes(hvm_modlist_entry(paddr=addr, size=len(initrd))))
         info.nr_modules = 1
