@@ -92,11 +92,19 @@ def rss_series(result: dict) -> dict[str, dict[str, float]]:
 
 
 # --- drawing --------------------------------------------------------------------------
+def _label(value: float | None) -> str:
+    return "" if not value else f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def _bars(ax, groups: list[str], series: dict[str, list[float | None]]) -> None:
+    """Grouped bars, each labelled with its value; a setup with no value at all (it
+    failed) is left out rather than drawn as empty bars."""
+    series = {label: values for label, values in series.items() if any(v for v in values)}
     width = 0.8 / max(len(series), 1)
     for i, (label, values) in enumerate(series.items()):
         xs = [g + i * width for g in range(len(groups))]
-        ax.bar(xs, [v or 0 for v in values], width, label=label)
+        bars = ax.bar(xs, [v or 0 for v in values], width, label=label)
+        ax.bar_label(bars, labels=[_label(v) for v in values], fontsize="x-small")
     ax.set_xticks([g + width * (len(series) - 1) / 2 for g in range(len(groups))], groups)
     ax.legend(fontsize="small")
 
@@ -183,7 +191,8 @@ def draw_all(results: Path, figures: Path) -> list[Path]:
         series = blk_series(blk[0])
         fig, ax = plt.subplots(figsize=(6, 3.5))
         _bars(ax, ["seq write", "seq read"], {k: list(v) for k, v in series.items()})
-        ax.set_ylabel("MB/s, median")
+        ax.set_yscale("log")
+        ax.set_ylabel("MB/s (log), median")
         ax.set_title(f"virtio-blk ({blk[0]['date'][:10]})")
         save(fig, "blk.png")
     return written
