@@ -180,7 +180,7 @@ class Machine:
         self.pci.add(self.pvpanic)
 
         if restore_from is None:
-            from .boot.loader import load_kernel   # (pyelftools: not needed for a restore)
+            from .boot.loader import load_kernel   # (not needed for a restore)
 
             entry = load_kernel(self.memory, config.kernel, config.cmdline.encode(),
                                 config.initramfs, config.memory)

@@ -33,12 +33,23 @@ def modules_after(code: str) -> set[str]:
 
 def test_a_vmm_with_a_share_loads_no_ssl_or_unused_device():
     # What `pyvmm run --share DIR` imports (cli.py imports the rest where it is used).
-    # pyelftools stays (pyvmm's ELF parser, ~2 MiB with the pdb it imports).
+    # pyelftools (~2.4 MiB with the pdb it imports) reads the kernel in a child Python.
     loaded = modules_after("import pyvmm.cli, pyvmm.vm, pyvmm.shares, pyvmm.trace, pyvmm.agent, "
                            "pyvmm.boot.loader")
-    unwanted = {"hashlib", "_hashlib", "pyvmm.devices.virtio.blk",
+    unwanted = {"hashlib", "_hashlib", "pyvmm.devices.virtio.blk", "elftools", "pdb",
                 "pyvmm.gdbstub", "pyvmm.snapshot.image", "pyvmm.snapshot.machine"}
     assert loaded & unwanted == set()
+
+
+def test_loading_a_kernel_leaves_pyelftools_out_of_the_vmm():
+    vmlinux = REPO / "guest" / "build" / "vmlinux"
+    if not vmlinux.exists():
+        pytest.skip(f"{vmlinux} is missing: run `make guest`")
+    loaded = modules_after("from pyvmm.boot.loader import load_kernel\n"
+                           "from pyvmm.memory import GuestMemory\n"
+                           "mem = GuestMemory(256 << 20)\n"
+                           f"load_kernel(mem, open({str(vmlinux)!r}, 'rb').read(), b'', None, 256 << 20)")
+    assert "pyvmm.boot.pvh" in loaded and not any(m.startswith("elftools") for m in loaded)
 
 
 def test_the_virtiofsd_process_that_only_waits_loads_no_server():

@@ -27,12 +27,15 @@ from pyvmm.boot.pvh import (
     XEN_ELFNOTE_PHYS32_ENTRY,
     XEN_HVM_START_MAGIC_VALUE,
     ElfKernel,
+    elf_kernel_layout,
     hvm_memmap_table_entry,
     hvm_modlist_entry,
     hvm_start_info,
     is_elf,
     load_pvh,
+    kernel_from_layout,
     parse_elf_kernel,
+    parse_elf_kernel_apart,
     place_initrd,
 )
 from boot_fakes import FakeMemory
@@ -513,3 +516,41 @@ def test_load_kernel_puts_the_initramfs_below_a_mem_limit():
         assert entry.paddr == top - len(initrd)
         assert mem.read(entry.paddr, len(initrd)) == initrd
         assert len(e820_map(ram)) == start_info(mem).memmap_entries   # the map keeps all the RAM
+
+
+# --- parse_elf_kernel_apart: pyelftools in a child Python ---------------------------------
+
+def test_parse_apart_equals_parse_in_process():
+    images = [VALID, build_elf(segments=(SEG0,))]
+    if REAL_VMLINUX.exists():   # (skipped above when missing)
+        images.append(REAL_VMLINUX.read_bytes())
+    for image in images:
+        here, apart = parse_elf_kernel(image), parse_elf_kernel_apart(image)
+        assert apart.entry32 == here.entry32
+        assert [(p, m, bytes(d)) for p, m, d in apart.segments] == \
+               [(p, m, bytes(d)) for p, m, d in here.segments]
+
+
+@pytest.mark.parametrize("image", [build_elf(notes=[]), build_elf(e_type=ET_DYN), VALID[:100],
+                                   build_elf32()])
+def test_parse_apart_reports_what_parse_in_process_reports(image):
+    with pytest.raises(KernelFormatError) as here:
+        parse_elf_kernel(image)
+    with pytest.raises(KernelFormatError) as apart:
+        parse_elf_kernel_apart(image)
+    assert str(apart.value) == str(here.value)
+
+
+def test_parse_apart_when_the_child_fails(monkeypatch):
+    monkeypatch.setattr("sys.executable", "/bin/false")
+    with pytest.raises(KernelFormatError, match=r"reader failed \(status 1\)"):
+        parse_elf_kernel_apart(VALID)
+
+
+def test_a_segment_past_the_end_of_the_image_is_refused():
+    entry32, segments = elf_kernel_layout(VALID)
+    paddr, memsz, offset, filesz = segments[0]
+    with pytest.raises(KernelFormatError, match="truncated"):
+        kernel_from_layout(VALID, (entry32, [(paddr, memsz, len(VALID) - 1, filesz)]))
+    with pytest.raises(KernelFormatError, match="p_filesz > p_memsz"):
+        kernel_from_layout(VALID, (entry32, [(paddr, filesz - 1, offset, filesz)]))

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import KernelFormatError
-from .pvh import is_elf, load_pvh, parse_elf_kernel
+from .pvh import is_elf, load_pvh, parse_elf_kernel_apart
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def load_kernel(mem, image: bytes, cmdline: bytes, initrd: bytes | None, ram_siz
     """
     initrd_ram = min(ram_size, kernel_mem_limit(cmdline) or ram_size)
     if is_elf(image):
-        boot = load_pvh(mem, parse_elf_kernel(image), cmdline, initrd, ram_size, initrd_ram)
+        boot = load_pvh(mem, parse_elf_kernel_apart(image), cmdline, initrd, ram_size, initrd_ram)
         return BootEntry("protected32", boot.entry32, rbx=boot.start_info)
     if len(image) > 0x206 and image[0x202:0x206] == b"HdrS":
         from .bzimage import load_bzimage

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import ctypes
 import io
+import json
+import subprocess
+import sys
 from ctypes import c_uint32, c_uint64, sizeof
 from dataclasses import dataclass
-
-from elftools.common.exceptions import ELFError
-from elftools.construct import ConstructError
-from elftools.elf.elffile import ELFFile
+from pathlib import Path
 
 from . import layout
 from .e820 import e820_map
@@ -62,20 +62,30 @@ MEMMAP_MAX_ENTRIES = (0x1000 - 0x80) // sizeof(hvm_memmap_table_entry)
 
 @dataclass(frozen=True)
 class ElfKernel:
-    entry32: int                            # physical PVH entry point
-    segments: list[tuple[int, int, bytes]]  # (paddr, memsz, file bytes)
+    entry32: int                                          # physical PVH entry point
+    segments: list[tuple[int, int, bytes | memoryview]]   # (paddr, memsz, file bytes)
 
     @property
     def end(self) -> int:
         return max(paddr + memsz for paddr, memsz, _ in self.segments)
 
 
+# An ELF kernel's layout: the PVH entry and each PT_LOAD's (paddr, memsz, offset, filesz).
+ElfLayout = tuple[int, list[tuple[int, int, int, int]]]
+
+PARSER_TIMEOUT = 60   # seconds for the child that reads a kernel's ELF headers
+
+
 def is_elf(image: bytes) -> bool:
     return image[:4] == b"\x7fELF"
 
 
-def parse_elf_kernel(image: bytes) -> ElfKernel:
-    """Check a vmlinux and find its PVH entry; KernelFormatError if unusable."""
+def elf_kernel_layout(image: bytes) -> ElfLayout:
+    """Read a vmlinux's headers with pyelftools; KernelFormatError if unusable."""
+    from elftools.common.exceptions import ELFError
+    from elftools.construct import ConstructError
+    from elftools.elf.elffile import ELFFile
+
     try:
         elf = ELFFile(io.BytesIO(image))
         if elf.elfclass != 64 or elf["e_machine"] != "EM_X86_64":
@@ -95,13 +105,7 @@ def parse_elf_kernel(image: bytes) -> ElfKernel:
                             raise KernelFormatError("the PVH entry note is truncated")
                         entry32 = int.from_bytes(desc[:4], "little")
             elif seg["p_type"] == "PT_LOAD":
-                if seg["p_filesz"] > seg["p_memsz"]:
-                    raise KernelFormatError("an ELF segment has p_filesz > p_memsz")
-                data = seg.data()
-                if len(data) != seg["p_filesz"]:
-                    raise KernelFormatError("the ELF kernel is truncated: a segment's data "
-                                            "runs past the end of the file")
-                segments.append((seg["p_paddr"], seg["p_memsz"], data))
+                segments.append((seg["p_paddr"], seg["p_memsz"], seg["p_offset"], seg["p_filesz"]))
     except (ELFError, ConstructError, ValueError, KeyError, OverflowError) as e:
         if isinstance(e, KernelFormatError):
             raise
@@ -111,7 +115,70 @@ def parse_elf_kernel(image: bytes) -> ElfKernel:
                                 "(XEN_ELFNOTE_PHYS32_ENTRY): build it with CONFIG_PVH=y")
     if not segments:
         raise KernelFormatError("the ELF kernel has no PT_LOAD segment")
-    return ElfKernel(entry32, segments)
+    return entry32, segments
+
+
+def kernel_from_layout(image: bytes, elf_layout: ElfLayout) -> ElfKernel:
+    """The segments' bytes, as views of ``image``, once each one is checked against it."""
+    entry32, segments = elf_layout
+    view = memoryview(image)
+    loaded = []
+    for paddr, memsz, offset, filesz in segments:
+        if filesz > memsz:
+            raise KernelFormatError("an ELF segment has p_filesz > p_memsz")
+        if offset + filesz > len(image):
+            raise KernelFormatError("the ELF kernel is truncated: a segment's data "
+                                    "runs past the end of the file")
+        loaded.append((paddr, memsz, view[offset:offset + filesz]))
+    return ElfKernel(entry32, loaded)
+
+
+def parse_elf_kernel(image: bytes) -> ElfKernel:
+    """Check a vmlinux and find its PVH entry, in this process; KernelFormatError if unusable."""
+    return kernel_from_layout(image, elf_kernel_layout(image))
+
+
+def parse_elf_kernel_apart(image: bytes, timeout: float = PARSER_TIMEOUT) -> ElfKernel:
+    """``parse_elf_kernel`` with pyelftools run in a child Python (``python -I``).
+
+    The VMM then never imports pyelftools: its modules (and the pdb they pull in)
+    would hold ~2.4 MiB of the VMM's memory for the VM's whole life, to read a few
+    headers once.  The child gets the image on stdin and answers one JSON line.
+    """
+    package_root = str(Path(__file__).resolve().parents[2])
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+            "from pyvmm.boot.pvh import layout_child_main; layout_child_main()")
+    try:
+        child = subprocess.run([sys.executable, "-I", "-c", code, package_root], input=image,
+                               capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise KernelFormatError(f"reading the ELF kernel took longer than {timeout} s") from None
+    if child.returncode != 0:
+        tail = child.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+        raise KernelFormatError(f"the ELF header reader failed (status {child.returncode}): {tail[0]}")
+    try:
+        answer = json.loads(child.stdout)
+        error = answer.get("error")
+        if error is None:
+            paddr_memsz_offset_filesz = [tuple(int(v) for v in s) for s in answer["segments"]]
+            if any(len(s) != 4 for s in paddr_memsz_offset_filesz):
+                raise ValueError("a segment is not (paddr, memsz, offset, filesz)")
+            elf_layout = (int(answer["entry32"]), paddr_memsz_offset_filesz)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise KernelFormatError(f"the ELF header reader answered nonsense: {e}") from None
+    if error is not None:
+        raise KernelFormatError(str(error))
+    return kernel_from_layout(image, elf_layout)
+
+
+def layout_child_main() -> None:
+    """The child of ``parse_elf_kernel_apart``: an image on stdin, one JSON line out."""
+    try:
+        entry32, segments = elf_kernel_layout(sys.stdin.buffer.read())
+        answer: dict = {"entry32": entry32, "segments": segments}
+    except KernelFormatError as e:
+        answer = {"error": str(e)}
+    sys.stdout.write(json.dumps(answer) + "\n")
 
 
 @dataclass(frozen=True)
