@@ -36,22 +36,15 @@ die() { echo "build-busybox: $*" >&2; exit 1; }
 
 usage() { echo "usage: $0 OUTPUT_BUSYBOX | --check | --print-key" >&2; exit 2; }
 
-parse_args() {
+parse_args() {  # one argument: OUTPUT, --check or --print-key
+    [ $# = 1 ] || usage
     out=""
-    mode=build
-    while [ $# -gt 0 ]; do
-        case "$1" in
-            --check) mode=check; shift ;;
-            --print-key) mode=print-key; shift ;;
-            -*) usage ;;
-            *) [ -z "$out" ] || usage; out=$1; shift ;;
-        esac
-    done
-    if [ "$mode" = build ] && [ -z "$out" ]; then usage; fi
-}
-
-cc_tool() {  # CC:ITS-DEBIAN-PACKAGE, for need_tools
-    case "$CC" in *musl-gcc) echo "$CC:musl-tools" ;; *) echo "$CC:gcc" ;; esac
+    case "$1" in
+        --check) mode=check ;;
+        --print-key) mode=print-key ;;
+        -*) usage ;;
+        *) mode=build; out=$1 ;;
+    esac
 }
 
 need_build_tools() {

@@ -68,10 +68,8 @@ parse_args() {
 }
 
 check_tools() {
-    local cc_package=gcc
-    case "$CC" in *musl-gcc) cc_package=musl-tools ;; esac
     local busybox=${BUSYBOX:-$DEBIAN_BUSYBOX}   # BUSYBOX, else the fallback
-    need_tools "$CC:$cc_package" /usr/include/stdio.h:libc6-dev "$busybox:busybox-static" \
+    need_tools "$(cc_tool)" /usr/include/stdio.h:libc6-dev "$busybox:busybox-static" \
         readelf:binutils "$PYTHON:python3"
     # Debian's dynamic 'busybox' package also installs /bin/busybox: insist on static.
     if LC_ALL=C readelf -l "$busybox" 2>/dev/null | grep -q 'INTERP'; then
