@@ -163,8 +163,8 @@ main() {
         build
     fi
     mkdir -p "$(dirname "$out")"
-    cmp -s "$cached" "$out" 2>/dev/null || { cp "$cached" "$out.tmp" && mv -f "$out.tmp" "$out"; }
-    progress "busybox $key ($(stat -c %s "$out") bytes, $("$out" --list | wc -l) applets) -> $out"
+    cmp -s "$cached" "$out" 2>/dev/null || { cp "$cached" "$out.$$" && mv -f "$out.$$" "$out"; }
+    progress "busybox $key ($(stat -c %s "$out") bytes, $("$out" --list | grep -cvx busybox) applets) -> $out"
 }
 
 main "$@"
