@@ -8,10 +8,11 @@ KERNEL ?= default
 GUEST := guest/build
 export PYVMM_CACHE ?= /var/cache/pyvmm
 
-# What `make demo` needs: the venv, the kernel build (guest/build-kernel.sh) and the
-# initramfs build (guest/build-initramfs.sh; kmod for KERNEL=debian).
+# What `make demo` needs: the venv, the kernel build (guest/build-kernel.sh), the
+# initramfs build (guest/build-initramfs.sh; kmod for KERNEL=debian) and its busybox
+# (guest/build-busybox.sh: bzip2 for its source; busybox-static is the fallback).
 APT_PACKAGES := python3-venv gcc libc6-dev make patch flex bison bc libelf-dev \
-	xz-utils kmod musl-tools busybox-static linux-source-6.1
+	xz-utils kmod musl-tools busybox-static linux-source-6.1 bzip2
 # What only `make test` and the benchmarks add: QEMU (the interop tests and the
 # peer in bench/; qemu-system-common has Debian's C virtiofsd) and cpio (a test
 # reads the initramfs back with it).

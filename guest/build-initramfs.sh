@@ -3,7 +3,13 @@
 # cost about a minute of emulated inflate on PVM hosts) with
 #   /init                     guest/init.c + guest/agent.c, static (the guest contract,
 #                             docs/guest-contract.md)
-#   /bin/busybox + applets    from Debian's busybox-static
+#   /bin/busybox              guest/build-busybox.sh's (only the applets of
+#                             guest/applets.sh, ~380 KB), else Debian's busybox-static
+#   /bin/sh, /bin/env         links to busybox: what is run by path (/init and the
+#                             agent exec /bin/sh; scripts start with #!/bin/sh or
+#                             #!/usr/bin/env sh).  The other applets need no link: the
+#                             shell is standalone (see is_standalone); a busybox
+#                             whose shell is not gets a link for every applet.
 #   /bin/pattern, /bin/mmapread   guest/helpers/*.c, static test helpers
 #   /dev/console (c 5 1), /proc, /sys, /dev, /mnt, /tmp
 #   guest/rootfs/*            copied as they are (e.g. /demo.sh for `make demo`)
@@ -18,8 +24,9 @@
 # nothing is built, and a rebuild whose archive equals OUT leaves OUT alone.
 # The static binaries stay in OUT's directory under <OUT without .cpio>.root/
 # (e.g. guest/build/initramfs.root/bin/pattern); they run on the host too.
-# Environment: CC (default musl-gcc, else gcc), BUSYBOX (default /bin/busybox),
-# PYTHON (default python3), PYVMM_T0 (see guest/common.sh).
+# Environment: CC (default musl-gcc, else gcc), BUSYBOX (default: build it with
+# guest/build-busybox.sh into OUT's directory; when that fails, one warning line and
+# Debian's /bin/busybox), PYTHON (default python3), PYVMM_T0 (see guest/common.sh).
 # musl matters: a static glibc binary is ~690 KB, a musl one ~30 KB, and on PVM
 # hosts the kernel unpacks the initramfs at ~0.5 MB/s (measured: 3.4 MB of
 # extra initramfs cost 7.3 s of boot).
@@ -27,21 +34,18 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/common.sh"
+. "$here/applets.sh"
 CC=${CC:-$(command -v musl-gcc || echo gcc)}
-BUSYBOX=${BUSYBOX:-/bin/busybox}
+BUSYBOX=${BUSYBOX:-}
+DEBIAN_BUSYBOX=/bin/busybox
 PYTHON=${PYTHON:-python3}
 CFLAGS_STATIC="-static -Os -s -Wall -Wextra -Werror"
-
-# Applets the guest contract and the boot tests rely on: the build fails without them.
-required_applets="sh ash cat ls echo dd reboot poweroff halt sync mkdir grep sed
-  sha256sum md5sum stat head tail wc sleep nproc uname dmesg cttyhack setsid printf
-  test [ true false rm mv cp find cmp mount umount"
-# Conveniences for a person at the shell: linked when this busybox has them.
-extra_applets="[[ awk basename blockdev chmod chown clear cut date devmem df diff
-  dirname du env egrep expr fgrep free fsfreeze hexdump hostname id insmod kill
-  killall less ln lsmod mknod mktemp more od pidof ps pwd readlink realpath reset
-  rmdir rmmod seq sha1sum sha512sum sort stty sysctl tee time timeout top touch tr
-  truncate tty uniq uptime usleep vi which xargs xxd yes"
+# The applets that are run by path, so linked in /bin even with a standalone shell:
+# sh (/init, the agent, #!/bin/sh) and env (#!/usr/bin/env, as /usr/bin is ../bin).
+# Nothing else execs an applet by path: of the kernel's helpers, /sbin/poweroff
+# (orderly power-off) needs ACPI or a power button, which pyvmm's machine has not,
+# and there is no modprobe applet to link as /sbin/modprobe.
+path_applets="sh env"
 
 die() { echo "build-initramfs: $*" >&2; exit 1; }
 
@@ -64,15 +68,43 @@ parse_args() {
 }
 
 check_tools() {
-    local cc_package=gcc
-    case "$CC" in *musl-gcc) cc_package=musl-tools ;; esac
-    need_tools "$CC:$cc_package" /usr/include/stdio.h:libc6-dev "$BUSYBOX:busybox-static" \
+    local busybox=${BUSYBOX:-$DEBIAN_BUSYBOX}   # BUSYBOX, else the fallback
+    need_tools "$(cc_tool)" /usr/include/stdio.h:libc6-dev "$busybox:busybox-static" \
         readelf:binutils "$PYTHON:python3"
     # Debian's dynamic 'busybox' package also installs /bin/busybox: insist on static.
-    if LC_ALL=C readelf -l "$BUSYBOX" 2>/dev/null | grep -q 'INTERP'; then
-        echo "guest: $BUSYBOX is dynamically linked: apt-get install --no-install-recommends busybox-static" >&2
+    if LC_ALL=C readelf -l "$busybox" 2>/dev/null | grep -q 'INTERP'; then
+        echo "guest: $busybox is dynamically linked: apt-get install --no-install-recommends busybox-static" >&2
         exit 3
     fi
+}
+
+# BUSYBOX unset: guest/build-busybox.sh's small busybox (cached after the first
+# build), or, when it cannot be built (no network for the source, a tool missing,
+# a failed build), Debian's with one warning line naming the reason.
+choose_busybox() {
+    [ -z "$BUSYBOX" ] || return 0
+    local small errors status=0
+    small="$(cd "$(dirname "$out")" && pwd)/busybox"
+    errors=$(mktemp)
+    "$here/build-busybox.sh" "$small" 2>"$errors" || status=$?
+    if [ "$status" = 0 ]; then
+        BUSYBOX=$small
+    else
+        echo "guest: warning: no small busybox ($(tail -n1 "$errors")); using Debian's" \
+            "$DEBIAN_BUSYBOX instead: a 2 MB bigger initramfs, a slower guest boot" >&2
+        BUSYBOX=$DEBIAN_BUSYBOX
+    fi
+    rm -f "$errors"
+}
+
+# True when $BUSYBOX's shell runs applets without /bin links (FEATURE_SH_STANDALONE)
+# and its applets that exec others find them inside busybox too (PREFER_APPLETS:
+# env here; also xargs, find -exec, timeout): run with no PATH to search.
+is_standalone() {
+    local said
+    said=$(cd / && env -i PATH=/nonexistent "$BUSYBOX" sh -c \
+        'echo standalone | cat && env true' 2>/dev/null) || return 1
+    [ "$said" = standalone ]
 }
 
 # Module files named by DIR/load-order, one per line ('#' comments allowed).
@@ -99,8 +131,9 @@ input_hash() {
                 find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum)
         fi
         sha256sum "$BUSYBOX"
+        (cd "$here" && sha256sum applets.sh)
         "$CC" --version | head -n1
-        echo "$CFLAGS_STATIC | $required_applets | $extra_applets"
+        echo "$CFLAGS_STATIC"
         if [ -n "$modules" ]; then
             (cd "$modules" && sha256sum load-order $(module_names))
         fi
@@ -124,7 +157,8 @@ build_binaries() {
     done
 }
 
-# The mkcpio.py entry list (see the format in its docstring).
+# The mkcpio.py entry list (see the format in its docstring); $links: the applets to
+# link in /bin (those this busybox has).
 write_list() {
     local have a name
     have=" $("$BUSYBOX" --list | tr '\n' ' ') "
@@ -141,9 +175,8 @@ write_list() {
     echo "file /bin/busybox $BUSYBOX 0755 0 0"
     for a in $required_applets; do
         case "$have" in *" $a "*) ;; *) die "busybox lacks the applet '$a'" ;; esac
-        echo "slink /bin/$a busybox 0777 0 0"
     done
-    for a in $extra_applets; do
+    for a in $links; do
         case "$have" in *" $a "*) echo "slink /bin/$a busybox 0777 0 0" ;; esac
     done
     for a in "$root"/bin/*; do
@@ -191,6 +224,7 @@ main() {
     if [ -n "$modules" ]; then modules=$(cd "$modules" && pwd); fi
     mkdir -p "$(dirname "$out")"
     root="$(cd "$(dirname "$out")" && pwd)/$(basename "${out%.cpio}").root"
+    choose_busybox
     local stamp="$out.inputs" key
     key=$(input_hash)
     if [ -f "$out" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$key" ]; then
@@ -199,6 +233,12 @@ main() {
     fi
     build_binaries
     write_etc
+    if is_standalone; then
+        links=$path_applets
+    else
+        links="$required_applets $extra_applets"
+        progress "$BUSYBOX's shell is not standalone: linking every applet in /bin"
+    fi
     write_list > "$root.list"
     progress "writing the archive"
     "$PYTHON" "$here/mkcpio.py" --mtime 0 "$root.list" "$out.new"

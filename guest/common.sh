@@ -8,6 +8,7 @@
 # need_tools T:P ...  checks that every tool T is on PATH (or, for a path, exists);
 #                     when some are missing, prints ONE line naming the Debian
 #                     packages P to install and exits with status 3
+# cc_tool             $CC:its Debian package (musl-tools for musl-gcc), for need_tools
 #
 # Exit statuses of the guest scripts: 0 done, 1 failed, 2 bad input (e.g. a
 # --source that is not a Linux 6.1 tree), 3 missing tools or packages.
@@ -44,4 +45,8 @@ need_tools() {
     [ -z "$tools" ] && return 0
     echo "guest: missing $tools: apt-get install --no-install-recommends$packages" >&2
     exit 3
+}
+
+cc_tool() {
+    case "$CC" in *musl-gcc) echo "$CC:musl-tools" ;; *) echo "$CC:gcc" ;; esac
 }
