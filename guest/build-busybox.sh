@@ -164,7 +164,7 @@ main() {
     fi
     mkdir -p "$(dirname "$out")"
     cmp -s "$cached" "$out" 2>/dev/null || { cp "$cached" "$out.$$" && mv -f "$out.$$" "$out"; }
-    progress "busybox $key ($(stat -c %s "$out") bytes, $("$out" --list | grep -cvx busybox) applets) -> $out"
+    progress "busybox $key ($(stat -c %s "$out") bytes, $( (exec -a busybox "$out" --list) | grep -cvx busybox) applets) -> $out"
 }
 
 main "$@"
