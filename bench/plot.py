@@ -171,8 +171,9 @@ def draw_all(results: Path, figures: Path) -> list[Path]:
     fs = newest("fs", results)
     if fs:
         paths, series = fs_series(fs[0])
-        fig, ax = plt.subplots(figsize=(9, 4))
+        fig, ax = plt.subplots(figsize=(11, 4))
         _bars(ax, paths, series)
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))   # clear of the bars
         ax.set_yscale("log")
         ax.set_ylabel("MB/s (log); 'host' = the host's page cache, the limit")
         ax.set_title(f"virtio-fs, {fs[0]['file_bytes'] >> 20} MiB file ({fs[0]['date'][:10]})")
