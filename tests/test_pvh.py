@@ -545,6 +545,9 @@ def test_parse_apart_when_the_child_fails(monkeypatch):
     monkeypatch.setattr("sys.executable", "/bin/false")
     with pytest.raises(KernelFormatError, match=r"reader failed \(status 1\)"):
         parse_elf_kernel_apart(VALID)
+    monkeypatch.setattr("sys.executable", "/no/such/python")
+    with pytest.raises(KernelFormatError, match="cannot start the ELF header reader"):
+        parse_elf_kernel_apart(VALID)
 
 
 def test_a_segment_past_the_end_of_the_image_is_refused():

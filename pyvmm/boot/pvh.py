@@ -153,6 +153,9 @@ def parse_elf_kernel_apart(image: bytes, timeout: float = PARSER_TIMEOUT) -> Elf
                                capture_output=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise KernelFormatError(f"reading the ELF kernel took longer than {timeout} s") from None
+    except OSError as e:   # no usable sys.executable (an embedded Python)
+        raise KernelFormatError(f"cannot start the ELF header reader {sys.executable!r}: "
+                                f"{e.strerror}") from None
     if child.returncode != 0:
         tail = child.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
         raise KernelFormatError(f"the ELF header reader failed (status {child.returncode}): {tail[0]}")
