@@ -264,6 +264,47 @@ def test_a_ring_that_refills_itself_can_still_be_stopped(rig):
     rig.fe.get_vring_base(1)   # BackendError when the back-end does not answer within 5 s
 
 
+def test_a_ring_disabled_after_a_full_pass_waits_again(rig, monkeypatch):
+    """After a pass of a ring's worth the ring's thread polls without waiting (to look
+    at its stop fd) and goes on; once the ring is disabled it must wait for a kick
+    again, not spin on poll(0) until the next kick or stop."""
+    zero_polls = []
+    real_poll = select.poll
+
+    class CountingPoll:
+        def __init__(self):
+            self.poller = real_poll()
+
+        def register(self, fd, events):
+            self.poller.register(fd, events)
+
+        def poll(self, timeout=None):
+            if timeout == 0 and threading.current_thread().name == "vring-1":
+                zero_polls.append(timeout)
+            return self.poller.poll(timeout)
+
+    monkeypatch.setattr(select, "poll", CountingPoll)
+    rig.fe.set_features(rig.features & ~(1 << 29))
+    rig.fe.set_mem_table(guest_memory_regions(rig.mem))
+    d = Driver(rig.mem, size=8)
+    for i in range(8):
+        d.write_desc(i, DATA, 16)
+    d.publish(0)
+    rig.fe.setup_vring(1, size=8, desc=d.desc, avail=d.avail, used=d.avail,   # refills itself
+                       kick_fd=rig.kick, call_fd=rig.call, translate=rig.fe.translate)
+    os.eventfd_write(rig.kick, 1)
+    deadline = time.monotonic() + 5
+    while not zero_polls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert zero_polls, "the ring never completed a full pass"
+    rig.fe.set_vring_enable(1, False)
+    time.sleep(0.1)                      # the pass under way ends
+    zero_polls.clear()
+    time.sleep(0.3)
+    assert len(zero_polls) <= 1, f"{len(zero_polls)} polls without waiting while disabled"
+    rig.fe.get_vring_base(1)
+
+
 def test_read_of_4gib_into_overlapping_descriptors(tmp_path):
     """READ of 0xFFFFFFFF bytes from a 5 GiB file with writable descriptors that
     overlap to more than 4 GiB: the reply is capped at max_pages, the ring lives on."""

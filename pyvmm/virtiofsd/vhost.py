@@ -423,8 +423,8 @@ class Vring:
         poller.register(self.kick_fd, select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
         log.debug("vring %d: serving (size %d, base %d)", self.index, q.size, q.last_avail_idx)
-        more = False
         while True:
+            more = False
             if self.enabled:
                 served = self._drain(q, handler, shared, resolver, pool)
                 if served is None:
