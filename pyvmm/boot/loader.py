@@ -53,7 +53,7 @@ def load_kernel(mem, image: bytes, cmdline: bytes, initrd: bytes | None, ram_siz
     kernel would otherwise copy it down before anything else (2.4 s for our 2.3 MB
     one on a PVM host, where kernel code runs in the emulator).
     """
-    initrd_ram = min(ram_size, kernel_mem_limit(cmdline) or ram_size)
+    initrd_ram = kernel_mem_limit(cmdline)   # the loaders keep the initramfs below it
     if is_elf(image):
         boot = load_pvh(mem, parse_elf_kernel_apart(image), cmdline, initrd, ram_size, initrd_ram)
         return BootEntry("protected32", boot.entry32, rbx=boot.start_info)
