@@ -506,9 +506,9 @@ def running_memory(guest: GuestConfig, work: str) -> dict[str, dict[str, int]]:
     """RSS of a cold-booted VMM with a DAX share and of its back-end, while the guest
     runs (after a command that read a file through the window).  A sandboxed back-end
     is two processes: the one the VMM started waits for the server in its PID
-    namespace.  The guest RAM memfd counts in RssShmem only for the pages the VMM itself touched; the shared file's
-    pages that the guest read through the DAX window count in the VMM's RssFile (and
-    again, alone, as RssDaxFile)."""
+    namespace.  The guest RAM memfd counts in RssShmem only for the pages the VMM
+    itself touched; the shared file's pages that the guest read through the DAX
+    window count in the VMM's RssFile (and again, alone, as RssDaxFile)."""
     from pyvmm.testing import Guest, Share
 
     share_dir = os.path.join(work, "rss-share")
