@@ -164,7 +164,7 @@ def draw_all(results: Path, figures: Path) -> list[Path]:
                 values = [rss[p].get(field, 0) for p in rss]
                 ax.barh(list(rss), values, left=left, label=field)
                 left = [a + b for a, b in zip(left, values)]
-            ax.set_xlabel("MiB (RssShmem: guest RAM in use)")
+            ax.set_xlabel("MiB (RssShmem: mapped guest-RAM pages)")
             ax.legend(fontsize="small")
             save(fig, "rss.png")
 
