@@ -358,6 +358,7 @@ def test_pvm_boot_savers_only_on_pvm(tmp_path):
     assert set(PVM_BOOT_CMDLINE.split()) <= set(pvm_plan_for(tmp_path).config.cmdline.split())
     assert "percpu_alloc=page" not in plan_for(tmp_path).config.cmdline.split()     # hardware KVM
 
+
 @pytest.mark.parametrize("argv, words", [
     (["--share", "/no/such/dir"], "not a directory"),
     (["--share", "{d},tag=bad/tag"], "tag"),
