@@ -137,6 +137,9 @@ def add_host_side_args(p: argparse.ArgumentParser) -> None:
                    "efault, other, port=N[-M], addr=N[-M], vcpu=N[-M] (docs/cli.md)")
     p.add_argument("--stats", action="store_true",
                    help="at the end, exit counts by reason, device, vCPU and virtqueue on stderr")
+    p.add_argument("--profile", nargs="?", const="-", metavar="FILE",
+                   help="sample each vCPU's RIP 1000 times a second; at the end, the guest "
+                   "kernel functions that took the time, to FILE (default stderr)")
 
 
 def _read_file(path: str, what: str) -> bytes:
@@ -300,7 +303,8 @@ def run_plan(args: argparse.Namespace, flavour) -> RunPlan:
                            agent_words=" ".join(share_words) if agent else None,
                            agent_socket=agent_socket, snapshot_path=snapshot,
                            snapshot_continue=args.snapshot_and_continue,
-                           trace=trace, stats=args.stats)
+                           trace=trace, stats=args.stats, profile=args.profile,
+                           profile_symbols=args.kernel or str(default_guest_dir() / "vmlinux"))
     if snapshot and args.gdb is not None:
         # a snapshot would keep GDB's int3 bytes, and both pause the vCPUs their own way
         raise UsageError("--gdb and --snapshot cannot be combined")
@@ -345,7 +349,7 @@ def restore_plan(args: argparse.Namespace, flavour) -> tuple[RunPlan, "Snapshot"
     config.console = args.console or ("null" if config.console else None)
     config.agent_socket = parse_agent(args)
     config.run_mode = args.exec is not None
-    config.trace, config.stats = trace, args.stats
+    config.trace, config.stats, config.profile = trace, args.stats, args.profile
     return RunPlan(config, shares, args.exec, parse_timeout(args.timeout)), snap
 
 
@@ -500,6 +504,11 @@ def launch(plan: RunPlan, flavour, snapshot: "Snapshot | None" = None) -> int:
             status = machine.run(plan.timeout)
             if config.stats:
                 sys.stderr.write(machine.stats_report())
+            if config.profile is not None:
+                from .profile import write_profile
+
+                write_profile(machine.profile_report(), None if config.profile == "-" else config.profile,
+                              sys.stderr)
         finally:
             if stub is not None:
                 stub.close()

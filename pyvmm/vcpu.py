@@ -41,6 +41,7 @@ from .status import ExitStatus
 if TYPE_CHECKING:
     from .gdbstub.debugger import GuestDebugger
     from .kvm import Vcpu
+    from .profile import VcpuSamples
     from .trace import VcpuWatch
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,9 @@ class VcpuThread:
         self.memory_faults = 0
         # --stats/--trace (pyvmm.trace): counts and traces exits; None: the plain loop.
         self.watch = watch
+        # --profile (pyvmm.profile): RIP samples, taken when a sampler's kick lands.
+        self.samples: VcpuSamples | None = None
+        self.sample_requested = threading.Event()
         self._fault_rip: int | None = None
         self._fault_repeats = 0
         self.thread = threading.Thread(target=self._main, name=f"vcpu{vcpu.index}", daemon=True)
@@ -187,6 +191,11 @@ class VcpuThread:
 
     def request_dump(self) -> None:
         self.dump_requested.set()
+        self.kick()
+
+    def request_sample(self) -> None:
+        """--profile: count the guest's RIP once the kick brings the thread out of KVM_RUN."""
+        self.sample_requested.set()
         self.kick()
 
     def request_pause(self) -> None:
@@ -248,6 +257,9 @@ class VcpuThread:
             self._mmio(self.vcpu.exit_mmio)
         elif reason == kvm.KVM_EXIT_INTR:
             kvm_run.immediate_exit = 0
+            if self.samples is not None and self.sample_requested.is_set():
+                self.sample_requested.clear()
+                self.samples.take(self.vcpu)
             if self.dump_requested.is_set():
                 self.dump_requested.clear()
                 log.warning("%s", format_regs(self.vcpu))

@@ -32,6 +32,7 @@ from . import kvm
 from .agent import AgentPort
 from .boot import cpu, layout
 from .boot.mptable import write_mptable
+from .boot.pirq import write_pirq_table
 from .bus import Bus
 from .console import Console, SocketPort
 from .devices.debug_exit import DebugExit
@@ -48,7 +49,7 @@ from .devices.virtio.rng import VirtioRng
 from .heap import trim_heap
 from .irq import GsiRouter
 from .memory import GuestMemory, MemorySlots
-from .pci.root import PCI_CONFIG_ADDRESS, PCI_CONFIG_IO_LEN, PciRoot
+from .pci.root import HOST_BRIDGE_DEVICE, HOST_BRIDGE_VENDOR, PCI_CONFIG_ADDRESS, PCI_CONFIG_IO_LEN, PciRoot
 from .platform import Flavour
 from .status import ExitStatus
 from .trace import (RunCounters, TraceOutput, TraceSpec, VcpuWatch, format_stats,
@@ -57,6 +58,7 @@ from .vcpu import KICK_SIGNAL, VcpuThread, format_regs, install_kick_handler
 
 if TYPE_CHECKING:
     from .boot.loader import BootEntry
+    from .profile import GuestSampler
     from .snapshot.image import Snapshot
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,10 @@ class MachineConfig:
     # opens its output: Machine's ``trace``) and --stats.
     trace: TraceSpec | None = None
     stats: bool = False
+    # --profile[=FILE] (pyvmm.profile): sample each vCPU's RIP; report to FILE ("-": stderr),
+    # naming kernel functions from profile_symbols (the kernel file; None: raw addresses).
+    profile: str | None = None
+    profile_symbols: str | None = None
 
 
 def pci_windows(ram_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -146,6 +152,7 @@ class Machine:
         self._wake = threading.Event()                 # the run loop has work
         self._snapshot_requested = threading.Event()
         self.snapshot_seconds: float | None = None
+        self.sampler: "GuestSampler | None" = None     # --profile
 
         self.kvm = kvm.Kvm()
         self.kvm.require(kvm.REQUIRED_CAPS)
@@ -189,6 +196,7 @@ class Machine:
             # is 17 MB).  The caller's config loses them too: nothing reads them again.
             config.kernel, config.initramfs = b"", None
             write_mptable(self.memory, config.cpus)
+            write_pirq_table(self.memory, HOST_BRIDGE_VENDOR, HOST_BRIDGE_DEVICE)
             self.vcpus = self._create_vcpus(entry)
         else:
             from .snapshot.image import SnapshotError
@@ -384,6 +392,11 @@ class Machine:
                 self.age_at_first_run = seconds_since_process_start()
             log.debug("VMM start to first KVM_RUN: %.3f s", self.t_first_run - self.t_start)
             trim_heap()   # what compiling modules and loading the kernel freed, before the guest runs
+            if self.config.profile is not None:
+                from .profile import GuestSampler
+
+                self.sampler = GuestSampler(self.vcpus, self.memory)
+                self.sampler.start()
             for t in self.vcpus:
                 t.start()
             deadline = None if timeout is None else self.t_first_run + timeout
@@ -395,6 +408,8 @@ class Machine:
                     self._snapshot_requested.clear()
                 if deadline is not None and time.monotonic() > deadline:
                     self._timed_out(timeout)
+            if self.sampler is not None:
+                self.sampler.stop()
             for t in self.vcpus:
                 t.kick()
             for t in self.vcpus:
@@ -414,6 +429,16 @@ class Machine:
         if self.watching and not self.config.stats:   # with --stats the CLI prints them
             log.info("exit statistics:\n%s", self.stats_report().rstrip("\n"))
         return self.exit_status if self.exit_status is not None else 1
+
+    def profile_report(self) -> str:
+        """The --profile report of the run (pyvmm.profile); after ``run``."""
+        from .profile import KernelSymbols, format_profile
+
+        samples = [t.samples for t in self.vcpus if t.samples is not None]
+        path = self.config.profile_symbols
+        symbols = KernelSymbols.from_elf(path) if path else KernelSymbols([])
+        hz = self.sampler.hz if self.sampler is not None else 0
+        return format_profile(samples, symbols, hz)
 
     def stats_report(self) -> str:
         """The --stats report of the run (pyvmm.trace.format_stats); after ``run``."""

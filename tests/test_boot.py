@@ -80,12 +80,15 @@ def test_run_mode_exit_status_propagates(guest_image):
         g.kill()
 
 
-def test_sigterm_stops_all_vcpus(guest_image):
-    """SIGTERM while the guest runs: every vCPU thread stops and pyvmm exits 143."""
+def test_sigterm_stops_all_vcpus_and_the_profile_names_the_boot(guest_image, tmp_path):
+    """SIGTERM while the guest runs: every vCPU thread stops and pyvmm exits 143.
+    --profile: the report is still written, with both vCPUs' samples and the kernel's
+    function names."""
     import signal
 
+    report = tmp_path / "profile.txt"
     g = VmmProcess.pyvmm_run("--kernel", guest_image["kernel"], "--initramfs", guest_image["initramfs"],
-                     "--cpus", "2")
+                     "--cpus", "2", f"--profile={report}")
     try:
         g.wait_for("pyvmm-guest: ready", BOOT_TIMEOUT)
         g.proc.send_signal(signal.SIGTERM)
@@ -94,6 +97,17 @@ def test_sigterm_stops_all_vcpus(guest_image):
         assert "did not stop in time" not in g.stderr
     finally:
         g.kill()
+    text = report.read_text()
+    print(text[:3000])
+    m = re.match(r"guest profile: (\d+) samples at 1000 Hz \(vcpu0 (\d+), vcpu1 (\d+)\): "
+                 r"kernel ([\d.]+)%", text)
+    assert m and int(m.group(2)) > 0 and int(m.group(3)) > 0, text[:200]
+    own = text[text.index("self: where the vCPUs were"):]
+    # the default kernel is an ELF vmlinux: its functions have names
+    assert re.search(r"^\s+\d+\s+[\d.]+  [a-z_][a-z0-9_.]*$", own, re.M), own[:500]
+    if guest_image["flavour"] == "pvm":   # vcpu0's boot is all emulated kernel code there
+        assert float(m.group(4)) > 30
+        assert "memmap_init_range" in text and "start_kernel" in text
 
 
 def test_stock_bzimage_boots(kvm_host):

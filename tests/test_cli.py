@@ -354,9 +354,10 @@ def test_deferred_memory_only_on_pvm_with_the_default_command_line(tmp_path):
 def test_pvm_boot_savers_only_on_pvm(tmp_path):
     from pyvmm.cmdline import PVM_BOOT_CMDLINE
 
-    assert "percpu_alloc=page" in PVM_BOOT_CMDLINE.split()
+    assert {"percpu_alloc=page", "noreplace-smp"} <= set(PVM_BOOT_CMDLINE.split())
     assert set(PVM_BOOT_CMDLINE.split()) <= set(pvm_plan_for(tmp_path).config.cmdline.split())
     assert "percpu_alloc=page" not in plan_for(tmp_path).config.cmdline.split()     # hardware KVM
+    assert "noreplace-smp" not in plan_for(tmp_path).config.cmdline.split()
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -392,6 +393,13 @@ def test_trace_and_stats_go_into_the_plan(tmp_path):
     assert config.stats
     config = plan_for(tmp_path).config
     assert config.trace is None and not config.stats
+
+
+def test_profile_goes_into_the_plan_with_the_kernel_for_symbols(tmp_path):
+    config = plan_for(tmp_path, "--profile").config
+    assert config.profile == "-" and config.profile_symbols == str(tmp_path / "vmlinux")
+    assert plan_for(tmp_path, "--profile=/tmp/p.txt").config.profile == "/tmp/p.txt"
+    assert plan_for(tmp_path).config.profile is None
 
 
 def test_restore_checks_trace_first(capsys, tmp_path):

@@ -226,6 +226,7 @@ def test_page_tables_overlap_no_other_boot_structure():
         "stack top": (layout.BOOT_STACK_ADDR - 16, layout.BOOT_STACK_ADDR),
         "cmdline": (layout.CMDLINE_ADDR, layout.CMDLINE_ADDR + layout.CMDLINE_MAX),
         "mptable": (layout.MPTABLE_ADDR, layout.BASE_MEMORY_END),
+        "$PIR table": (layout.BIOS_ROM_START, layout.BIOS_ROM_START + 32),
     }
     for name, (lo, hi) in others.items():
         assert hi <= tables[0] or lo >= tables[1], name

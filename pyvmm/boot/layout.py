@@ -23,7 +23,7 @@ BOOT_STACK_ADDR = 0x8FF0     # initial RSP/ESP for the boot CPU
 EBDA_START = 0x9FC00         # last KiB of base memory: the MP table lives here
 MPTABLE_ADDR = EBDA_START
 BASE_MEMORY_END = 0xA0000    # 640 KiB: end of conventional memory
-BIOS_ROM_START = 0xF0000     # reserved system BIOS area (kept empty)
+BIOS_ROM_START = 0xF0000     # reserved system BIOS area: the $PIR table (pirq.py)
 HIGH_MEMORY_START = 0x100000  # 1 MiB: bzImage protected-mode kernel goes here
 
 # The 32-bit MMIO hole: RAM never overlaps it; PCI 32-bit BARs, the IOAPIC
