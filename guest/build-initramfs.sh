@@ -11,6 +11,7 @@
 #                             shell is standalone (see is_standalone); a busybox
 #                             whose shell is not gets a link for every applet.
 #   /bin/pattern, /bin/mmapread   guest/helpers/*.c, static test helpers
+#                             (with musl, these and /init link guest/malloc.c)
 #   /dev/console (c 5 1), /proc, /sys, /dev, /mnt, /tmp
 #   guest/rootfs/*            copied as they are (e.g. /demo.sh for `make demo`)
 #   /lib/modules/*.ko + load-order   with --modules DIR (Debian stock kernel)
@@ -125,7 +126,7 @@ check_modules() {
 # Everything the archive depends on, hashed.
 input_hash() {
     {
-        (cd "$here" && sha256sum build-initramfs.sh mkcpio.py init.c agent.[ch] helpers/*.[ch])
+        (cd "$here" && sha256sum build-initramfs.sh mkcpio.py init.c agent.[ch] malloc.c helpers/*.[ch])
         if [ -d "$here/rootfs" ]; then
             (cd "$here/rootfs" && find . -printf '%p %y %m %l\n' | LC_ALL=C sort &&
                 find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum)
@@ -143,13 +144,24 @@ input_hash() {
 compile_static() {  # OUTPUT SOURCE...
     local out=$1
     shift
-    "$CC" $CFLAGS_STATIC -I"$here/helpers" -o "$out" "$@"
+    "$CC" $CFLAGS_STATIC -I"$here/helpers" -o "$out" "$@" $malloc_obj
+}
+
+# With musl: guest/malloc.c replaces musl's allocator in every program (see there).
+compile_malloc() {
+    malloc_obj=""
+    case "$CC" in
+        *musl-gcc)
+            malloc_obj="$root/../$(basename "$root").malloc.o"
+            "$CC" -Os -fno-builtin -Wall -Wextra -Werror -c -o "$malloc_obj" "$here/malloc.c" ;;
+    esac
 }
 
 build_binaries() {
     progress "compiling /init and $(ls "$here"/helpers/*.c | wc -l) helpers with $(basename "$CC")"
     rm -rf "$root"
     mkdir -p "$root/bin"
+    compile_malloc
     compile_static "$root/init" "$here/init.c" "$here/agent.c"
     local src
     for src in "$here"/helpers/*.c; do

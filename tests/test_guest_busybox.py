@@ -127,7 +127,8 @@ def test_the_real_source_has_every_applet(tmp_path):
 def copy_guest(tmp_path: Path) -> Path:
     guest = tmp_path / "guest"
     guest.mkdir()
-    for name in ("build-busybox.sh", "common.sh", "applets.sh", "busybox.config", "busybox_config.py"):
+    for name in ("build-busybox.sh", "common.sh", "applets.sh", "busybox.config", "busybox_config.py",
+                 "malloc.c"):
         (guest / name).write_bytes((GUEST / name).read_bytes())
     return guest
 
