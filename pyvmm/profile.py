@@ -100,12 +100,12 @@ class VcpuSamples:
         """The words from RSP to the end of its page (at most STACK_SCAN bytes) that
         point into the kernel image."""
         n = min(STACK_SCAN, PAGE_SIZE - rsp % PAGE_SIZE) // 8 * 8
-        t = vcpu.translate(rsp)
-        if not t.valid or n == 0:
-            return ()
-        try:
+        try:   # RSP is the guest's: it may point anywhere, or nowhere
+            t = vcpu.translate(rsp)
+            if not t.valid or n == 0:
+                return ()
             data = self.memory.read(t.physical_address, n)
-        except GuestMemoryError:
+        except (GuestMemoryError, OSError):
             return ()
         words = struct.unpack(f"<{n // 8}Q", data)
         return tuple(w for w in words if w >= KERNEL_TEXT)[:MAX_CALLERS]

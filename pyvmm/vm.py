@@ -49,7 +49,8 @@ from .devices.virtio.rng import VirtioRng
 from .heap import trim_heap
 from .irq import GsiRouter
 from .memory import GuestMemory, MemorySlots
-from .pci.root import HOST_BRIDGE_DEVICE, HOST_BRIDGE_VENDOR, PCI_CONFIG_ADDRESS, PCI_CONFIG_IO_LEN, PciRoot
+from .pci.root import (HOST_BRIDGE_DEVICE, HOST_BRIDGE_VENDOR, PCI_CONFIG_ADDRESS,
+                       PCI_CONFIG_IO_LEN, PciRoot)
 from .platform import Flavour
 from .status import ExitStatus
 from .trace import (RunCounters, TraceOutput, TraceSpec, VcpuWatch, format_stats,

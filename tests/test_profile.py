@@ -267,3 +267,58 @@ def test_sampler_tells_a_halted_vcpu(kvm_host):
     assert samples.total > 0
     halted = sum(n for (_, mode, _), n in samples.counts.items() if mode == HALTED)
     assert halted > 0 and halted >= samples.total - 2, samples.counts   # a sample may beat the hlt
+
+
+class FakeVcpu:
+    """KVM_GET_MP_STATE, KVM_GET_REGS, KVM_GET_SREGS and KVM_TRANSLATE, as a sample uses them."""
+
+    def __init__(self, rip: int, rsp: int, cpl: int = 0, gpa: int | None = 0x1000,
+                 mp_state: int = 0, translate_error: bool = False) -> None:
+        from pyvmm import kvm
+
+        self.regs = kvm.kvm_regs(rip=rip, rsp=rsp)
+        self.sregs = kvm.kvm_sregs()
+        self.sregs.cs.selector = 0x10 | cpl
+        self.gpa, self.mp_state, self.translate_error = gpa, mp_state, translate_error
+
+    def get_mp_state(self):
+        return self.mp_state
+
+    def get_regs(self):
+        return self.regs
+
+    def get_sregs(self):
+        return self.sregs
+
+    def translate(self, addr):
+        from pyvmm import kvm
+
+        if self.translate_error:
+            raise kvm.KvmError(22, "KVM_TRANSLATE: Invalid argument")
+        t = kvm.kvm_translation(linear_address=addr)
+        if self.gpa is not None:
+            t.valid, t.physical_address = 1, self.gpa + addr % 4096
+        return t
+
+
+def test_a_kernel_sample_keeps_the_stack_words_that_point_into_the_kernel_image():
+    from pyvmm.memory import GuestMemory
+
+    mem = GuestMemory(2 << 20)
+    try:
+        words = [0x1234, TEXT + 0x15, 0xFFFF888000001000, TEXT + 0x1022, 0]
+        mem.write(0x1000 + 0xFF0, struct.pack("<2Q", TEXT + 1, TEXT + 2))    # the page's last 16 bytes
+        mem.write(0x1000 + 0x100, struct.pack(f"<{len(words)}Q", *words))
+        s = VcpuSamples(mem)
+        s.take(FakeVcpu(TEXT + 0x2004, rsp=0x7000_0100))
+        s.take(FakeVcpu(TEXT + 0x2004, rsp=0x7000_0FF0))                        # stops at the page end
+        s.take(FakeVcpu(TEXT, rsp=0x7000_0100, gpa=0x7FFFF000))                 # outside guest RAM
+        s.take(FakeVcpu(TEXT, rsp=0x7000_0100, gpa=None))                       # not mapped
+        s.take(FakeVcpu(TEXT, rsp=0x7000_0100, translate_error=True))
+        s.take(FakeVcpu(0x401000, rsp=0x7000_0100, cpl=3))                      # user mode: no stack
+        s.take(FakeVcpu(0xFFF0, rsp=0, mp_state=1))                             # not started
+    finally:
+        mem.close()
+    assert s.counts == {(TEXT + 0x2004, KERNEL, (TEXT + 0x15, TEXT + 0x1022)): 1,
+                        (TEXT + 0x2004, KERNEL, (TEXT + 1, TEXT + 2)): 1,
+                        (TEXT, KERNEL, ()): 3, (0x401000, USER, ()): 1, (0, NOT_STARTED, ()): 1}
