@@ -16,9 +16,10 @@
  * its own mapping, unmapped at free(), and so does an aligned_alloc() block.
  * Every block starts 16 bytes after a header that says which kind it is.  Single-threaded, as
  * the guest's programs are.  musl lets a program replace malloc as long as it
- * provides all of these functions (musl 1.2.1 release notes).  Built with
- * -fno-builtin (guest/build-busybox.sh, guest/build-initramfs.sh), and used
- * only with musl: a glibc build keeps glibc's allocator.
+ * provides all of these functions (musl 1.2.1 release notes); musl's own
+ * internal allocations (atexit, locales, ...) keep using its allocator through
+ * __libc_malloc, and never cross with ours.  Used only with musl: a glibc
+ * build keeps glibc's allocator.
  */
 #include <errno.h>
 #include <stddef.h>
@@ -148,7 +149,7 @@ void *calloc(size_t count, size_t size)
         return 0;
     }
     void *p = alloc(count * size);
-    if (p)
+    if (p && header_of(p)->shift <= MAX_SHIFT)   /* a block of its own mapping is zero */
         memset(p, 0, count * size);
     return p;
 }
@@ -173,12 +174,12 @@ void *realloc(void *p, size_t n)
  * at that word.  Rare in the guest's programs. */
 void *aligned_alloc(size_t align, size_t n)
 {
-    if (align <= HEADER)
-        return malloc(n);
-    if (align & (align - 1)) {
+    if (!align || (align & (align - 1))) {
         errno = EINVAL;
         return 0;
     }
+    if (align <= HEADER)
+        return malloc(n);
     if (n > SIZE_MAX / 2 || align > SIZE_MAX / 4) {
         errno = ENOMEM;
         return 0;

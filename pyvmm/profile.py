@@ -38,7 +38,7 @@ import bisect
 import logging
 import struct
 import threading
-from typing import TYPE_CHECKING, Callable, Iterable, TextIO
+from typing import TYPE_CHECKING, Iterable, Iterator, TextIO
 
 from . import kvm
 from .memory import PAGE_SIZE, GuestMemoryError
@@ -51,12 +51,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROFILE_HZ = 1000
-MAX_DISTINCT = 1 << 16           # per vCPU: (RIP, stack) keys kept; the table stays bounded
+MAX_DISTINCT = 1 << 15           # per vCPU: (RIP, stack) keys kept; the table stays bounded
 # What a vCPU was doing (the second part of a sample's key)
 KERNEL, USER, HALTED, NOT_STARTED = range(4)
 NOT_STARTED_STATES = (kvm.KVM_MP_STATE_UNINITIALIZED, kvm.KVM_MP_STATE_INIT_RECEIVED,
                       kvm.KVM_MP_STATE_SIPI_RECEIVED)   # an AP before Linux starts it
-OTHER = (-1, KERNEL, ())         # where samples go once the table is full
+OTHER = (-1, KERNEL, b"")        # where samples go once the table is full
 KERNEL_TEXT = 0xFFFFFFFF80000000    # __START_KERNEL_map: the kernel image lives above
 STACK_SCAN = 512                 # bytes of the kernel stack read per sample
 MAX_CALLERS = 24                 # candidate return addresses kept per sample
@@ -70,31 +70,45 @@ class VcpuSamples:
 
     def __init__(self, memory: "GuestMemory | None" = None) -> None:
         self.memory = memory
-        self.counts: dict[tuple[int, int, tuple[int, ...]], int] = {}
+        self.counts: dict[tuple[int, int, bytes], int] = {}
         self.total = 0
+        self.lost = 0        # samples whose ioctls failed
 
     def take(self, vcpu: "Vcpu") -> None:
-        """Sample ``vcpu`` (its own thread, out of KVM_RUN)."""
-        mp_state = vcpu.get_mp_state()
-        if mp_state in NOT_STARTED_STATES:
-            self.add(0, NOT_STARTED)
-            return
-        regs = vcpu.get_regs()
-        if mp_state == kvm.KVM_MP_STATE_HALTED:
-            self.add(regs.rip, HALTED)
-        elif vcpu.get_sregs().cs.selector & 3 == 3:     # CPL: the low bits of CS
-            self.add(regs.rip, USER)
-        else:
-            callers = self._stack_words(vcpu, regs.rsp) if self.memory is not None else ()
-            self.add(regs.rip, KERNEL, callers)
+        """Sample ``vcpu`` (its own thread, out of KVM_RUN); a failing ioctl loses
+        the sample, never the vCPU."""
+        try:
+            mp_state = vcpu.get_mp_state()
+            if mp_state in NOT_STARTED_STATES:
+                self.add(0, NOT_STARTED)
+                return
+            regs = vcpu.get_regs()
+            if mp_state == kvm.KVM_MP_STATE_HALTED:
+                self.add(regs.rip, HALTED)
+            elif vcpu.get_sregs().cs.selector & 3 == 3:     # CPL: the low bits of CS
+                self.add(regs.rip, USER)
+            else:
+                callers = self._stack_words(vcpu, regs.rsp) if self.memory is not None else ()
+                self.add(regs.rip, KERNEL, callers)
+        except OSError:
+            self.lost += 1
 
     def add(self, rip: int, mode: int = 0, callers: tuple[int, ...] = ()) -> None:
-        key = (rip, mode, callers)
+        """Count a sample; its stack words are kept packed (8 bytes each), and once
+        the table is full a new stack is dropped but its RIP still counts."""
+        key = (rip, mode, struct.pack(f"<{len(callers)}Q", *callers))
         counts = self.counts
         if key not in counts and len(counts) >= MAX_DISTINCT:
-            key = OTHER
+            key = (rip, mode, b"")
+            if key not in counts:
+                key = OTHER
         counts[key] = counts.get(key, 0) + 1
         self.total += 1
+
+    def samples(self) -> "Iterator[tuple[int, int, tuple[int, ...], int]]":
+        """(RIP, mode, stack words, count) for each key."""
+        for (rip, mode, packed), n in self.counts.items():
+            yield rip, mode, struct.unpack(f"<{len(packed) // 8}Q", packed), n
 
     def _stack_words(self, vcpu: "Vcpu", rsp: int) -> tuple[int, ...]:
         """The words from RSP to the end of its page (at most STACK_SCAN bytes) that
@@ -263,10 +277,10 @@ def format_profile(samples: "list[VcpuSamples]", symbols: KernelSymbols, hz: int
     inclusive: dict[str, int] = {}
     modes = [0] * 4
     for s in samples:
-        for (rip, mode, callers), n in s.counts.items():
+        for rip, mode, callers, n in s.samples():
             modes[mode] += n
-            if (rip, mode, callers) == OTHER:
-                names = ["[not kept: too many distinct stacks]"]
+            if (rip, mode) == OTHER[:2]:
+                names = ["[not kept: the table of samples was full]"]
             elif mode != KERNEL:
                 names = [MODE_NAMES[mode]]
             else:
@@ -274,11 +288,13 @@ def format_profile(samples: "list[VcpuSamples]", symbols: KernelSymbols, hz: int
             own[names[0]] = own.get(names[0], 0) + n
             for name in set(names):
                 inclusive[name] = inclusive.get(name, 0) + n
+    lost = sum(s.lost for s in samples)
     shares = ", ".join(f"{label} {100 * modes[mode] / total:.1f}%"
                        for mode, label in ((KERNEL, "kernel"), (USER, "user"), (HALTED, "halted"),
                                            (NOT_STARTED, "not started"))
                        if modes[mode] or mode in (KERNEL, USER))
-    lines = [f"guest profile: {total} samples at {hz} Hz ({per_vcpu}): {shares}", "",
+    lost_note = f" ({lost} lost: the vCPU's state could not be read)" if lost else ""
+    lines = [f"guest profile: {total} samples at {hz} Hz ({per_vcpu}): {shares}{lost_note}", "",
              "self: where the vCPUs were", f"{'samples':>8} {'%':>6}  function"]
     lines += _top(own, total, top)
     if inclusive != own:

@@ -409,8 +409,6 @@ class Machine:
                     self._snapshot_requested.clear()
                 if deadline is not None and time.monotonic() > deadline:
                     self._timed_out(timeout)
-            if self.sampler is not None:
-                self.sampler.stop()
             for t in self.vcpus:
                 t.kick()
             for t in self.vcpus:
@@ -419,6 +417,8 @@ class Machine:
                     log.warning("vcpu%d did not stop in time", t.vcpu.index)
             self.t_end = time.monotonic()
         finally:
+            if self.sampler is not None:
+                self.sampler.stop()
             self.console.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -98,13 +98,16 @@ def test_call_chain_follows_calls_to_the_function_found_so_far():
 
 
 # --- VcpuSamples and the report ---------------------------------------------------------
-def test_samples_table_is_bounded(monkeypatch):
+def test_samples_table_is_bounded_and_a_full_one_still_counts_known_rips(monkeypatch):
     monkeypatch.setattr(profile, "MAX_DISTINCT", 3)
     s = VcpuSamples()
     for rip in range(10):
         s.add(TEXT + rip)
     assert s.total == 10 and len(s.counts) == 4
     assert s.counts[profile.OTHER] == 7
+    s.add(TEXT + 1, KERNEL, (TEXT + 0x15,))       # a new stack, a known RIP: the RIP counts
+    assert s.counts[(TEXT + 1, KERNEL, b"")] == 2 and len(s.counts) == 4
+    assert "[not kept: the table of samples was full]" in format_profile([s], KernelSymbols([]), 1000)
 
 
 def test_report_self_total_user_and_shares():
@@ -235,8 +238,8 @@ def test_sampler_finds_a_kernel_mode_spin(kvm_host):
     finally:
         vm.close()
     assert samples.total > 0
-    rips = {rip for rip, _, _ in samples.counts}
-    modes = {mode for _, mode, _ in samples.counts}
+    rips = {rip for rip, _, _, _ in samples.samples()}
+    modes = {mode for _, mode, _, _ in samples.samples()}
     assert rips <= {CODE_ADDR, CODE_ADDR + 1}, [hex(r) for r in rips]   # the nop, or the spin
     assert modes == {KERNEL}
     report = format_profile([samples], KernelSymbols([]), 500)
@@ -251,9 +254,9 @@ def test_sampler_tells_user_mode(kvm_host):
         samples = spin_and_sample(vm)
     finally:
         vm.close()
-    user_samples = sum(n for (_, mode, _), n in samples.counts.items() if mode == USER)
+    user_samples = sum(n for _, mode, _, n in samples.samples() if mode == USER)
     assert user_samples > 0
-    assert all(callers == () for _, mode, callers in samples.counts if mode == USER)
+    assert all(callers == () for _, mode, callers, _ in samples.samples() if mode == USER)
     assert "[user mode]" in format_profile([samples], KernelSymbols([]), 500)
 
 
@@ -265,7 +268,7 @@ def test_sampler_tells_a_halted_vcpu(kvm_host):
     finally:
         vm.close()
     assert samples.total > 0
-    halted = sum(n for (_, mode, _), n in samples.counts.items() if mode == HALTED)
+    halted = sum(n for _, mode, _, n in samples.samples() if mode == HALTED)
     assert halted > 0 and halted >= samples.total - 2, samples.counts   # a sample may beat the hlt
 
 
@@ -319,6 +322,12 @@ def test_a_kernel_sample_keeps_the_stack_words_that_point_into_the_kernel_image(
         s.take(FakeVcpu(0xFFF0, rsp=0, mp_state=1))                             # not started
     finally:
         mem.close()
-    assert s.counts == {(TEXT + 0x2004, KERNEL, (TEXT + 0x15, TEXT + 0x1022)): 1,
-                        (TEXT + 0x2004, KERNEL, (TEXT + 1, TEXT + 2)): 1,
-                        (TEXT, KERNEL, ()): 3, (0x401000, USER, ()): 1, (0, NOT_STARTED, ()): 1}
+    assert sorted(s.samples()) == sorted([(TEXT + 0x2004, KERNEL, (TEXT + 0x15, TEXT + 0x1022), 1),
+                                          (TEXT + 0x2004, KERNEL, (TEXT + 1, TEXT + 2), 1),
+                                          (TEXT, KERNEL, (), 3), (0x401000, USER, (), 1),
+                                          (0, NOT_STARTED, (), 1)])
+    failing = FakeVcpu(TEXT, rsp=0)
+    failing.get_regs = lambda: (_ for _ in ()).throw(OSError(9, "Bad file descriptor"))
+    s.take(failing)                                                             # lost, not raised
+    assert s.lost == 1 and "(1 lost: the vCPU's state could not be read)" in \
+        format_profile([s], KernelSymbols([]), 1000).splitlines()[0]
