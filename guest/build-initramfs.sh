@@ -152,7 +152,7 @@ compile_malloc() {
     malloc_obj=""
     case "$CC" in
         *musl-gcc)
-            malloc_obj="$root/../$(basename "$root").malloc.o"
+            malloc_obj="$root.malloc.o"
             "$CC" -Os -fno-builtin -Wall -Wextra -Werror -c -o "$malloc_obj" "$here/malloc.c" ;;
     esac
 }

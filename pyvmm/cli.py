@@ -183,13 +183,18 @@ def parse_cpus_memory(args: argparse.Namespace) -> tuple[int, int]:
     return cpus, memory
 
 
+def kernel_file(args: argparse.Namespace) -> str:
+    """--kernel, or the default guest's vmlinux."""
+    return args.kernel or str(default_guest_dir() / "vmlinux")
+
+
 def guest_files(args: argparse.Namespace) -> tuple[bytes, bytes | None]:
     """The kernel and initramfs: given, or the default guest's.  A custom --kernel
     without --initramfs still gets the default initramfs (without one Linux
     panics); ``--initramfs none`` boots without."""
     guest_dir = default_guest_dir()
     default_initramfs = guest_dir / "initramfs.cpio"
-    kernel_path = args.kernel or str(guest_dir / "vmlinux")
+    kernel_path = kernel_file(args)
     if args.kernel is None and not Path(kernel_path).exists():
         raise UsageError(guest_build.no_guest_message())
     initramfs_path = args.initramfs
@@ -304,7 +309,7 @@ def run_plan(args: argparse.Namespace, flavour) -> RunPlan:
                            agent_socket=agent_socket, snapshot_path=snapshot,
                            snapshot_continue=args.snapshot_and_continue,
                            trace=trace, stats=args.stats, profile=args.profile,
-                           profile_symbols=args.kernel or str(default_guest_dir() / "vmlinux"))
+                           profile_symbols=kernel_file(args))
     if snapshot and args.gdb is not None:
         # a snapshot would keep GDB's int3 bytes, and both pause the vCPUs their own way
         raise UsageError("--gdb and --snapshot cannot be combined")

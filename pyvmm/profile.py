@@ -131,7 +131,6 @@ class GuestSampler:
     def __init__(self, threads: "list[VcpuThread]", memory: "GuestMemory | None",
                  hz: int = PROFILE_HZ) -> None:
         self.threads = threads
-        self.interval = 1.0 / hz
         self.hz = hz
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="profile", daemon=True)
@@ -147,7 +146,8 @@ class GuestSampler:
             self._thread.join(timeout=2)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        interval = 1.0 / self.hz
+        while not self._stop.wait(interval):
             for t in self.threads:
                 t.request_sample()
 
@@ -208,10 +208,6 @@ class KernelSymbols:
         if size and rip >= start + size:
             return None
         return start, name
-
-    def name_of(self, rip: int) -> str | None:
-        found = self.symbol_at(rip)
-        return found[1] if found else None
 
     def code_before(self, addr: int, size: int = 8) -> bytes | None:
         """Up to ``size`` bytes of code just before ``addr`` (None: not in the image's code)."""

@@ -69,7 +69,7 @@ def test_symbol_at_uses_sizes_and_size_zero_reaches_the_next():
     s = symbols_with_code()
     assert s.symbol_at(TEXT + 0x1010) == (TEXT + 0x1000, "b")
     assert s.symbol_at(TEXT + 0x1100) is None            # past b's size
-    assert s.name_of(TEXT + 0x2FFF) == "asm_entry"       # size 0: up to the next symbol
+    assert s.symbol_at(TEXT + 0x2FFF) == (TEXT + 0x2800, "asm_entry")   # size 0: up to the next one
     assert s.symbol_at(TEXT - 1) is None
     assert len(s) == 4
 
