@@ -14,7 +14,7 @@ from pyvmm.devices.rtc import (
     CMOS_RTC_MONTH, CMOS_RTC_SECONDS, CMOS_RTC_SECONDS_ALARM, CMOS_RTC_YEAR,
     CMOS_STATUS_A, CMOS_STATUS_B, CMOS_STATUS_C, CMOS_STATUS_D, REG_A_UIP,
     REG_B_24H, REG_B_DM, REG_B_SET, REG_B_UIE, REG_B_AIE, REG_C_AF, REG_C_IRQF,
-    REG_C_PF, REG_C_UF, REG_D_VRT, CmosRtc,
+    REG_C_PF, REG_C_UF, REG_D_VRT, CmosRtc, civil_from_days, days_from_civil, days_in_month,
 )
 
 # Tuesday 2024-02-27 15:04:05 UTC
@@ -181,6 +181,32 @@ def test_invalid_time_is_ignored(rtc: CmosRtc) -> None:
     cmos_write(rtc, CMOS_RTC_MONTH, 0x13)
     cmos_write(rtc, CMOS_STATUS_B, REG_B_24H)
     assert cmos_read(rtc, CMOS_RTC_MONTH) == 0x02
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc).date()
+
+
+@given(st.dates())
+def test_civil_calendar_agrees_with_datetime(date) -> None:
+    days = (date - EPOCH).days
+    assert days_from_civil(date.year, date.month, date.day) == days
+    assert civil_from_days(days) == (date.year, date.month, date.day)
+    assert (days + 4) % 7 == date.isoweekday() % 7     # 0 = Sunday, as the model counts
+
+
+@pytest.mark.parametrize("year, month, days", [
+    (2024, 2, 29), (2023, 2, 28), (1900, 2, 28), (2000, 2, 29), (2023, 4, 30), (2023, 12, 31)])
+def test_days_in_month(year: int, month: int, days: int) -> None:
+    assert days_in_month(year, month) == days
+
+
+def test_a_day_that_is_not_in_the_month_is_ignored(rtc: CmosRtc) -> None:
+    before = cmos_read(rtc, CMOS_RTC_DAY_MONTH)
+    cmos_write(rtc, CMOS_STATUS_B, REG_B_24H | REG_B_SET)
+    cmos_write(rtc, CMOS_RTC_MONTH, 0x02)
+    cmos_write(rtc, CMOS_RTC_DAY_MONTH, 0x30)          # 30 February
+    cmos_write(rtc, CMOS_STATUS_B, REG_B_24H)
+    assert cmos_read(rtc, CMOS_RTC_DAY_MONTH) == before
 
 
 def test_registers_c_and_d_are_read_only(rtc: CmosRtc) -> None:

@@ -33,7 +33,6 @@ import logging
 import math
 import threading
 import time
-from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from ..snapshot.fields import blob, boolean, expect_keys, hex_bits, integer, uint
@@ -112,9 +111,7 @@ REG_D_VRT = 0x80  # valid RAM and time: the battery is fine
 HOURS_PM = 0x80  # Table 3: PM flag on the hours byte in 12-hour mode
 ALARM_DONT_CARE = 0xC0  # an alarm byte of 0xC0-0xFF matches any value
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_MIN_TIME = (datetime(1, 1, 1, tzinfo=timezone.utc) - _EPOCH).total_seconds()
-_MAX_TIME = (datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc) - _EPOCH).total_seconds()
+SECONDS_PER_DAY = 86400
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -127,9 +124,49 @@ STAGED_NAMES = {
     "day_of_week": CMOS_RTC_DAY_WEEK, "day_of_month": CMOS_RTC_DAY_MONTH,
     "month": CMOS_RTC_MONTH, "year": CMOS_RTC_YEAR, "century": CMOS_CENTURY,
 }
-MAX_OFFSET_NS = math.ceil(_MAX_TIME - _MIN_TIME) * NS_PER_S   # beyond it the clock only clamps
 _STATE_KEYS = ("ram", "index", "nmi_disabled", "offset_ns", "staged", "reg_c")
 _REG_C_FLAGS = REG_C_IRQF | REG_C_PF | REG_C_AF | REG_C_UF
+
+
+# ---- the civil calendar (proleptic Gregorian, UTC, years 1-9999) ----------------
+# The RTC holds a date; the model keeps a count of seconds.  These two convert,
+# in the "era" form (400-year cycles of 146097 days, years starting on 1 March so
+# that the leap day is the last day of a year); done here rather than with the
+# datetime module, which would cost the VMM half a MiB of memory for two sums.
+
+def days_from_civil(year: int, month: int, day: int) -> int:
+    """Days from 1970-01-01 to the date (negative before it)."""
+    y = year - (month <= 2)
+    era = y // 400
+    year_of_era = y - era * 400                                   # 0-399
+    day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1  # from 1 March
+    day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
+    return era * 146097 + day_of_era - 719468                     # 719468: 0000-03-01 to 1970-01-01
+
+
+def civil_from_days(days: int) -> tuple[int, int, int]:
+    """(year, month, day) of the date ``days`` after 1970-01-01."""
+    z = days + 719468
+    era = z // 146097
+    day_of_era = z - era * 146097                                 # 0-146096
+    year_of_era = (day_of_era - day_of_era // 1460 + day_of_era // 36524
+                   - day_of_era // 146096) // 365                 # 0-399
+    day_of_year = day_of_era - (365 * year_of_era + year_of_era // 4 - year_of_era // 100)
+    mp = (5 * day_of_year + 2) // 153                             # month from March, 0-11
+    day = day_of_year - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    return year_of_era + era * 400 + (month <= 2), month, day
+
+
+def days_in_month(year: int, month: int) -> int:
+    if month == 2:
+        return 29 if year % 4 == 0 and (year % 100 != 0 or year % 400 == 0) else 28
+    return 30 if month in (4, 6, 9, 11) else 31
+
+
+_MIN_TIME = days_from_civil(1, 1, 1) * SECONDS_PER_DAY
+_MAX_TIME = days_from_civil(9999, 12, 31) * SECONDS_PER_DAY + SECONDS_PER_DAY - 1
+MAX_OFFSET_NS = math.ceil(_MAX_TIME - _MIN_TIME) * NS_PER_S   # beyond it the clock only clamps
 
 
 def _to_bcd(value: int) -> int:
@@ -321,17 +358,18 @@ class CmosRtc:
 
     @staticmethod
     def _fields_at(timestamp: float) -> dict[int, int]:
-        t = min(max(timestamp, _MIN_TIME), _MAX_TIME)
-        now = _EPOCH + timedelta(seconds=math.floor(t))
+        t = math.floor(min(max(timestamp, _MIN_TIME), _MAX_TIME))
+        days, seconds = divmod(t, SECONDS_PER_DAY)
+        year, month, day = civil_from_days(days)
         return {
-            CMOS_RTC_SECONDS: now.second,
-            CMOS_RTC_MINUTES: now.minute,
-            CMOS_RTC_HOURS: now.hour,
-            CMOS_RTC_DAY_WEEK: now.isoweekday() % 7 + 1,  # 1 = Sunday
-            CMOS_RTC_DAY_MONTH: now.day,
-            CMOS_RTC_MONTH: now.month,
-            CMOS_RTC_YEAR: now.year % 100,
-            CMOS_CENTURY: now.year // 100,
+            CMOS_RTC_SECONDS: seconds % 60,
+            CMOS_RTC_MINUTES: seconds // 60 % 60,
+            CMOS_RTC_HOURS: seconds // 3600,
+            CMOS_RTC_DAY_WEEK: (days + 4) % 7 + 1,  # 1 = Sunday; 1970-01-01 was a Thursday
+            CMOS_RTC_DAY_MONTH: day,
+            CMOS_RTC_MONTH: month,
+            CMOS_RTC_YEAR: year % 100,
+            CMOS_CENTURY: year // 100,
         }
 
     def _write_time(self, index: int, value: int) -> None:
@@ -346,17 +384,16 @@ class CmosRtc:
         fields, self._staged = self._staged, None
         if fields is None:
             return
-        try:
-            new = datetime(
-                fields[CMOS_CENTURY] * 100 + fields[CMOS_RTC_YEAR],
-                fields[CMOS_RTC_MONTH], fields[CMOS_RTC_DAY_MONTH],
-                fields[CMOS_RTC_HOURS], fields[CMOS_RTC_MINUTES],
-                fields[CMOS_RTC_SECONDS], tzinfo=timezone.utc,
-            )
-        except ValueError:
+        year = fields[CMOS_CENTURY] * 100 + fields[CMOS_RTC_YEAR]
+        month, day = fields[CMOS_RTC_MONTH], fields[CMOS_RTC_DAY_MONTH]
+        hours, minutes, seconds = fields[CMOS_RTC_HOURS], fields[CMOS_RTC_MINUTES], fields[CMOS_RTC_SECONDS]
+        if not (1 <= year <= 9999 and 1 <= month <= 12 and 1 <= day <= days_in_month(year, month)
+                and hours < 24 and minutes < 60 and seconds < 60):
             log.debug("rtc: guest set an invalid time %r; ignored", fields)
             return
-        self._offset_ns = round(((new - _EPOCH).total_seconds() - self._clock()) * NS_PER_S)
+        new = (days_from_civil(year, month, day) * SECONDS_PER_DAY
+               + hours * 3600 + minutes * 60 + seconds)
+        self._offset_ns = round((new - self._clock()) * NS_PER_S)
 
     # ---- data modes (Table 3) -------------------------------------------------
 
