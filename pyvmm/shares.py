@@ -60,11 +60,14 @@ def socket_dir(prefix: str, name: str) -> str:
 
 
 def remove_socket_dir(path: str) -> None:
-    """Remove a ``socket_dir`` and what was put in it (a socket, nothing deeper)."""
+    """Remove a ``socket_dir`` and what was put in it (a socket, nothing deeper); one
+    that is gone already is fine."""
     try:
         for entry in os.scandir(path):
             os.unlink(entry.path)
         os.rmdir(path)
+    except FileNotFoundError:
+        pass
     except OSError as e:
         log.warning("cannot remove %s: %s", path, e)
 

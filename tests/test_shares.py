@@ -54,7 +54,11 @@ def test_remove_socket_dir_removes_the_socket_and_the_directory(tmp_path, monkey
         s.bind(os.path.join(d, "s"))
     remove_socket_dir(d)
     assert os.listdir(tmp_path) == []
-    remove_socket_dir(d)   # already gone: a warning, not an exception
+    remove_socket_dir(d)   # already gone: nothing to say
+    assert "cannot remove" not in caplog.text
+    os.mkdir(d)
+    os.mkdir(os.path.join(d, "deeper"))   # not what a socket directory holds
+    remove_socket_dir(d)
     assert "cannot remove" in caplog.text
 
 
