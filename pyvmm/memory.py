@@ -19,8 +19,7 @@ import logging
 import mmap
 import os
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from .boot.e820 import ram_ranges
 
@@ -36,8 +35,7 @@ class GuestMemoryError(ValueError):
     """A guest-physical access outside guest RAM."""
 
 
-@dataclass(frozen=True)
-class RamRange:
+class RamRange(NamedTuple):
     gpa: int      # guest-physical start
     size: int     # bytes
     offset: int   # offset into the memfd / host mapping

@@ -46,8 +46,7 @@ import select
 import socket
 import time
 from ctypes import c_uint8, c_uint32, c_uint64, sizeof
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -358,19 +357,23 @@ def request_name(request: int, channel: Channel = Channel.FRONTEND) -> str:
     return names.get(request, f"request {request}")
 
 
-@dataclass
 class Message:
     """A decoded, validated message.  The receiver owns ``fds`` (see ``close_fds``).
 
     ``body`` is the parsed payload: None (no payload), an int (u64 payloads and acks) or a
     copy of the matching ctypes structure.
     """
-    request: int
-    flags: int
-    payload: bytes
-    body: Any
-    fds: list[int] = field(default_factory=list)
-    channel: Channel = Channel.FRONTEND
+
+    __slots__ = ("request", "flags", "payload", "body", "fds", "channel")
+
+    def __init__(self, request: int, flags: int, payload: bytes, body: Any,
+                 fds: list[int] | None = None, channel: Channel = Channel.FRONTEND) -> None:
+        self.request = request
+        self.flags = flags
+        self.payload = payload
+        self.body = body
+        self.fds = [] if fds is None else fds
+        self.channel = channel
 
     @property
     def is_reply(self) -> bool:
@@ -546,8 +549,7 @@ def _check_mmap(body: VhostUserMMap) -> None:
         raise ProtocolError(f"shared memory request has unknown flags {body.flags:#x}")
 
 
-@dataclass(frozen=True)
-class _Spec:
+class _Spec(NamedTuple):
     request: _Parser | None          # None: known code that pyvmm does not speak
     reply: _Parser = _parse_u64      # requests without an explicit reply get a u64 ack
 

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence, Union
+from typing import Callable, Iterator, NamedTuple, Protocol, Sequence, Union
 
 
-@dataclass(frozen=True)
-class Foreign:
+class Foreign(NamedTuple):
     """``length`` guest bytes at guest-physical ``gpa``, outside the memory table."""
 
     gpa: int

@@ -54,8 +54,7 @@ import os
 import stat
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from .fuse_abi import FUSE_ROOT_ID
 from .iovec import IoVec
@@ -245,8 +244,7 @@ class _Handle(_Held):
         self.lock = threading.Lock()
 
 
-@dataclass(frozen=True)
-class Caller:
+class Caller(NamedTuple):
     """Who sent a request (from fuse_in_header): creation runs with these ids."""
 
     uid: int
@@ -254,16 +252,14 @@ class Caller:
     pid: int = 0
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """A node id handed to the guest (one lookup counted) and its attributes."""
 
     nodeid: int
     stat: os.stat_result
 
 
-@dataclass(frozen=True)
-class DirEntry:
+class DirEntry(NamedTuple):
     """One directory entry: ``offset`` is where the *next* entry starts: the host's
     ``d_off`` cookie, which the guest sends back to continue after this entry."""
 
@@ -273,8 +269,7 @@ class DirEntry:
     offset: int
 
 
-@dataclass(frozen=True)
-class SetAttr:
+class SetAttr(NamedTuple):
     """The changes of one SETATTR; ``None`` = leave alone.
 
     Times are ``(seconds, nanoseconds)``; nanoseconds ``UTIME_NOW`` means "now".

@@ -33,8 +33,7 @@ import os
 import stat
 import threading
 from ctypes import sizeof
-from dataclasses import dataclass
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, NamedTuple, TypeVar
 
 from . import fuse_abi as abi
 from .dax_mapper import DaxMapper
@@ -166,7 +165,6 @@ def attr_from_stat(st: os.stat_result) -> abi.fuse_attr:
 
 
 # --- requests and replies ---------------------------------------------------------------
-@dataclass
 class Request:
     """One parsed request: the header, its argument bytes and the raw stream.
 
@@ -174,9 +172,12 @@ class Request:
     the fuse_write_in: the data stays in guest memory, reachable through ``raw``).
     """
 
-    header: abi.fuse_in_header
-    args: bytes
-    raw: IoVec
+    __slots__ = ("header", "args", "raw")
+
+    def __init__(self, header: abi.fuse_in_header, args: bytes, raw: IoVec) -> None:
+        self.header = header
+        self.args = args
+        self.raw = raw
 
     @property
     def nodeid(self) -> int:
@@ -187,8 +188,7 @@ class Request:
         return Caller(self.header.uid, self.header.gid, self.header.pid)
 
 
-@dataclass
-class Reply:
+class Reply(NamedTuple):
     """What a handler produced.
 
     ``payload`` goes right after the out header.  ``data_len`` counts bytes the
@@ -201,8 +201,7 @@ class Reply:
     undo: Callable[[], None] | None = None
 
 
-@dataclass(frozen=True)
-class Session:
+class Session(NamedTuple):
     """What INIT agreed on.
 
     ``max_pages`` bounds every buffer the guest hands us: READ, READDIR(PLUS),

@@ -33,8 +33,7 @@ import select
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 from ..devices.virtio.queue import ChainError, DescriptorChain, Virtqueue, VirtqueueError
 from ..memory import GuestMemoryError
@@ -71,8 +70,7 @@ CHANNEL_TIMEOUT = 10.0                 # seconds to wait for the front-end's map
 
 
 # --- guest memory --------------------------------------------------------------------------
-@dataclass
-class MappedRegion:
+class MappedRegion(NamedTuple):
     """One region of the front-end's memory table, mapped into this process."""
 
     gpa: int

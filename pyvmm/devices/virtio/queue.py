@@ -57,7 +57,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from ...memory import GuestMemoryError
@@ -212,8 +211,7 @@ class ChainError(Exception):
         self.head = head
 
 
-@dataclass(frozen=True)
-class Buffer:
+class Buffer(NamedTuple):
     """One guest buffer of a chain: ``length`` (> 0) bytes at guest-physical ``gpa``."""
 
     gpa: int
@@ -238,7 +236,6 @@ def buffer_pieces(buffers: list[Buffer], offset: int, size: int) -> list[tuple[i
     return out
 
 
-@dataclass
 class DescriptorChain:
     """A popped chain: its head index and its buffers, split by direction.
 
@@ -246,9 +243,15 @@ class DescriptorChain:
     guest RAM; the driver-to-device ones come first (1.x ordering rule).
     """
 
-    head: int
-    readable: list[Buffer]   # device-readable buffers in chain order
-    writable: list[Buffer]   # device-writable buffers in chain order
+    __slots__ = ("head", "readable", "writable")
+
+    def __init__(self, head: int, readable: list[Buffer], writable: list[Buffer]) -> None:
+        self.head = head
+        self.readable = readable   # device-readable buffers in chain order
+        self.writable = writable   # device-writable buffers in chain order
+
+    def __repr__(self) -> str:
+        return f"DescriptorChain(head={self.head}, readable={self.readable}, writable={self.writable})"
 
     def readable_len(self) -> int:
         return sum(b.length for b in self.readable)
