@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__, guest_build, kvm
 from .boot.errors import KernelFormatError
+from .cliparse import Parser, UsageError
 from .cmdline import BOOT_RAM, default_cmdline, deferred_memory_words
 from .console import Console, SerialSpecError
 from .platform import detect_flavour, host_memory_bytes
@@ -42,10 +43,6 @@ AGENT_DEVICE = "hvc0"   # the agent's virtio-console is the first one the guest 
 TAIL_LINES = 25         # console lines on stderr when a guest panics, dies or times out
 
 
-class UsageError(Exception):
-    """Bad command-line input: printed as one line, exit 2."""
-
-
 def default_guest_dir() -> Path:
     """$PYVMM_GUEST_DIR, a clone's guest/build/ or <cache>/guest/ (pyvmm.guest_build)."""
     return guest_build.default_guest_dir()
@@ -60,17 +57,12 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) << shift
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="pyvmm", description="A minimal KVM virtual machine monitor in Python.")
+    p = Parser(prog="pyvmm", description="A minimal KVM virtual machine monitor in Python.")
     p.add_argument("--log-level", default=os.environ.get("PYVMM_LOG", "warning"),
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"pyvmm {__version__}")
-    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", parser_class=Parser)
     run = sub.add_parser("run", help="boot a guest", epilog=EXIT_STATUS_TABLE,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--kernel", help="ELF vmlinux (PVH) or bzImage; default: the default guest's")

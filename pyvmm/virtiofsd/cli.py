@@ -21,6 +21,7 @@ import stat
 import sys
 
 from .. import __version__
+from ..cliparse import Parser, UsageError
 from ..heap import trim_heap
 from .sandbox import SANDBOX_MODES, enter_sandbox
 
@@ -29,17 +30,8 @@ log = logging.getLogger("pyvmm-virtiofsd")
 PROG = "pyvmm-virtiofsd"
 
 
-class UsageError(Exception):
-    """Bad command-line input: printed as one line, exit 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="vhost-user virtio-fs back-end with DAX (FUSE in Python)")
+    p = Parser(prog=PROG, description="vhost-user virtio-fs back-end with DAX (FUSE in Python)")
     p.add_argument("--socket-path", required=True, help="vhost-user Unix socket to listen on")
     p.add_argument("--shared-dir", required=True, help="host directory to share")
     p.add_argument("--cache", choices=["auto", "always", "never"], default="auto",
