@@ -8,9 +8,7 @@ contract needs it.
 from __future__ import annotations
 
 from .boot.e820 import ram_ranges
-from .platform import PVM_CMDLINE, Flavour, host_tsc_mhz
-
-GUEST_HZ = 100  # CONFIG_HZ of the default guest kernel (guest/kernel.config)
+from .platform import PVM_CMDLINE, Flavour
 
 #: RAM a PVM guest boots with; /init adds the rest once user space runs.
 BOOT_RAM = 256 << 20
@@ -48,11 +46,11 @@ PVM_BOOT_CMDLINE = " ".join([
 
 
 def default_cmdline(flavour: Flavour) -> str:
+    # No lpj=: under KVM the guest's kvmclock sets the delay loop's loops per jiffy
+    # from the TSC frequency and the kernel's own HZ (kvm_get_preset_lpj), so the
+    # delay loop is never calibrated; a value computed here would be wrong for any
+    # kernel whose HZ differs from the default guest's.
     words = [BASE_CMDLINE]
-    mhz = host_tsc_mhz()
-    if mhz:
-        # Loops per jiffy for a TSC-based delay loop: skips delay calibration.
-        words.append(f"lpj={int(mhz * 1_000_000 / GUEST_HZ)}")
     if flavour.is_pvm:
         words += [PVM_CMDLINE, PVM_BOOT_CMDLINE]
     return " ".join(words)

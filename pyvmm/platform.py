@@ -47,18 +47,6 @@ def detect_flavour(sys_module: str = SYS_MODULE) -> Flavour:
     return Flavour("unknown", "", "KVM flavour: unknown (no kvm_intel, kvm_amd or kvm_pvm module seen)")
 
 
-def host_tsc_mhz(cpuinfo: str = "/proc/cpuinfo") -> float | None:
-    """The host's CPU clock from /proc/cpuinfo, for the guest's lpj= hint."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("cpu MHz"):
-                    return float(line.split(":", 1)[1])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
 def host_memory_bytes(meminfo: str = "/proc/meminfo") -> int | None:
     try:
         with open(meminfo) as f:

@@ -47,9 +47,9 @@ def builtin_sysfs_params(vmlinux: str) -> set[str]:
 
 
 def test_interactive_boot_two_cpus_serial_input_and_reboot(guest_image):
-    """ready -> typed commands run in the shell -> 2 CPUs -> right clock -> all 512M of RAM
-    online (on PVM: 256M at boot, the rest added by /init after ready) and free -> every
-    built-in module parameter in sysfs -> reboot -f exits 0."""
+    """ready -> typed commands run in the shell -> 2 CPUs -> right clock -> delay loop not
+    calibrated -> all 512M of RAM online (on PVM: 256M at boot, the rest added by /init
+    after ready) and free -> every built-in module parameter in sysfs -> reboot -f exits 0."""
     g = VmmProcess.pyvmm_run("--kernel", guest_image["kernel"], "--initramfs", guest_image["initramfs"],
                      "--cpus", "2", "--memory", "512M")
     try:
@@ -62,6 +62,11 @@ def test_interactive_boot_two_cpus_serial_input_and_reboot(guest_image):
         assert int(m.group(1)) == 2, "the guest does not see 2 CPUs"
         # The CMOS RTC sets the guest clock: it must agree with the host.
         assert abs(int(m.group(2)) - host_epoch) < 120, "guest clock is off"
+        # No lpj= on the command line: kvmclock presets the delay loop, on both CPUs
+        g.send("echo calib-$(dmesg | grep -c 'Calibrating delay loop (skipped) preset')-"
+               "$(dmesg | grep Calibrating | grep -vc skipped)-$(grep -c lpj= /proc/cmdline)\n")
+        m = g.wait_for_regex(r"calib-(\d+)-(\d+)-(\d+)\r?\n", COMMAND_TIMEOUT)
+        assert m.groups() == (b"1", b"0", b"0"), "the guest calibrated its delay loop"
         # 4 memory blocks of 128 MiB: wait (at most 100 s) until they are all online
         g.send("n=0; i=0; until [ $n = 4 ] || [ $i = 200 ]; do sleep 0.5; i=$((i+1)); "
                "n=$(cat /sys/devices/system/memory/memory*/state | grep -c online); done; "
