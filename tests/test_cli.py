@@ -354,10 +354,11 @@ def test_deferred_memory_only_on_pvm_with_the_default_command_line(tmp_path):
 def test_pvm_boot_savers_only_on_pvm(tmp_path):
     from pyvmm.cmdline import PVM_BOOT_CMDLINE
 
-    assert {"percpu_alloc=page", "noreplace-smp"} <= set(PVM_BOOT_CMDLINE.split())
+    assert {"percpu_alloc=page", "noreplace-smp", "retain_initrd"} <= set(PVM_BOOT_CMDLINE.split())
     assert set(PVM_BOOT_CMDLINE.split()) <= set(pvm_plan_for(tmp_path).config.cmdline.split())
     assert "percpu_alloc=page" not in plan_for(tmp_path).config.cmdline.split()     # hardware KVM
     assert "noreplace-smp" not in plan_for(tmp_path).config.cmdline.split()
+    assert "retain_initrd" not in plan_for(tmp_path).config.cmdline.split()
 
 
 @pytest.mark.parametrize("argv, words", [
