@@ -170,7 +170,8 @@ class AgentPort:
         self.socket_path = socket_path
         if socket_path is not None:
             self._server = _listen(socket_path)
-            threading.Thread(target=self._serve_sockets, name="agent-socket", daemon=True).start()
+            threading.Thread(target=self._serve_sockets, args=(self._server,), name="agent-socket",
+                             daemon=True).start()
 
     def attach(self, to_guest: Callable[[bytes], None]) -> None:
         self._to_guest = to_guest
@@ -242,10 +243,12 @@ class AgentPort:
         with self._lock:
             self._client = None
 
-    def _serve_sockets(self) -> None:
+    def _serve_sockets(self, server: socket.socket) -> None:
+        # ``server``, not self._server: close() sets that to None from another thread,
+        # and then accept() on the closed socket raises OSError and ends the loop.
         while True:
             try:
-                conn, _ = self._server.accept()
+                conn, _ = server.accept()
             except OSError:
                 return
             self._serve_one(conn)

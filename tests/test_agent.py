@@ -222,6 +222,26 @@ def test_session_over_the_socket(tmp_path):
     assert not os.path.exists(path)
 
 
+def test_closing_the_port_under_a_connected_client_ends_its_socket_thread(tmp_path, monkeypatch):
+    # close() while the thread serves a client: once the client leaves, the thread's
+    # next accept() must end it quietly (it once found self._server None and raised).
+    errors = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    before = set(threading.enumerate())
+    path = str(tmp_path / "agent.sock")
+    port = AgentPort(socket_path=path)
+    (thread,) = [t for t in threading.enumerate() if t not in before and t.name == "agent-socket"]
+    client = agent.connect(path)
+    deadline = time.monotonic() + 5
+    while port._client is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert port._client is not None, "the client never reached the port"
+    port.close()
+    client.close()
+    thread.join(5)
+    assert not thread.is_alive() and errors == []
+
+
 def test_closed_session_raises_instead_of_waiting():
     session = AgentSession(lambda t, p: None)
     session.close("the VMM exited")
