@@ -44,7 +44,8 @@ PVM_BOOT_CMDLINE = " ".join([
     "noreplace-smp",
     # Keep the initramfs's pages instead of freeing them once it is unpacked: Linux
     # fills each freed page with a poison byte first, 0.06 s for the default guest's
-    # 0.7 MB here (`--profile`: free_reserved_area).  The pages stay reserved.
+    # 0.7 MB here (`--profile`: free_reserved_area).  The pages stay reserved for the
+    # guest's life: all of a large --initramfs (docs/cli.md).
     "retain_initrd",
 ])
 

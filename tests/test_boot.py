@@ -62,7 +62,8 @@ def test_interactive_boot_two_cpus_serial_input_and_reboot(guest_image):
         assert int(m.group(1)) == 2, "the guest does not see 2 CPUs"
         # The CMOS RTC sets the guest clock: it must agree with the host.
         assert abs(int(m.group(2)) - host_epoch) < 120, "guest clock is off"
-        # No lpj= on the command line: kvmclock presets the delay loop, on both CPUs.
+        # No lpj= on the command line: kvmclock presets the delay loop (the boot CPU's
+        # line; the others take the preset value without a line), none calibrates.
         # On PVM the initramfs's pages are kept (retain_initrd), not poisoned and freed.
         g.send("echo calib-$(dmesg | grep -c 'Calibrating delay loop (skipped) preset')-"
                "$(dmesg | grep Calibrating | grep -vc skipped)-$(grep -c lpj= /proc/cmdline)-"

@@ -24,9 +24,13 @@ def test_terminal_columns_takes_a_positive_columns_variable(monkeypatch):
     assert terminal_columns() == 57
 
 
-def test_terminal_columns_falls_back_without_a_terminal(monkeypatch, capsys):
+def test_terminal_columns_falls_back_without_a_terminal(monkeypatch):
     monkeypatch.delenv("COLUMNS", raising=False)
-    # pytest's capture puts a pipe (or a file) behind stdout, not a terminal.
+
+    def no_terminal(fd):
+        raise OSError(25, "Inappropriate ioctl for device")
+
+    monkeypatch.setattr("os.get_terminal_size", no_terminal)
     assert terminal_columns(fallback=91) == 91
 
 
