@@ -829,11 +829,15 @@ class Vcpu:
         """The kvm_run bytes of a KVM_EXIT_IO (size * count bytes at data_offset), writable:
         an IN's value goes there."""
         io = self.exit_io
-        start = io.data_offset
-        end = start + io.size * io.count
-        if end > len(self._run_bytes):
+        return self.io_bytes(io.data_offset, io.size * io.count)
+
+    def io_bytes(self, offset: int, length: int) -> memoryview:
+        """``length`` bytes of the kvm_run mapping at ``offset``: ``io_data`` for a caller
+        that has read data_offset, size and count already (the run loop, once per exit)."""
+        data = self._run_bytes[offset:offset + length]
+        if len(data) != length:
             raise KvmError(errno.EINVAL, "KVM_EXIT_IO data outside kvm_run")
-        return self._run_bytes[start:end]
+        return data
 
     def get_regs(self) -> kvm_regs:
         r = kvm_regs()

@@ -311,9 +311,11 @@ class VcpuThread:
         # The data lives inside the kvm_run page (at io.data_offset).  For an IN we write
         # the value there, and the guest's register or buffer receives it during the
         # next KVM_RUN, which completes the instruction (api.rst 5, KVM_EXIT_IO).
-        data = self.vcpu.io_data()
-        size, port, out = io.size, io.port, io.direction == kvm.KVM_EXIT_IO_OUT
-        if io.count == 1:   # a plain in/out: the common case, kept short
+        # Each field of the exit is read once: every read of a ctypes field costs.
+        size, count, port = io.size, io.count, io.port
+        data = self.vcpu.io_bytes(io.data_offset, size * count)
+        out = io.direction == kvm.KVM_EXIT_IO_OUT
+        if count == 1:   # a plain in/out: the common case, kept short
             if out:
                 self.pio.write(port, data.tobytes())
             else:
@@ -321,7 +323,7 @@ class VcpuThread:
             return
         # count > 1 is a string instruction (rep insb/outsb ...): count elements of
         # size bytes each, packed one after the other, all at the same port.
-        for i in range(io.count):
+        for i in range(count):
             chunk = slice(i * size, (i + 1) * size)
             if out:
                 self.pio.write(port, data[chunk].tobytes())
