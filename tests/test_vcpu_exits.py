@@ -75,3 +75,18 @@ def test_port_io_out_and_in(vm):
         vm.thread._dispatch(run)
     assert dev.writes == [(2, b"\x12\x34")] and dev.reads == [(2, 2)]
     assert vm.thread.vcpu.io_data().tobytes() == b"\xab\xcd"
+
+
+@pytest.mark.parametrize("offset, size, count", [
+    (1 << 40, 1, 1),          # data_offset far outside the mapping
+    (0x100, 4, 1 << 20),      # a count whose bytes run past its end
+])
+def test_port_io_data_outside_kvm_run_is_an_error_not_a_short_buffer(vm, offset, size, count):
+    vcpu = vm.thread.vcpu
+    io = vcpu.exit_io
+    io.size, io.port, io.count, io.data_offset, io.direction = size, 0x80, count, offset, kvm.KVM_EXIT_IO_IN
+    with pytest.raises(kvm.KvmError, match="outside kvm_run"):
+        vcpu.io_data()
+    with pytest.raises(kvm.KvmError, match="outside kvm_run"):
+        vcpu.io_bytes(offset, size * count)
+    assert vcpu.io_bytes(0x100, 2).nbytes == 2
