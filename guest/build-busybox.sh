@@ -116,7 +116,7 @@ configure() {
 
 compile() {
     local cc=$CC log="$work/make.log"
-    case "$CC" in *musl-gcc) cc="$CC -isystem $(kernel_headers)" ;; esac
+    if cc_is_musl; then cc="$CC -isystem $(kernel_headers)"; fi
     progress "compiling busybox with $(basename "$CC") (about 30 s on 2 cores)"
     make -C "$src" -s -j"$(nproc)" CC="$cc" HOSTCC=gcc busybox > "$log" 2>&1 ||
         { tail -n 20 "$log" >&2; die "make busybox failed"; }
@@ -130,7 +130,7 @@ compile() {
 # guest).  It goes into libbb, busybox's own library, which the link searches
 # before the C library.
 add_malloc() {
-    case "$CC" in *musl-gcc) ;; *) return 0 ;; esac
+    cc_is_musl || return 0
     cp "$here/malloc.c" "$src/libbb/pyvmm_malloc.c"
     echo "lib-y += pyvmm_malloc.o" >> "$src/libbb/Kbuild.src"
 }

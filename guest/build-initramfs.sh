@@ -150,11 +150,10 @@ compile_static() {  # OUTPUT SOURCE...
 # With musl: guest/malloc.c replaces musl's allocator in every program (see there).
 compile_malloc() {
     malloc_obj=""
-    case "$CC" in
-        *musl-gcc)
-            malloc_obj="$root.malloc.o"
-            "$CC" -Os -fno-builtin -Wall -Wextra -Werror -c -o "$malloc_obj" "$here/malloc.c" ;;
-    esac
+    if cc_is_musl; then
+        malloc_obj="$root.malloc.o"
+        "$CC" -Os -fno-builtin -Wall -Wextra -Werror -c -o "$malloc_obj" "$here/malloc.c"
+    fi
 }
 
 build_binaries() {

@@ -8,6 +8,7 @@
 # need_tools T:P ...  checks that every tool T is on PATH (or, for a path, exists);
 #                     when some are missing, prints ONE line naming the Debian
 #                     packages P to install and exits with status 3
+# cc_is_musl          true when $CC is musl-gcc (the scripts' default where it is installed)
 # cc_tool             $CC:its Debian package (musl-tools for musl-gcc), for need_tools
 #
 # Exit statuses of the guest scripts: 0 done, 1 failed, 2 bad input (e.g. a
@@ -47,6 +48,10 @@ need_tools() {
     exit 3
 }
 
+cc_is_musl() {
+    case "$CC" in *musl-gcc) return 0 ;; *) return 1 ;; esac
+}
+
 cc_tool() {
-    case "$CC" in *musl-gcc) echo "$CC:musl-tools" ;; *) echo "$CC:gcc" ;; esac
+    if cc_is_musl; then echo "$CC:musl-tools"; else echo "$CC:gcc"; fi
 }
