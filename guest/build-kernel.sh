@@ -139,7 +139,7 @@ ticker() {
 compile() {
     local jobs status=0
     jobs=$(nproc)
-    progress "compiling the kernel (make -j$jobs vmlinux; about 12 minutes on 2 cores)"
+    progress "compiling the kernel (make -j$jobs vmlinux; 3.5 to 12 minutes on 2 cores)"
     ticker "$(expected_objects)" &
     ticker_pid=$!
     make -C "$src" -s ARCH=x86_64 -j"$jobs" vmlinux || status=$?

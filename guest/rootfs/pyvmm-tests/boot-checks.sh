@@ -8,4 +8,9 @@ for word in $(cat /proc/cmdline); do
     esac
 done
 echo "check: cpus=$(nproc) epoch=$(date +%s)"
+# Words the kernel parsed (guest/patches/0011): a built-in module parameter written
+# with dashes, a __setup() one and an early one.
+echo "check: params kmsg_dump=$(cat /sys/module/printk/parameters/always_kmsg_dump)" \
+    "clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)" \
+    "loglevel=$(cut -f1 /proc/sys/kernel/printk)"
 exit "$status"
