@@ -10,8 +10,9 @@
 #                             #!/usr/bin/env sh).  The other applets need no link: the
 #                             shell is standalone (see is_standalone); a busybox
 #                             whose shell is not gets a link for every applet.
-#   /bin/pattern, /bin/mmapread   guest/helpers/*.c, static test helpers
-#                             (with musl, these and /init link guest/malloc.c)
+#   /bin/pyvmm-helpers        guest/helpers/*.c in one static program (guest/multicall.c),
+#                             with /bin/pattern, /bin/mmapread, ... linked to it: the
+#                             test helpers (with musl, it and /init link guest/malloc.c)
 #   /dev/console (c 5 1), /proc, /sys, /dev, /mnt, /tmp
 #   guest/rootfs/*            copied as they are (e.g. /demo.sh for `make demo`)
 #   /lib/modules/*.ko + load-order   with --modules DIR (Debian stock kernel)
@@ -24,7 +25,7 @@
 # Incremental: a hash of every input is kept in OUT.inputs; when it matches,
 # nothing is built, and a rebuild whose archive equals OUT leaves OUT alone.
 # The static binaries stay in OUT's directory under <OUT without .cpio>.root/
-# (e.g. guest/build/initramfs.root/bin/pattern); they run on the host too.
+# (e.g. guest/build/initramfs.root/bin/pattern, a link); they run on the host too.
 # Environment: CC (default musl-gcc, else gcc), BUSYBOX (default: build it with
 # guest/build-busybox.sh into OUT's directory; when that fails, one warning line and
 # Debian's /bin/busybox), PYTHON (default python3), PYVMM_T0 (see guest/common.sh).
@@ -40,7 +41,8 @@ CC=${CC:-$(command -v musl-gcc || echo gcc)}
 BUSYBOX=${BUSYBOX:-}
 DEBIAN_BUSYBOX=/bin/busybox
 PYTHON=${PYTHON:-python3}
-CFLAGS_STATIC="-static -Os -s -Wall -Wextra -Werror"
+CFLAGS="-Os -Wall -Wextra -Werror"
+CFLAGS_STATIC="-static -s $CFLAGS"
 # The applets that are run by path, so linked in /bin even with a standalone shell:
 # sh (/init, the agent, #!/bin/sh) and env (#!/usr/bin/env, as /usr/bin is ../bin).
 # Nothing else execs an applet by path: of the kernel's helpers, /sbin/poweroff
@@ -126,7 +128,8 @@ check_modules() {
 # Everything the archive depends on, hashed.
 input_hash() {
     {
-        (cd "$here" && sha256sum build-initramfs.sh mkcpio.py init.c agent.[ch] malloc.c helpers/*.[ch])
+        (cd "$here" && sha256sum build-initramfs.sh mkcpio.py init.c agent.[ch] malloc.c multicall.c \
+             helpers/*.[ch])
         if [ -d "$here/rootfs" ]; then
             (cd "$here/rootfs" && find . -printf '%p %y %m %l\n' | LC_ALL=C sort &&
                 find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum)
@@ -147,6 +150,27 @@ compile_static() {  # OUTPUT SOURCE...
     "$CC" $CFLAGS_STATIC -I"$here/helpers" -o "$out" "$@" $malloc_obj
 }
 
+# /bin/pyvmm-helpers: every guest/helpers/NAME.c compiled with its main() renamed
+# NAME_main, linked with guest/multicall.c, which runs the helper its name says;
+# /bin/NAME links to it.  One program instead of seven keeps one copy of the C
+# library in the archive instead of seven (278 KB -> 59 KB).
+build_helpers() {
+    local src name objs=()
+    for src in "$here"/helpers/*.c; do
+        name=$(basename "$src" .c)
+        grep -q "{\"$name\", ${name}_main}" "$here/multicall.c" ||
+            die "guest/multicall.c does not list the helper $name (guest/helpers/$name.c)"
+        "$CC" $CFLAGS -I"$here/helpers" -Dmain="${name}_main" -c \
+            -o "$root.$name.o" "$src"
+        objs+=("$root.$name.o")
+    done
+    compile_static "$root/bin/pyvmm-helpers" "$here/multicall.c" "${objs[@]}"
+    rm -f "${objs[@]}"
+    for src in "$here"/helpers/*.c; do
+        ln -s pyvmm-helpers "$root/bin/$(basename "$src" .c)"
+    done
+}
+
 # With musl: guest/malloc.c replaces musl's allocator in every program (see there).
 compile_malloc() {
     malloc_obj=""
@@ -162,10 +186,7 @@ build_binaries() {
     mkdir -p "$root/bin"
     compile_malloc
     compile_static "$root/init" "$here/init.c" "$here/agent.c"
-    local src
-    for src in "$here"/helpers/*.c; do
-        compile_static "$root/bin/$(basename "$src" .c)" "$src"
-    done
+    build_helpers
 }
 
 # The mkcpio.py entry list (see the format in its docstring); $links: the applets to
@@ -191,7 +212,11 @@ write_list() {
         case "$have" in *" $a "*) echo "slink /bin/$a busybox 0777 0 0" ;; esac
     done
     for a in "$root"/bin/*; do
-        echo "file /bin/$(basename "$a") $a 0755 0 0"
+        if [ -L "$a" ]; then
+            echo "slink /bin/$(basename "$a") $(readlink "$a") 0777 0 0"
+        else
+            echo "file /bin/$(basename "$a") $a 0755 0 0"
+        fi
     done
     overlay_list
     if [ -n "$modules" ]; then

@@ -378,10 +378,15 @@ def test_build_initramfs_contents(initramfs):
     assert members["dev/console"].rdev == (5, 1)
     assert stat.S_ISCHR(members["dev/console"].mode)
     assert members["tmp"].mode == stat.S_IFDIR | 0o1777
-    # A standalone busybox (ours, or Debian's): links only for what is run by path.
+    # A standalone busybox (ours, or Debian's): links only for what is run by path,
+    # and one for each helper of guest/helpers/ to the program that holds them all.
+    helpers = {f"bin/{c.stem}" for c in (GUEST / "helpers").glob("*.c")}
     assert {name for name, m in members.items() if stat.S_ISLNK(m.mode)} == {
-        "bin/sh", "bin/env", "sbin", "usr/bin", "usr/sbin"}
+        "bin/sh", "bin/env", "sbin", "usr/bin", "usr/sbin"} | helpers
     assert members["bin/sh"].data == members["bin/env"].data == b"busybox"
+    assert {members[h].data for h in helpers} == {b"pyvmm-helpers"}
+    multicall = members["bin/pyvmm-helpers"].data
+    assert multicall.startswith(b"\x7fELF") and not has_interpreter(multicall)
     assert members["usr/bin"].data == b"../bin"        # so #!/usr/bin/env finds bin/env
     init = members["init"].data
     assert init.startswith(b"\x7fELF") and b"pyvmm-guest: " in init
@@ -420,8 +425,9 @@ def build_with_busybox(tmp_path: Path, busybox: Path | None, **env: str) -> tupl
 
 
 def links(members: dict) -> set[str]:
+    """The applet links in /bin (the helpers' links point at pyvmm-helpers instead)."""
     return {name for name, m in members.items()
-            if stat.S_ISLNK(m.mode) and m.name.startswith("bin/")}
+            if stat.S_ISLNK(m.mode) and m.name.startswith("bin/") and m.data == b"busybox"}
 
 
 def test_build_initramfs_links_every_applet_without_a_standalone_shell(tmp_path):
@@ -443,6 +449,30 @@ def test_build_initramfs_links_sh_and_env_with_a_standalone_shell(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "not standalone" not in res.stdout
     assert links(members) == {"bin/sh", "bin/env"}
+
+
+def test_build_initramfs_needs_every_helper_in_the_multicall_table(tmp_path):
+    """A new guest/helpers/NAME.c that guest/multicall.c does not list stops the build:
+    its link would run nothing."""
+    if not os.access("/bin/busybox", os.X_OK):
+        pytest.fail("/bin/busybox not found: apt-get install busybox-static")
+    guest = tmp_path / "guest"
+    shutil.copytree(GUEST, guest, ignore=shutil.ignore_patterns("build"))
+    (guest / "helpers" / "newtool.c").write_text("int main(void) { return 0; }\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYVMM_T0"}
+    res = run(guest / "build-initramfs.sh", tmp_path / "initramfs.cpio", env={**env, "BUSYBOX": "/bin/busybox"})
+    assert res.returncode == 1
+    assert "guest/multicall.c does not list the helper newtool (guest/helpers/newtool.c)" in res.stderr
+
+
+def test_multicall_runs_a_helper_by_its_name_or_its_first_argument(initramfs, tmp_path):
+    bindir = initramfs.parent / "initramfs.root" / "bin"
+    assert run(bindir / "pattern", "write", tmp_path / "f", "100", "5").returncode == 0
+    by_name = run(bindir / "pattern", "sum", tmp_path / "f")
+    by_arg = run(bindir / "pyvmm-helpers", "pattern", "sum", tmp_path / "f")
+    assert by_name.returncode == by_arg.returncode == 0 and by_name.stdout == by_arg.stdout
+    nothing = run(bindir / "pyvmm-helpers")
+    assert nothing.returncode == 127 and "NAME is one of: blkbench daxtool" in nothing.stderr
 
 
 def test_build_initramfs_needs_the_required_applets(tmp_path):
