@@ -41,8 +41,8 @@ CC=${CC:-$(command -v musl-gcc || echo gcc)}
 BUSYBOX=${BUSYBOX:-}
 DEBIAN_BUSYBOX=/bin/busybox
 PYTHON=${PYTHON:-python3}
-CFLAGS="-Os -Wall -Wextra -Werror"
-CFLAGS_STATIC="-static -s $CFLAGS"
+HELPER_CFLAGS="-Os -Wall -Wextra -Werror"
+CFLAGS_STATIC="-static -s $HELPER_CFLAGS"
 # The applets that are run by path, so linked in /bin even with a standalone shell:
 # sh (/init, the agent, #!/bin/sh) and env (#!/usr/bin/env, as /usr/bin is ../bin).
 # Nothing else execs an applet by path: of the kernel's helpers, /sbin/poweroff
@@ -154,18 +154,26 @@ compile_static() {  # OUTPUT SOURCE...
 # NAME_main, linked with guest/multicall.c, which runs the helper its name says;
 # /bin/NAME links to it.  One program instead of seven keeps one copy of the C
 # library in the archive instead of seven (278 KB -> 59 KB).
+# A helper's name is a C identifier (it becomes NAME_main), and multicall.c lists it
+# as {"NAME", NAME_main}.
 build_helpers() {
-    local src name objs=()
+    local src name objdir="$root.helpers" objs=()
+    rm -rf "$objdir"
+    mkdir -p "$objdir"
     for src in "$here"/helpers/*.c; do
         name=$(basename "$src" .c)
+        case "$name" in
+            [A-Za-z_]*) case "$name" in *[!A-Za-z0-9_]*) name="" ;; esac ;;
+            *) name="" ;;
+        esac
+        [ -n "$name" ] || die "guest/helpers/$(basename "$src"): a helper's name must be a C identifier"
         grep -q "{\"$name\", ${name}_main}" "$here/multicall.c" ||
             die "guest/multicall.c does not list the helper $name (guest/helpers/$name.c)"
-        "$CC" $CFLAGS -I"$here/helpers" -Dmain="${name}_main" -c \
-            -o "$root.$name.o" "$src"
-        objs+=("$root.$name.o")
+        "$CC" $HELPER_CFLAGS -I"$here/helpers" -Dmain="${name}_main" -c -o "$objdir/$name.o" "$src"
+        objs+=("$objdir/$name.o")
     done
     compile_static "$root/bin/pyvmm-helpers" "$here/multicall.c" "${objs[@]}"
-    rm -f "${objs[@]}"
+    rm -rf "$objdir"
     for src in "$here"/helpers/*.c; do
         ln -s pyvmm-helpers "$root/bin/$(basename "$src" .c)"
     done

@@ -7,8 +7,8 @@
  * Why one program: every helper linked on its own carried its own copy of
  * the C library, about 30 KB each, and on PVM hosts the guest kernel copies
  * every byte of the initramfs in its instruction emulator at each boot
- * (about 1.2 s per MB here; docs/pvm.md).  Seven helpers took 278 KB that
- * way and take 59 KB this way.
+ * (docs/pvm.md).  Seven helpers took 278 KB that way and take 59 KB this
+ * way, and the kernel's unpacking went from 0.89-0.94 s to 0.78-0.80 s.
  *
  * guest/build-initramfs.sh compiles each helper with -Dmain=NAME_main and
  * checks that every guest/helpers/NAME.c has its line in `helpers` below.

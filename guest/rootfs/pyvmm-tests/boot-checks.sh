@@ -9,8 +9,9 @@ for word in $(cat /proc/cmdline); do
 done
 echo "check: cpus=$(nproc) epoch=$(date +%s)"
 # Words the kernel parsed (guest/patches/0011): a built-in module parameter written
-# with dashes, a __setup() one and an early one.
+# with dashes (printk.always-kmsg-dump=1), a __setup() word (norandmaps: 0, else 2)
+# and an early one (quiet: 4, else 7).
 echo "check: params kmsg_dump=$(cat /sys/module/printk/parameters/always_kmsg_dump)" \
-    "clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)" \
+    "randmaps=$(cat /proc/sys/kernel/randomize_va_space)" \
     "loglevel=$(cut -f1 /proc/sys/kernel/printk)"
 exit "$status"
