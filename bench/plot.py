@@ -109,6 +109,15 @@ def _bars(ax, groups: list[str], series: dict[str, list[float | None]]) -> None:
     ax.legend(fontsize="small")
 
 
+def plain_log_ticks(axis) -> None:
+    """Ticks at 1, 2 and 5 times each power of ten, labelled as plain numbers: a log axis
+    that spans about one decade otherwise labels its minor ticks, which overlap."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def draw_all(results: Path, figures: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -136,6 +145,7 @@ def draw_all(results: Path, figures: Path) -> list[Path]:
         ax.barh(names, [r[1] or 0 for r in rows], label="ready")
         ax.barh(names, [r[2] or 0 for r in rows], height=0.3, label="first output")
         ax.set_xscale("log")
+        plain_log_ticks(ax.xaxis)
         for name, ready, _ in rows:
             if ready is None:
                 ax.annotate(" did not boot (see the JSON)", (ax.get_xlim()[0], name), va="center")
