@@ -31,7 +31,7 @@ SETUPTOOLS_MIN = (77,)
 NAME = f"pyvmm-{pyvmm.__version__}"
 
 # Guest sources both archives must carry, relative to guest/.
-GUEST_FILES = ["kernel.config", "init.c", "malloc.c", "build-kernel.sh", "build-initramfs.sh",
+GUEST_FILES = ["kernel.config", "init.c", "malloc.c", "multicall.c", "build-kernel.sh", "build-initramfs.sh",
                "fetch-debian-kernel.sh", "common.sh", "kernel_key.py", "mkcpio.py",
                "build-busybox.sh", "applets.sh", "busybox.config", "busybox_config.py",
                "modules_order.py", "demo.sh", "rootfs/pyvmm-tests/boot-checks.sh"]
