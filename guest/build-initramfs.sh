@@ -163,10 +163,9 @@ build_helpers() {
     for src in "$here"/helpers/*.c; do
         name=$(basename "$src" .c)
         case "$name" in
-            [A-Za-z_]*) case "$name" in *[!A-Za-z0-9_]*) name="" ;; esac ;;
-            *) name="" ;;
+            [!A-Za-z_]*|*[!A-Za-z0-9_]*)
+                die "guest/helpers/$name.c: a helper's name must be a C identifier" ;;
         esac
-        [ -n "$name" ] || die "guest/helpers/$(basename "$src"): a helper's name must be a C identifier"
         grep -q "{\"$name\", ${name}_main}" "$here/multicall.c" ||
             die "guest/multicall.c does not list the helper $name (guest/helpers/$name.c)"
         "$CC" $HELPER_CFLAGS -I"$here/helpers" -Dmain="${name}_main" -c -o "$objdir/$name.o" "$src"
@@ -184,7 +183,7 @@ compile_malloc() {
     malloc_obj=""
     if cc_is_musl; then
         malloc_obj="$root.malloc.o"
-        "$CC" -Os -fno-builtin -Wall -Wextra -Werror -c -o "$malloc_obj" "$here/malloc.c"
+        "$CC" $HELPER_CFLAGS -fno-builtin -c -o "$malloc_obj" "$here/malloc.c"
     fi
 }
 

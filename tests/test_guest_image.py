@@ -465,6 +465,20 @@ def test_build_initramfs_needs_every_helper_in_the_multicall_table(tmp_path):
     assert "guest/multicall.c does not list the helper newtool (guest/helpers/newtool.c)" in res.stderr
 
 
+@pytest.mark.parametrize("name", ["bad-name", "9lives"])
+def test_build_initramfs_needs_helper_names_that_are_c_identifiers(tmp_path, name):
+    """A helper's main() becomes NAME_main: a name that is no C identifier stops the build."""
+    if not os.access("/bin/busybox", os.X_OK):
+        pytest.fail("/bin/busybox not found: apt-get install busybox-static")
+    guest = tmp_path / "guest"
+    shutil.copytree(GUEST, guest, ignore=shutil.ignore_patterns("build"))
+    (guest / "helpers" / f"{name}.c").write_text("int main(void) { return 0; }\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYVMM_T0"}
+    res = run(guest / "build-initramfs.sh", tmp_path / "initramfs.cpio", env={**env, "BUSYBOX": "/bin/busybox"})
+    assert res.returncode == 1
+    assert f"guest/helpers/{name}.c: a helper's name must be a C identifier" in res.stderr
+
+
 def test_multicall_runs_a_helper_by_its_name_or_its_first_argument(initramfs, tmp_path):
     bindir = initramfs.parent / "initramfs.root" / "bin"
     assert run(bindir / "pattern", "write", tmp_path / "f", "100", "5").returncode == 0
