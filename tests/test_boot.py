@@ -98,7 +98,8 @@ def test_interactive_boot_two_cpus_serial_input_and_reboot(guest_image):
 def test_run_mode_exit_status_propagates(guest_image):
     """pyvmm.run=PATH runs the script; its status reaches the VMM through the debug-exit port.
     The kernel honoured a module parameter written with dashes (printk.always-kmsg-dump),
-    a __setup() word (norandmaps) and an early one (quiet).
+    a __setup() word (norandmaps) and an early one (quiet). The kernel's log has no
+    page-state complaint or warning, and holds a long and a short message whole.
     --stats: the exit statistics on stderr add up."""
     g = VmmProcess.pyvmm_run("--kernel", guest_image["kernel"], "--initramfs", guest_image["initramfs"],
                      "--append", "pyvmm.run=/pyvmm-tests/boot-checks.sh pyvmm.test.status=42 "
@@ -108,6 +109,7 @@ def test_run_mode_exit_status_propagates(guest_image):
         status = g.wait_exit(120)
         assert "check: cpus=1" in g.text
         assert "check: params kmsg_dump=Y randmaps=0 loglevel=4" in g.text
+        assert "check: dmesg problems=0 cmdline=1 initmem=1" in g.text
         assert "pyvmm-guest: exit 42" in g.text
         assert status == 42
         stats = [line.removeprefix("pyvmm: stats: ") for line in g.stderr.splitlines()
