@@ -275,7 +275,7 @@ def run_plan(args: argparse.Namespace, flavour) -> RunPlan:
     cmdline = args.cmdline if args.cmdline is not None else default_cmdline(flavour)
     words = list(args.append)
     if args.cmdline is None and flavour.is_pvm and not args.memory_at_boot:
-        words += deferred_memory_words(memory)   # struct pages cost ~4.6 s per GiB on PVM
+        words += deferred_memory_words(memory)   # struct pages cost ~2.9 s per GiB on PVM
     if args.exec is not None and any(w.startswith("pyvmm.run=") for a in words for w in a.split()):
         raise UsageError("--exec and pyvmm.run= both name a program to run: give one")
     # The agent: for --exec, for a client on --agent, and in every snapshot (after a

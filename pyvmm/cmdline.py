@@ -66,7 +66,7 @@ def deferred_memory_words(memory: int) -> list[str]:
     online and tell /init what to add once user space runs.
 
     On PVM the kernel's per-page set-up (struct pages, then freeing every page
-    to the buddy allocator) runs in the instruction emulator at ~4.6 s per GiB;
+    to the buddy allocator) runs in the instruction emulator at ~2.9 s per GiB;
     most of it never matters to a short command.  ``mem=`` makes the kernel drop
     the RAM above ``BOOT_RAM`` from its E820 map (pyvmm's map stays the whole
     truth), ``memhp_default_state=online`` onlines each block as it is probed,
