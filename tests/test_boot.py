@@ -16,7 +16,7 @@ from pyvmm.testing import VmmProcess
 
 pytestmark = pytest.mark.boot
 
-BOOT_TIMEOUT = 240  # seconds to `pyvmm-guest: ready`; PVM boots take 6-40 s
+BOOT_TIMEOUT = 240  # seconds to `pyvmm-guest: ready`; PVM boots take 5-40 s
 COMMAND_TIMEOUT = 180  # a typed command's output: seconds alone, minutes on a loaded 2-core host
 
 
