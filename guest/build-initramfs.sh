@@ -170,12 +170,10 @@ build_helpers() {
             die "guest/multicall.c does not list the helper $name (guest/helpers/$name.c)"
         "$CC" $HELPER_CFLAGS -I"$here/helpers" -Dmain="${name}_main" -c -o "$objdir/$name.o" "$src"
         objs+=("$objdir/$name.o")
+        ln -s pyvmm-helpers "$root/bin/$name"
     done
     compile_static "$root/bin/pyvmm-helpers" "$here/multicall.c" "${objs[@]}"
     rm -rf "$objdir"
-    for src in "$here"/helpers/*.c; do
-        ln -s pyvmm-helpers "$root/bin/$(basename "$src" .c)"
-    done
 }
 
 # With musl: guest/malloc.c replaces musl's allocator in every program (see there).

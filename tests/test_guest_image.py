@@ -413,13 +413,14 @@ def applet_lists() -> tuple[list[str], list[str]]:
     return required.split(), extra.split()
 
 
-def build_with_busybox(tmp_path: Path, busybox: Path | None, **env: str) -> tuple[subprocess.CompletedProcess, dict]:
+def build_with_busybox(tmp_path: Path, busybox: Path | None, guest: Path = GUEST,
+                       **env: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "initramfs.cpio"
     full_env = {k: v for k, v in os.environ.items() if k not in ("BUSYBOX", "PYVMM_T0")}
     if busybox is not None:
         full_env["BUSYBOX"] = str(busybox)
     full_env.update(env)
-    res = run(GUEST / "build-initramfs.sh", out, env=full_env)
+    res = run(guest / "build-initramfs.sh", out, env=full_env)
     members = {m.name: m for m in read_newc(out.read_bytes())} if res.returncode == 0 else {}
     return res, members
 
@@ -451,16 +452,21 @@ def test_build_initramfs_links_sh_and_env_with_a_standalone_shell(tmp_path):
     assert links(members) == {"bin/sh", "bin/env"}
 
 
-def test_build_initramfs_needs_every_helper_in_the_multicall_table(tmp_path):
-    """A new guest/helpers/NAME.c that guest/multicall.c does not list stops the build:
-    its link would run nothing."""
+def build_with_new_helper(tmp_path: Path, name: str) -> subprocess.CompletedProcess:
+    """build-initramfs.sh of a copy of guest/ that has one more helper, helpers/NAME.c."""
     if not os.access("/bin/busybox", os.X_OK):
         pytest.fail("/bin/busybox not found: apt-get install busybox-static")
     guest = tmp_path / "guest"
     shutil.copytree(GUEST, guest, ignore=shutil.ignore_patterns("build"))
-    (guest / "helpers" / "newtool.c").write_text("int main(void) { return 0; }\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYVMM_T0"}
-    res = run(guest / "build-initramfs.sh", tmp_path / "initramfs.cpio", env={**env, "BUSYBOX": "/bin/busybox"})
+    (guest / "helpers" / f"{name}.c").write_text("int main(void) { return 0; }\n")
+    res, _ = build_with_busybox(tmp_path, Path("/bin/busybox"), guest=guest)
+    return res
+
+
+def test_build_initramfs_needs_every_helper_in_the_multicall_table(tmp_path):
+    """A new guest/helpers/NAME.c that guest/multicall.c does not list stops the build:
+    its link would run nothing."""
+    res = build_with_new_helper(tmp_path, "newtool")
     assert res.returncode == 1
     assert "guest/multicall.c does not list the helper newtool (guest/helpers/newtool.c)" in res.stderr
 
@@ -468,13 +474,7 @@ def test_build_initramfs_needs_every_helper_in_the_multicall_table(tmp_path):
 @pytest.mark.parametrize("name", ["bad-name", "9lives"])
 def test_build_initramfs_needs_helper_names_that_are_c_identifiers(tmp_path, name):
     """A helper's main() becomes NAME_main: a name that is no C identifier stops the build."""
-    if not os.access("/bin/busybox", os.X_OK):
-        pytest.fail("/bin/busybox not found: apt-get install busybox-static")
-    guest = tmp_path / "guest"
-    shutil.copytree(GUEST, guest, ignore=shutil.ignore_patterns("build"))
-    (guest / "helpers" / f"{name}.c").write_text("int main(void) { return 0; }\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYVMM_T0"}
-    res = run(guest / "build-initramfs.sh", tmp_path / "initramfs.cpio", env={**env, "BUSYBOX": "/bin/busybox"})
+    res = build_with_new_helper(tmp_path, name)
     assert res.returncode == 1
     assert f"guest/helpers/{name}.c: a helper's name must be a C identifier" in res.stderr
 
